@@ -1,0 +1,159 @@
+//! The engine against a fake model that records the batches it was given.
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use concierge_engine::{Backend, BatchLimits, Engine, EngineError};
+
+#[derive(Default)]
+struct Doubler {
+    batches: Mutex<Vec<Vec<u32>>>,
+    delay: Duration,
+}
+
+impl Backend for Doubler {
+    type Input = u32;
+    type Output = u32;
+    fn cost(&self, input: &u32) -> usize {
+        (*input as usize % 7) + 1
+    }
+    fn run(&self, batch: &[&u32]) -> Result<Vec<u32>, String> {
+        if batch.iter().any(|&&x| x == 666) {
+            panic!("the model hit a bad input");
+        }
+        std::thread::sleep(self.delay);
+        self.batches.lock().unwrap().push(batch.iter().map(|&&x| x).collect());
+        Ok(batch.iter().map(|&&x| x * 2).collect())
+    }
+}
+
+fn limits(size: usize, wait_ms: u64, queued: usize) -> BatchLimits {
+    BatchLimits { max_batch_size: size, max_batch_cost: 10_000, max_wait: Duration::from_millis(wait_ms), max_queued: queued }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_callers_get_their_own_outputs_and_batches_form() {
+    let engine = Arc::new(Engine::start("test", limits(16, 20, 1000)).unwrap());
+    let model = Arc::new(Doubler { delay: Duration::from_millis(5), ..Default::default() });
+    let mut tasks = Vec::new();
+    for caller in 0..64u32 {
+        let (engine, model) = (engine.clone(), model.clone());
+        tasks.push(tokio::spawn(async move {
+            let inputs: Vec<u32> = (0..3).map(|k| caller * 10 + k).collect();
+            let rx = engine.submit(&model, inputs.clone(), None).unwrap();
+            let mut out = Vec::new();
+            for r in rx {
+                out.push(r.await.unwrap().unwrap());
+            }
+            assert_eq!(out, inputs.iter().map(|x| x * 2).collect::<Vec<_>>());
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let batches = model.batches.lock().unwrap();
+    assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 192);
+    assert!(batches.iter().all(|b| b.len() <= 16));
+    assert!(batches.iter().any(|b| b.len() > 3), "no batch held more than one request: {batches:?}");
+    assert_eq!(engine.queued(), 0);
+}
+
+#[tokio::test]
+async fn batch_cost_limit_splits_batches() {
+    let engine = Engine::start(
+        "test",
+        BatchLimits { max_batch_size: 100, max_batch_cost: 8, max_wait: Duration::from_millis(50), max_queued: 100 },
+    )
+    .unwrap();
+    let model = Arc::new(Doubler::default());
+    // costs: 6 -> 7, 5 -> 6, 13 -> 7: no two fit under 8
+    let rx = engine.submit(&model, vec![6, 5, 13], None).unwrap();
+    for r in rx {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(*model.batches.lock().unwrap(), vec![vec![6], vec![5], vec![13]]);
+}
+
+#[tokio::test]
+async fn full_queue_is_refused_at_once_and_whole() {
+    let engine = Engine::start("test", limits(1, 0, 4)).unwrap();
+    let model = Arc::new(Doubler { delay: Duration::from_millis(200), ..Default::default() });
+    let first = engine.submit(&model, vec![1, 2, 3], None).unwrap();
+    let err = engine.submit(&model, vec![4, 5], None).unwrap_err();
+    assert!(matches!(err, EngineError::Overloaded { queued: 3, limit: 4, .. }), "{err:?}");
+    assert!(err.to_string().contains("retry"));
+    for r in first {
+        r.await.unwrap().unwrap();
+    }
+    // capacity is given back once answered
+    let again = engine.submit(&model, vec![4, 5], None).unwrap();
+    for r in again {
+        r.await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn expired_inputs_are_answered_not_computed() {
+    let engine = Engine::start("test", limits(4, 0, 100)).unwrap();
+    let model = Arc::new(Doubler { delay: Duration::from_millis(100), ..Default::default() });
+    let busy = engine.submit(&model, vec![1], None).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    let late = engine.submit(&model, vec![2], Some(Instant::now() + Duration::from_millis(20))).unwrap();
+    let err = late.into_iter().next().unwrap().await.unwrap().unwrap_err();
+    assert!(matches!(err, EngineError::DeadlineExceeded { .. }), "{err:?}");
+    busy.into_iter().next().unwrap().await.unwrap().unwrap();
+    assert!(model.batches.lock().unwrap().iter().all(|b| !b.contains(&2)));
+}
+
+#[tokio::test]
+async fn cancelled_inputs_cost_no_compute() {
+    let engine = Engine::start("test", limits(4, 0, 100)).unwrap();
+    let model = Arc::new(Doubler { delay: Duration::from_millis(100), ..Default::default() });
+    let busy = engine.submit(&model, vec![1], None).unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    drop(engine.submit(&model, vec![3, 4], None).unwrap());
+    busy.into_iter().next().unwrap().await.unwrap().unwrap();
+    let after = engine.submit(&model, vec![5], None).unwrap();
+    after.into_iter().next().unwrap().await.unwrap().unwrap();
+    let seen: Vec<u32> = model.batches.lock().unwrap().concat();
+    assert_eq!(seen, vec![1, 5]);
+    assert_eq!(engine.queued(), 0);
+}
+
+#[tokio::test]
+async fn a_panicking_model_fails_its_batch_and_the_engine_keeps_serving() {
+    let engine = Engine::start("test", limits(8, 30, 100)).unwrap();
+    let model = Arc::new(Doubler::default());
+    let bad = engine.submit(&model, vec![666, 1], None).unwrap();
+    for r in bad {
+        let err = r.await.unwrap().unwrap_err();
+        assert!(matches!(&err, EngineError::Model(m) if m.contains("bad input")), "{err:?}");
+    }
+    let good = engine.submit(&model, vec![7], None).unwrap();
+    assert_eq!(good.into_iter().next().unwrap().await.unwrap().unwrap(), 14);
+}
+
+#[tokio::test]
+async fn batches_never_mix_model_versions() {
+    let engine = Engine::start("test", limits(16, 50, 100)).unwrap();
+    let (old, new) = (Arc::new(Doubler::default()), Arc::new(Doubler::default()));
+    let a = engine.submit(&old, vec![1, 2], None).unwrap();
+    let b = engine.submit(&new, vec![3], None).unwrap();
+    let c = engine.submit(&old, vec![4], None).unwrap();
+    for r in a.into_iter().chain(b).chain(c) {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(old.batches.lock().unwrap().concat(), vec![1, 2, 4]);
+    assert_eq!(*new.batches.lock().unwrap(), vec![vec![3]]);
+}
+
+#[tokio::test]
+async fn shutdown_drains_what_was_queued_and_refuses_new_work() {
+    let engine = Engine::start("test", limits(2, 0, 100)).unwrap();
+    let model = Arc::new(Doubler { delay: Duration::from_millis(20), ..Default::default() });
+    let rx = engine.submit(&model, vec![1, 2, 3, 4, 5], None).unwrap();
+    engine.shutdown();
+    for r in rx {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(engine.submit(&model, vec![1], None).unwrap_err(), EngineError::ShuttingDown);
+}

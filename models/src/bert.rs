@@ -1,0 +1,238 @@
+//! BERT (Devlin et al., 2019, "BERT: Pre-training of Deep Bidirectional Transformers for
+//! Language Understanding") as a sentence encoder over *packed* batches: the tokens of every
+//! sequence in a batch are laid end to end in one `[T, H]` matrix, so the dense layers never
+//! compute padding. Only attention needs sequence boundaries: on CPU a fused variable-length
+//! kernel (`concierge_kernels::attention`) reads them directly; elsewhere the batch is padded
+//! to its longest member for attention alone, with padding masked out.
+//!
+//! Weights are named as in PyTorch's `transformers.BertModel` (`embeddings.word_embeddings`,
+//! `encoder.layer.N.attention.self.query`, ...), with or without the `bert.` prefix that task
+//! checkpoints carry. candle-transformers' `BertModel` is the reference it is tested against.
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+pub use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
+
+use crate::error::{ModelError, Result};
+
+struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps: eps as f32 })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
+    }
+}
+
+/// A dense layer holding `W^T` (`[in, out]`, contiguous) so `x @ W^T` needs no transpose.
+struct Linear {
+    wt: Tensor,
+    bias: Tensor,
+}
+
+impl Linear {
+    fn load(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
+        let w = vb.get((d_out, d_in), "weight")?;
+        Ok(Self { wt: w.t()?.contiguous()?, bias: vb.get(d_out, "bias")? })
+    }
+    /// q, k and v fused into one `[in, 3 * out]` product.
+    fn load_fused(vbs: &[VarBuilder], d_in: usize, d_out: usize) -> Result<Self> {
+        let ws = vbs.iter().map(|vb| vb.get((d_out, d_in), "weight")).collect::<Result<Vec<_>, _>>()?;
+        let bs = vbs.iter().map(|vb| vb.get(d_out, "bias")).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { wt: Tensor::cat(&ws, 0)?.t()?.contiguous()?, bias: Tensor::cat(&bs, 0)? })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.matmul(&self.wt)?.broadcast_add(&self.bias)?)
+    }
+}
+
+struct Layer {
+    qkv: Linear,
+    attn_out: Linear,
+    attn_ln: LayerNorm,
+    inter: Linear,
+    out: Linear,
+    out_ln: LayerNorm,
+}
+
+pub struct BertEncoder {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    emb_ln: LayerNorm,
+    layers: Vec<Layer>,
+    act: HiddenAct,
+    heads: usize,
+    hidden: usize,
+    max_positions: usize,
+    span: tracing::Span,
+}
+
+/// Token ids of a packed batch: `ids.len() == type_ids.len() == lens.iter().sum()`.
+pub struct PackedBatch<'a> {
+    pub ids: &'a [u32],
+    pub type_ids: &'a [u32],
+    pub lens: &'a [usize],
+}
+
+impl BertEncoder {
+    pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
+        if cfg.position_embedding_type != PositionEmbeddingType::Absolute {
+            return Err(ModelError::Unsupported("only absolute position embeddings are supported".into()));
+        }
+        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+            return Err(ModelError::Unsupported(format!(
+                "hidden_size {} is not a multiple of num_attention_heads {}",
+                cfg.hidden_size, cfg.num_attention_heads
+            )));
+        }
+        // Task checkpoints (BertForSequenceClassification, ...) nest the encoder under `bert.`.
+        let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") { vb } else { vb.pp("bert") };
+        let h = cfg.hidden_size;
+        let e = vb.pp("embeddings");
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = vb.pp(format!("encoder.layer.{i}"));
+                let a = l.pp("attention");
+                Ok(Layer {
+                    qkv: Linear::load_fused(
+                        &[a.pp("self.query"), a.pp("self.key"), a.pp("self.value")],
+                        h,
+                        h,
+                    )?,
+                    attn_out: Linear::load(a.pp("output.dense"), h, h)?,
+                    attn_ln: LayerNorm::load(a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                    inter: Linear::load(l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
+                    out: Linear::load(l.pp("output.dense"), cfg.intermediate_size, h)?,
+                    out_ln: LayerNorm::load(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            word: e.get((cfg.vocab_size, h), "word_embeddings.weight")?,
+            position: e.get((cfg.max_position_embeddings, h), "position_embeddings.weight")?,
+            token_type: e.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?,
+            emb_ln: LayerNorm::load(e.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            layers,
+            act: cfg.hidden_act,
+            heads: cfg.num_attention_heads,
+            hidden: h,
+            max_positions: cfg.max_position_embeddings,
+            span: tracing::span!(tracing::Level::TRACE, "bert"),
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.max_positions
+    }
+
+    pub fn device(&self) -> &Device {
+        self.word.device()
+    }
+
+    /// Hidden states of the last layer, packed: `[T, H]`.
+    pub fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        let dev = self.device();
+        let total: usize = batch.lens.iter().sum();
+        if total != batch.ids.len() || total != batch.type_ids.len() || batch.lens.contains(&0) {
+            return Err(ModelError::Unsupported("packed batch lengths do not add up".into()));
+        }
+        if let Some(&l) = batch.lens.iter().max().filter(|&&l| l > self.max_positions) {
+            return Err(ModelError::InputTooLong { index: 0, tokens: l, limit: self.max_positions });
+        }
+        let positions: Vec<u32> = batch.lens.iter().flat_map(|&l| 0..l as u32).collect();
+        let ids = Tensor::new(batch.ids, dev)?;
+        let types = Tensor::new(batch.type_ids, dev)?;
+        let positions = Tensor::new(positions, dev)?;
+        let x = (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
+            .add(&self.token_type.index_select(&types, 0)?)?;
+        let mut x = self.emb_ln.forward(&x)?;
+        let attention = Attention::new(batch.lens, self.heads, dev, x.dtype())?;
+        for layer in &self.layers {
+            let qkv = layer.qkv.forward(&x)?;
+            let ctx = attention.forward(&qkv)?;
+            let a = layer.attn_out.forward(&ctx)?;
+            x = layer.attn_ln.forward(&(a + &x)?)?;
+            let i = layer.inter.forward(&x)?;
+            let i = match self.act {
+                HiddenAct::Gelu => i.gelu_erf()?,
+                HiddenAct::GeluApproximate => i.gelu()?,
+                HiddenAct::Relu => i.relu()?,
+            };
+            let o = layer.out.forward(&i)?;
+            x = layer.out_ln.forward(&(o + &x)?)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Multi-head self-attention over a packed `[T, 3H]` q|k|v matrix.
+struct Attention<'a> {
+    lens: &'a [usize],
+    heads: usize,
+    /// For the padded path: which packed row fills each padded slot, and which padded slots
+    /// hold real tokens; plus the additive key mask `[B, 1, 1, L]`.
+    padded: Option<(Tensor, Tensor, Tensor)>,
+}
+
+impl<'a> Attention<'a> {
+    fn new(lens: &'a [usize], heads: usize, dev: &Device, dtype: DType) -> Result<Self> {
+        if dev.is_cpu() && dtype == DType::F32 {
+            return Ok(Self { lens, heads, padded: None });
+        }
+        let b = lens.len();
+        let l = *lens.iter().max().unwrap_or(&1);
+        let (mut gather, mut keep, mut mask) = (Vec::with_capacity(b * l), Vec::new(), Vec::with_capacity(b * l));
+        let mut start = 0u32;
+        for (s, &len) in lens.iter().enumerate() {
+            for i in 0..l {
+                let real = i < len;
+                gather.push(start + (i.min(len - 1)) as u32);
+                mask.push(if real { 0f32 } else { -1e9 });
+                if real {
+                    keep.push((s * l + i) as u32);
+                }
+            }
+            start += len as u32;
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, 1, l), dev)?;
+        Ok(Self { lens, heads, padded: Some((Tensor::new(gather, dev)?, Tensor::new(keep, dev)?, mask)) })
+    }
+
+    fn forward(&self, qkv: &Tensor) -> Result<Tensor> {
+        let (_, h3) = qkv.dims2()?;
+        let h = h3 / 3;
+        let Some((gather, keep, mask)) = &self.padded else {
+            return Ok(concierge_kernels::attention::varlen_self_attention(qkv, self.lens, self.heads)?);
+        };
+        let (b, d) = (self.lens.len(), h / self.heads);
+        let l = gather.dim(0)? / b;
+        let x = qkv.index_select(gather, 0)?.reshape((b, l, 3, self.heads, d))?;
+        let part = |i: usize| -> Result<Tensor> {
+            Ok(x.narrow(2, i, 1)?.squeeze(2)?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&mask.to_dtype(q.dtype())?)?;
+        let p = candle_nn::ops::softmax_last_dim(&scores)?;
+        let ctx = p.matmul(&v)?.transpose(1, 2)?.reshape((b * l, h))?;
+        Ok(ctx.index_select(keep, 0)?)
+    }
+}
+
+/// candle-transformers' reference BERT on a padded batch, for tests: `[B, L, H]`.
+pub fn reference_forward(vb: VarBuilder, cfg: &Config, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") { vb } else { vb.pp("bert") };
+    let model = candle_transformers::models::bert::BertModel::load(vb, cfg)?;
+    Ok(model.forward(ids, types, Some(mask))?)
+}

@@ -1,0 +1,140 @@
+//! The text encoder as a whole: checkpoint -> tokenizer + BERT + sentence-transformers pooling.
+//! This is what the serving engine holds (behind a swappable handle) and calls per batch.
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use serde::Deserialize;
+
+use crate::bert::{BertEncoder, Config, PackedBatch};
+use crate::checkpoint::{ModelSource, TextCheckpoint};
+use crate::error::{ModelError, Result};
+use crate::pooling::Pooling;
+use crate::tokenize::{TextTokenizer, TokenizedText};
+
+/// Identity of a loaded checkpoint, stamped on every response.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelInfo {
+    pub id: String,
+    pub version: String,
+    pub dimension: usize,
+    pub max_input_tokens: usize,
+}
+
+pub struct TextEncoder {
+    bert: BertEncoder,
+    tokenizer: TextTokenizer,
+    pooling: Pooling,
+    info: ModelInfo,
+}
+
+#[derive(Deserialize)]
+struct SentenceBertConfig {
+    max_seq_length: Option<usize>,
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
+    serde_json::from_str(&text).map_err(|e| ModelError::BadFile {
+        path: path.to_owned(),
+        reason: format!("expected {what}: {e}"),
+    })
+}
+
+impl TextEncoder {
+    /// Loads a checkpoint. `max_input_tokens` caps the model's own limit (None: the model's).
+    pub fn load(source: &ModelSource, device: &Device, dtype: DType, max_input_tokens: Option<usize>) -> Result<Self> {
+        let ckpt = source.resolve_text()?;
+        Self::from_checkpoint(&ckpt, device, dtype, max_input_tokens)
+    }
+
+    pub fn from_checkpoint(
+        ckpt: &TextCheckpoint,
+        device: &Device,
+        dtype: DType,
+        max_input_tokens: Option<usize>,
+    ) -> Result<Self> {
+        let cfg: Config = read_json(&ckpt.config, "a BERT config.json (hidden_size, num_attention_heads, ...)")?;
+        if let Some(t) = cfg.model_type.as_deref().filter(|t| !matches!(*t, "bert" | "roberta" | "xlm-roberta")) {
+            return Err(ModelError::Unsupported(format!(
+                "{}: model_type \"{t}\"; this encoder runs BERT checkpoints",
+                ckpt.config.display()
+            )));
+        }
+        // sentence-transformers truncates at max_seq_length, which may be below the positions.
+        let st_max = match &ckpt.sentence_bert_config {
+            Some(p) => read_json::<SentenceBertConfig>(p, "a sentence_bert_config.json")?.max_seq_length,
+            None => None,
+        };
+        let mut max_len = st_max.unwrap_or(cfg.max_position_embeddings).min(cfg.max_position_embeddings);
+        if let Some(cap) = max_input_tokens {
+            max_len = max_len.min(cap);
+        }
+        let pooling = match &ckpt.pooling {
+            Some(p) => Pooling::from_file(p)?,
+            None => Pooling::mean(),
+        };
+        // SAFETY: the weights file is memory-mapped read-only; it must not change while loaded,
+        // which holds for checkpoint folders (replaced, never edited in place).
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&ckpt.weights], dtype, device) }
+            .map_err(|e| ModelError::BadFile { path: ckpt.weights.clone(), reason: e.to_string() })?;
+        let bert = BertEncoder::load(vb, &cfg).map_err(|e| match e {
+            ModelError::Candle(c) => ModelError::BadFile {
+                path: ckpt.weights.clone(),
+                reason: format!("does not match {}: {c}", ckpt.config.display()),
+            },
+            other => other,
+        })?;
+        let tokenizer = TextTokenizer::from_file(&ckpt.tokenizer, max_len)?;
+        let info = ModelInfo {
+            id: ckpt.id.clone(),
+            version: ckpt.version.clone(),
+            dimension: bert.hidden_size() * pooling.modes.len(),
+            max_input_tokens: max_len,
+        };
+        tracing::info!(id = %info.id, version = %info.version, dim = info.dimension, max_len, ?device, ?dtype, "text encoder loaded");
+        Ok(Self { bert, tokenizer, pooling, info })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn tokenize(&self, index: usize, text: &str, truncate: bool) -> Result<TokenizedText> {
+        self.tokenizer.encode(index, text, truncate)
+    }
+
+    /// Pooled embeddings `[B, D]` (f32) for a batch of tokenised inputs, not normalised.
+    pub fn embed_tensor(&self, inputs: &[&TokenizedText]) -> Result<Tensor> {
+        let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
+        let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
+        let type_ids: Vec<u32> = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
+        let hidden = self.bert.forward(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens })?;
+        self.pooling.pool(&hidden.to_dtype(DType::F32)?, &lens)
+    }
+
+    /// One vector per input, L2-normalised where `normalize[i]`.
+    pub fn embed(&self, inputs: &[&TokenizedText], normalize: &[bool]) -> Result<Vec<Vec<f32>>> {
+        if inputs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut rows = self.embed_tensor(inputs)?.to_vec2::<f32>()?;
+        for (row, &n) in rows.iter_mut().zip(normalize) {
+            if n {
+                l2_normalize(row);
+            }
+        }
+        Ok(rows)
+    }
+}
+
+/// In place, as torch.nn.functional.normalize: `x / max(||x||, 1e-12)`.
+pub fn l2_normalize(v: &mut [f32]) {
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+}
