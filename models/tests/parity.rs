@@ -1,0 +1,108 @@
+//! The text encoder against sentence-transformers (fixture made by
+//! scripts/make_parity_fixture.py) and against candle-transformers' reference BERT.
+//! Tolerances: cosine >= 0.99999 to sentence-transformers' vectors; pooled norms within 1e-4
+//! relative; hidden states within 2e-4 absolute of candle-transformers' BERT.
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use concierge_models::bert::{reference_forward, Config};
+use concierge_models::{ModelSource, TextEncoder};
+use serde_json::Value;
+
+fn fixture() -> Value {
+    let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/minilm_parity.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (na * nb)
+}
+
+#[test]
+fn embeddings_match_sentence_transformers() {
+    let dir = common::default_model_dir();
+    let enc = TextEncoder::load(&ModelSource::Dir(dir), &Device::Cpu, DType::F32, None).unwrap();
+    assert_eq!(enc.info().dimension, 384);
+    let fx = fixture();
+    assert_eq!(enc.info().max_input_tokens, fx["max_seq_length"].as_u64().unwrap() as usize);
+    let rows = fx["sentences"].as_array().unwrap();
+    assert!(rows.len() >= 30);
+    let toks: Vec<_> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| enc.tokenize(i, r["text"].as_str().unwrap(), r["truncate"].as_bool().unwrap()).unwrap())
+        .collect();
+    for (t, r) in toks.iter().zip(rows) {
+        assert_eq!(t.len() as u64, r["tokens"].as_u64().unwrap(), "token count of {:?}", r["text"]);
+    }
+    // One packed batch of everything, and each sentence alone: both must match.
+    let refs: Vec<_> = toks.iter().collect();
+    let batched = enc.embed(&refs, &vec![true; refs.len()]).unwrap();
+    let raw = enc.embed(&refs, &vec![false; refs.len()]).unwrap();
+    for (i, r) in rows.iter().enumerate() {
+        let want: Vec<f32> = r["embedding"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+        let alone = enc.embed(&[&toks[i]], &[true]).unwrap().remove(0);
+        for (what, got) in [("batched", &batched[i]), ("alone", &alone)] {
+            let c = cosine(got, &want);
+            assert!(c >= 0.99999, "{what} sentence {i} {:?}: cosine {c}", r["text"]);
+        }
+        let norm: f64 = raw[i].iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        let want_norm = r["pooled_norm"].as_f64().unwrap();
+        assert!(((norm - want_norm) / want_norm).abs() < 1e-4, "sentence {i}: norm {norm} vs {want_norm}");
+        let unit: f64 = batched[i].iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+        assert!((unit - 1.0).abs() < 1e-5);
+    }
+}
+
+#[test]
+fn packed_encoder_matches_candle_transformers_bert() {
+    let dir = common::default_model_dir();
+    let enc = TextEncoder::load(&ModelSource::Dir(dir.clone()), &Device::Cpu, DType::F32, None).unwrap();
+    let texts = ["hi", "Where is my order #A-1029384?", "这款面霜适合敏感肌肤吗？", "Love it 😍 but the strap broke"];
+    let toks: Vec<_> = texts.iter().enumerate().map(|(i, t)| enc.tokenize(i, t, false).unwrap()).collect();
+    let l = toks.iter().map(|t| t.len()).max().unwrap();
+    let (mut ids, mut types, mut mask) = (vec![], vec![], vec![]);
+    for t in &toks {
+        for k in 0..l {
+            ids.push(*t.ids.get(k).unwrap_or(&0));
+            types.push(0u32);
+            mask.push((k < t.len()) as u32);
+        }
+    }
+    let dev = Device::Cpu;
+    let shape = (texts.len(), l);
+    let cfg: Config = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &dev) }.unwrap();
+    let reference = reference_forward(
+        vb,
+        &cfg,
+        &Tensor::from_vec(ids, shape, &dev).unwrap(),
+        &Tensor::from_vec(types, shape, &dev).unwrap(),
+        &Tensor::from_vec(mask, shape, &dev).unwrap(),
+    )
+    .unwrap();
+    // Mean-pool the reference over real tokens and compare with ours, unnormalised.
+    let ours = enc.embed(&toks.iter().collect::<Vec<_>>(), &[false; 4]).unwrap();
+    for (b, t) in toks.iter().enumerate() {
+        let rows = reference.get(b).unwrap().narrow(0, 0, t.len()).unwrap();
+        let want: Vec<f32> = rows.mean(0).unwrap().to_vec1().unwrap();
+        let err = want.iter().zip(&ours[b]).map(|(a, c)| (a - c).abs()).fold(0f32, f32::max);
+        assert!(err < 2e-4, "sequence {b}: max abs error {err}");
+    }
+}
+
+#[test]
+fn over_long_input_is_refused_with_its_count_unless_truncated() {
+    let enc = TextEncoder::load(&ModelSource::Dir(common::default_model_dir()), &Device::Cpu, DType::F32, Some(16)).unwrap();
+    assert_eq!(enc.info().max_input_tokens, 16);
+    let text = "please tell me where my parcel is because it has been two weeks already and nothing came";
+    let err = enc.tokenize(3, text, false).unwrap_err().to_string();
+    assert!(err.contains("input 3 has 19 tokens; the limit is 16") && err.contains("truncate"), "{err}");
+    let t = enc.tokenize(3, text, true).unwrap();
+    assert_eq!((t.len(), t.original_len), (16, 19));
+    assert_eq!(*t.ids.last().unwrap(), 102, "truncation keeps [SEP] last");
+}
