@@ -1,1 +1,58 @@
+//! Shared pieces of the benchmarks: latency statistics and input corpora.
+use std::path::Path;
+use std::time::Duration;
 
+/// Percentile (0..=100) of sorted durations, nearest rank.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+pub fn fmt_ms(d: Duration) -> String {
+    format!("{:.2}", d.as_secs_f64() * 1e3)
+}
+
+/// Texts from a CSV whose first column is the text (Banking77's `text,category`), header skipped.
+pub fn read_csv_texts(path: &Path, limit: usize) -> anyhow::Result<Vec<String>> {
+    let raw = std::fs::read_to_string(path)?;
+    let mut out = Vec::new();
+    for line in raw.lines().skip(1) {
+        if out.len() >= limit {
+            break;
+        }
+        let text = if let Some(rest) = line.strip_prefix('"') {
+            // quoted field: "" is an escaped quote; the field ends at a lone quote
+            let mut s = String::new();
+            let mut chars = rest.chars().peekable();
+            while let Some(c) = chars.next() {
+                if c == '"' {
+                    if chars.peek() == Some(&'"') {
+                        s.push('"');
+                        chars.next();
+                    } else {
+                        break;
+                    }
+                } else {
+                    s.push(c);
+                }
+            }
+            s
+        } else {
+            line.rsplit_once(',').map(|(t, _)| t.to_string()).unwrap_or_default()
+        };
+        if !text.is_empty() {
+            out.push(text);
+        }
+    }
+    Ok(out)
+}
+
+/// The default model folder: CONCIERGE_MODEL_DIR, else model-store/all-MiniLM-L6-v2.
+pub fn default_model_dir() -> std::path::PathBuf {
+    std::env::var_os("CONCIERGE_MODEL_DIR")
+        .map(Into::into)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-store/all-MiniLM-L6-v2"))
+}
