@@ -1,0 +1,145 @@
+//! Every setting of the server: one clap struct, each flag with an environment variable,
+//! documented in `--help` and in the README's table.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "concierge", version, about = "concierge: intent, entities, embeddings and knowledge-base search over gRPC")]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "CONCIERGE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    #[arg(long, env = "CONCIERGE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: SocketAddr,
+
+    /// Local checkpoint folder (config.json, tokenizer.json, model.safetensors, and the
+    /// sentence-transformers files). Used unless --model-id is given.
+    #[arg(long, env = "CONCIERGE_MODEL_DIR", default_value = "model-store/all-MiniLM-L6-v2")]
+    pub model_dir: PathBuf,
+
+    /// Hugging Face Hub repository id to load instead of --model-dir (honours HF_HOME,
+    /// HF_HUB_OFFLINE and HF_ENDPOINT).
+    #[arg(long, env = "CONCIERGE_MODEL_ID")]
+    pub model_id: Option<String>,
+
+    /// Hub revision (branch, tag or commit) for --model-id.
+    #[arg(long, env = "CONCIERGE_REVISION", default_value = "main")]
+    pub revision: String,
+
+    /// Device to run models on: `cpu` or `cuda:N` (CUDA needs a build with `--features cuda`).
+    #[arg(long, env = "CONCIERGE_DEVICE", default_value = "cpu")]
+    pub device: String,
+
+    /// Floating-point type of the weights and activations.
+    #[arg(long, env = "CONCIERGE_DTYPE", value_enum, default_value_t = DTypeArg::F32)]
+    pub dtype: DTypeArg,
+
+    /// Most tokens in one text batch (sum over its inputs).
+    #[arg(long, env = "CONCIERGE_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+
+    /// Most inputs in one text batch.
+    #[arg(long, env = "CONCIERGE_MAX_BATCH_SIZE", default_value_t = 128)]
+    pub max_batch_size: usize,
+
+    /// Longest the oldest queued input waits for its batch to fill, in milliseconds.
+    #[arg(long, env = "CONCIERGE_MAX_WAIT_MS", default_value_t = 2)]
+    pub max_wait_ms: u64,
+
+    /// Most inputs admitted and not yet answered; beyond it calls get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CONCIERGE_MAX_QUEUED_INPUTS", default_value_t = 4096)]
+    pub max_queued_inputs: usize,
+
+    /// Most inputs in one request.
+    #[arg(long, env = "CONCIERGE_MAX_CLIENT_BATCH_SIZE", default_value_t = 64)]
+    pub max_client_batch_size: usize,
+
+    /// Most tokens in one input (special tokens included); the model's own limit when unset
+    /// or larger.
+    #[arg(long, env = "CONCIERGE_MAX_INPUT_TOKENS")]
+    pub max_input_tokens: Option<usize>,
+
+    /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CONCIERGE_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before exiting anyway.
+    #[arg(long, env = "CONCIERGE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
+    pub shutdown_grace_secs: u64,
+
+    /// Log format: human-readable text or one JSON object per line.
+    #[arg(long, env = "CONCIERGE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl DTypeArg {
+    pub fn to_candle(self) -> candle_core::DType {
+        match self {
+            DTypeArg::F32 => candle_core::DType::F32,
+            DTypeArg::F16 => candle_core::DType::F16,
+            DTypeArg::Bf16 => candle_core::DType::BF16,
+        }
+    }
+}
+
+impl Config {
+    /// Where the text model comes from.
+    pub fn model_source(&self) -> concierge_models::ModelSource {
+        match &self.model_id {
+            Some(repo) => concierge_models::ModelSource::Hub { repo: repo.clone(), revision: self.revision.clone() },
+            None => concierge_models::ModelSource::Dir(self.model_dir.clone()),
+        }
+    }
+
+    pub fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.max_wait_ms)
+    }
+
+    /// The device named by --device.
+    pub fn candle_device(&self) -> anyhow::Result<candle_core::Device> {
+        let d = self.device.trim();
+        if d == "cpu" {
+            return Ok(candle_core::Device::Cpu);
+        }
+        let ordinal = d
+            .strip_prefix("cuda:")
+            .or_else(|| (d == "cuda").then_some("0"))
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| anyhow::anyhow!("--device {d:?}: expected `cpu` or `cuda:N`"))?;
+        if !candle_core::utils::cuda_is_available() {
+            anyhow::bail!("--device {d}: this binary was built without CUDA; rebuild with `--features cuda` or use --device cpu");
+        }
+        Ok(candle_core::Device::new_cuda(ordinal)?)
+    }
+
+    /// Settings that cannot work together, caught before anything starts.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.max_batch_size > 0, "--max-batch-size must be at least 1");
+        anyhow::ensure!(self.max_client_batch_size > 0, "--max-client-batch-size must be at least 1");
+        anyhow::ensure!(self.max_queued_inputs >= self.max_client_batch_size,
+            "--max-queued-inputs ({}) must be at least --max-client-batch-size ({}), or no full request could ever be admitted",
+            self.max_queued_inputs, self.max_client_batch_size);
+        if let Some(m) = self.max_input_tokens {
+            anyhow::ensure!(m >= 2, "--max-input-tokens must leave room for the special tokens (at least 2)");
+        }
+        Ok(())
+    }
+}

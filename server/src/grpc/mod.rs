@@ -1,0 +1,58 @@
+//! The gRPC edge: thin services that validate, convert to domain requests, call the engine and
+//! convert back. Status codes are decided in `crate::error` alone.
+pub mod edge;
+pub mod embeddings;
+
+use std::time::{Duration, Instant};
+
+pub use edge::{Deadline, EdgeLayer};
+use tonic::Status;
+
+use crate::error::ServiceError;
+
+/// Answer this much before the caller's deadline, so the answer (DEADLINE_EXCEEDED) is ours
+/// and reaches the caller before its own timer fires.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(3);
+
+/// The caller's deadline, or DEADLINE_EXCEEDED if it passed before any work started.
+pub(crate) fn deadline_of<T>(req: &tonic::Request<T>) -> Result<Option<Instant>, ServiceError> {
+    match req.extensions().get::<Deadline>() {
+        Some(Deadline(d)) if *d <= Instant::now() + DEADLINE_MARGIN => Err(ServiceError::DeadlineExceeded(
+            "the deadline had passed before work could start; allow the call more time".into(),
+        )),
+        Some(Deadline(d)) => Ok(Some(*d)),
+        None => Ok(None),
+    }
+}
+
+/// Runs `fut`, answering DEADLINE_EXCEEDED if it is not done by the deadline. Dropping the
+/// future drops its pending engine replies, so queued inputs are not computed.
+pub(crate) async fn with_deadline<T>(
+    deadline: Option<Instant>,
+    fut: impl std::future::Future<Output = Result<T, ServiceError>>,
+) -> Result<T, ServiceError> {
+    match deadline {
+        None => fut.await,
+        Some(d) => {
+            let at = d.checked_sub(DEADLINE_MARGIN).unwrap_or(d);
+            tokio::time::timeout_at(at.into(), fut).await.map_err(|_| {
+                ServiceError::DeadlineExceeded(
+                    "the deadline passed while the request waited for or ran on the model; allow more time or send fewer inputs".into(),
+                )
+            })?
+        }
+    }
+}
+
+/// Counts a finished request by rpc and status code, and records its latency.
+pub(crate) fn observe<T>(rpc: &'static str, start: Instant, result: &Result<T, Status>) {
+    let code = match result {
+        Ok(_) => "OK".to_string(),
+        Err(s) => format!("{:?}", s.code()),
+    };
+    metrics::counter!("concierge_requests_total", "rpc" => rpc, "code" => code).increment(1);
+    metrics::histogram!("concierge_request_duration_seconds", "rpc" => rpc).record(start.elapsed().as_secs_f64());
+    if let Err(s) = result {
+        tracing::debug!(rpc, code = ?s.code(), message = s.message(), "request failed");
+    }
+}
