@@ -1,0 +1,69 @@
+//! Shared by the server tests: start a real server on 127.0.0.1:0 with the default model.
+#![allow(dead_code)]
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use concierge_proto::v1::embeddings_client::EmbeddingsClient;
+use concierge_proto::v1::EmbedTextRequest;
+use concierge_server::{start, Config, Running};
+use tonic::transport::Channel;
+
+pub fn model_dir() -> PathBuf {
+    let dir = std::env::var_os("CONCIERGE_TEST_MODEL_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model-store/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the default model is not at {}: run scripts/fetch-default-model.sh first",
+        dir.display()
+    );
+    dir
+}
+
+/// A config on loopback port 0 with the default model, plus `extra` flags.
+pub fn config(extra: &[&str]) -> Config {
+    let dir = model_dir();
+    let mut args = vec![
+        "concierge".to_string(),
+        "--listen=127.0.0.1:0".into(),
+        "--metrics-listen=127.0.0.1:0".into(),
+    ];
+    if !extra.iter().any(|a| a.starts_with("--model-dir")) {
+        args.push(format!("--model-dir={}", dir.display()));
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    Config::try_parse_from(args).expect("valid test flags")
+}
+
+pub async fn serve(extra: &[&str]) -> Running {
+    let mut running = start(config(extra)).await.expect("server starts");
+    running.ready(Duration::from_secs(60)).await.expect("server gets ready");
+    running
+}
+
+pub async fn client(running: &Running) -> EmbeddingsClient<Channel> {
+    EmbeddingsClient::connect(format!("http://{}", running.grpc_addr)).await.expect("connects")
+}
+
+pub fn request(inputs: &[&str]) -> EmbedTextRequest {
+    EmbedTextRequest { inputs: inputs.iter().map(|s| s.to_string()).collect(), normalize: None, truncate: None }
+}
+
+/// GET a path from the metrics port over a plain socket; returns (status line, body).
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nhost: x\r\n\r\n").as_bytes()).await.unwrap();
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await.unwrap();
+    let (head, body) = buf.split_once("\r\n\r\n").unwrap();
+    (head.lines().next().unwrap().to_string(), body.to_string())
+}
+
+/// The value of one sample line (`name{labels} value`) in Prometheus text, 0 when absent.
+pub fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
+        .unwrap_or(0.0)
+}
