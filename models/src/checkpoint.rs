@@ -131,6 +131,20 @@ fn file_sha256(path: &Path) -> Result<String> {
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// The commit a Hub cache path belongs to (`.../snapshots/<commit>/file`), so responses name
+/// the exact weights even when the revision asked for was a branch.
+fn snapshot_commit(path: &Path) -> Option<String> {
+    let mut parts = path.components().rev().map(|c| c.as_os_str().to_string_lossy().into_owned());
+    let mut prev = parts.next()?;
+    for part in parts {
+        if part == "snapshots" {
+            return Some(prev);
+        }
+        prev = part;
+    }
+    None
+}
+
 fn resolve_hub(repo_id: &str, revision: &str) -> Result<TextCheckpoint> {
     use hf_hub::{Cache, Repo, RepoType};
     let repo = Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned());
@@ -178,6 +192,7 @@ fn resolve_hub(repo_id: &str, revision: &str) -> Result<TextCheckpoint> {
     let config = need(REQUIRED[0].0, REQUIRED[0].1)?;
     let tokenizer = need(REQUIRED[1].0, REQUIRED[1].1)?;
     let weights = need(REQUIRED[2].0, REQUIRED[2].1)?;
+    let version = snapshot_commit(&weights).unwrap_or_else(|| revision.to_owned());
     let modules = get("modules.json")?;
     let mut pooling = None;
     if let Some(m) = &modules {
@@ -196,6 +211,6 @@ fn resolve_hub(repo_id: &str, revision: &str) -> Result<TextCheckpoint> {
         pooling,
         sentence_bert_config: get("sentence_bert_config.json")?,
         id: repo_id.to_owned(),
-        version: revision.to_owned(),
+        version,
     })
 }
