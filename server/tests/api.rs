@@ -134,11 +134,10 @@ async fn full_queue_answers_resource_exhausted_at_once() {
     let first_req = request(&vec![long.as_str(); 8]);
     let first = tokio::spawn(async move { first_client.embed_text(first_req).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let t0 = Instant::now();
     let e = c.embed_text(request(&["one more"])).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("queue is full") && e.message().contains("retry"), "{}", e.message());
-    assert!(t0.elapsed() < Duration::from_millis(500), "refused at once, not after waiting");
+    assert!(!first.is_finished(), "refused at once, while the queue was still full, not after waiting");
     assert!(first.await.unwrap().is_ok());
     assert_still_serving(&mut c).await;
     running.shutdown().await.unwrap();
