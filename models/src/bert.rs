@@ -10,6 +10,7 @@
 //! checkpoints carry. candle-transformers' `BertModel` is the reference it is tested against.
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use concierge_kernels::linear::{Act, PackedLinear};
 pub use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
 
 use crate::error::{ModelError, Result};
@@ -25,29 +26,66 @@ impl LayerNorm {
         Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps: eps as f32 })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if fast_cpu(x) {
+            return Ok(concierge_kernels::norm::layer_norm(x, &self.weight, &self.bias, self.eps)?);
+        }
         Ok(candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps)?)
     }
 }
 
+/// Whether the fused CPU kernels apply: an f32 tensor on the CPU.
+fn fast_cpu(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
+}
+
 /// A dense layer holding `W^T` (`[in, out]`, contiguous) so `x @ W^T` needs no transpose.
+/// On CPU in f32, `W^T` is also packed once for the fused GEMM (bias, activation and residual
+/// applied as the tiles are written).
 struct Linear {
     wt: Tensor,
     bias: Tensor,
+    packed: Option<PackedLinear>,
 }
 
 impl Linear {
+    fn new(wt: Tensor, bias: Tensor) -> Result<Self> {
+        let packed = if fast_cpu(&wt) { Some(PackedLinear::new(&wt, Some(&bias))?) } else { None };
+        Ok(Self { wt, bias, packed })
+    }
+
     fn load(vb: VarBuilder, d_in: usize, d_out: usize) -> Result<Self> {
         let w = vb.get((d_out, d_in), "weight")?;
-        Ok(Self { wt: w.t()?.contiguous()?, bias: vb.get(d_out, "bias")? })
+        Self::new(w.t()?.contiguous()?, vb.get(d_out, "bias")?)
     }
     /// q, k and v fused into one `[in, 3 * out]` product.
     fn load_fused(vbs: &[VarBuilder], d_in: usize, d_out: usize) -> Result<Self> {
         let ws = vbs.iter().map(|vb| vb.get((d_out, d_in), "weight")).collect::<Result<Vec<_>, _>>()?;
         let bs = vbs.iter().map(|vb| vb.get(d_out, "bias")).collect::<Result<Vec<_>, _>>()?;
-        Ok(Self { wt: Tensor::cat(&ws, 0)?.t()?.contiguous()?, bias: Tensor::cat(&bs, 0)? })
+        Self::new(Tensor::cat(&ws, 0)?.t()?.contiguous()?, Tensor::cat(&bs, 0)?)
     }
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.matmul(&self.wt)?.broadcast_add(&self.bias)?)
+
+    /// `act(x @ W^T + b) [+ residual]`.
+    fn forward(&self, x: &Tensor, act: Option<HiddenAct>, residual: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(p) = self.packed.as_ref().filter(|_| fast_cpu(x) && residual.is_none_or(fast_cpu)) {
+            let act = match act {
+                None => Act::None,
+                Some(HiddenAct::Gelu) => Act::GeluErf,
+                Some(HiddenAct::GeluApproximate) => Act::GeluTanh,
+                Some(HiddenAct::Relu) => Act::Relu,
+            };
+            return Ok(p.forward(&x.contiguous()?, act, residual.map(|r| r.contiguous()).transpose()?.as_ref())?);
+        }
+        let y = x.matmul(&self.wt)?.broadcast_add(&self.bias)?;
+        let y = match act {
+            None => y,
+            Some(HiddenAct::Gelu) => y.gelu_erf()?,
+            Some(HiddenAct::GeluApproximate) => y.gelu()?,
+            Some(HiddenAct::Relu) => y.relu()?,
+        };
+        Ok(match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        })
     }
 }
 
@@ -159,18 +197,13 @@ impl BertEncoder {
         let mut x = self.emb_ln.forward(&x)?;
         let attention = Attention::new(batch.lens, self.heads, dev, x.dtype())?;
         for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x)?;
+            let qkv = layer.qkv.forward(&x, None, None)?;
             let ctx = attention.forward(&qkv)?;
-            let a = layer.attn_out.forward(&ctx)?;
-            x = layer.attn_ln.forward(&(a + &x)?)?;
-            let i = layer.inter.forward(&x)?;
-            let i = match self.act {
-                HiddenAct::Gelu => i.gelu_erf()?,
-                HiddenAct::GeluApproximate => i.gelu()?,
-                HiddenAct::Relu => i.relu()?,
-            };
-            let o = layer.out.forward(&i)?;
-            x = layer.out_ln.forward(&(o + &x)?)?;
+            let a = layer.attn_out.forward(&ctx, None, Some(&x))?;
+            x = layer.attn_ln.forward(&a)?;
+            let i = layer.inter.forward(&x, Some(self.act), None)?;
+            let o = layer.out.forward(&i, None, Some(&x))?;
+            x = layer.out_ln.forward(&o)?;
         }
         Ok(x)
     }

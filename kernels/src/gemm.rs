@@ -1,0 +1,291 @@
+//! f32 matrix products `C = A @ B` (`A: [m, k]` row-major, `B: [k, n]` packed once) with a
+//! fused epilogue: `+ bias`, then an activation, then `+ residual`. Row-major throughout.
+//!
+//! `B` (a layer's `W^T`) is packed at load into column panels of `NR` columns, each panel
+//! `[k][NR]` contiguous and 64-byte aligned, zero-padded past `n`. The microkernel keeps an
+//! `MR x NR` tile of `C` in registers (AVX-512 where the CPU has it, else AVX2+FMA, else plain
+//! code), walking the full `k`. Work is split over rayon in blocks of rows x panel groups; each
+//! task sweeps its rows under one panel at a time, so the panel stays in L2 while A's block
+//! (at most a few hundred KiB) is re-read from L2.
+use rayon::prelude::*;
+
+use crate::activation;
+
+/// Panel width (two AVX-512 registers).
+pub const NR: usize = 32;
+/// Rows per register tile.
+const MR: usize = 12;
+
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([f32; 16]);
+
+/// `B: [k, n]` packed in `NR`-column panels.
+pub struct PackedB {
+    k: usize,
+    n: usize,
+    panels: usize,
+    data: Vec<Line>,
+}
+
+impl PackedB {
+    /// Packs a row-major `[k, n]` matrix.
+    pub fn pack(b: &[f32], k: usize, n: usize) -> Self {
+        assert_eq!(b.len(), k * n, "pack: b is not [k, n]");
+        let panels = n.div_ceil(NR);
+        let mut data = vec![Line([0f32; 16]); panels * k * NR / 16];
+        let flat = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut f32, panels * k * NR) };
+        for p in 0..panels {
+            let c0 = p * NR;
+            let w = NR.min(n - c0);
+            for kk in 0..k {
+                let dst = &mut flat[(p * k + kk) * NR..(p * k + kk) * NR + w];
+                dst.copy_from_slice(&b[kk * n + c0..kk * n + c0 + w]);
+            }
+        }
+        Self { k, n, panels, data }
+    }
+
+    pub fn k(&self) -> usize {
+        self.k
+    }
+
+    pub fn n(&self) -> usize {
+        self.n
+    }
+
+    fn panel(&self, p: usize) -> *const f32 {
+        unsafe { (self.data.as_ptr() as *const f32).add(p * self.k * NR) }
+    }
+}
+
+/// Activation applied after the bias.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    None,
+    /// `x * (1 + erf(x / sqrt 2)) / 2`
+    GeluErf,
+    /// tanh approximation, as candle's `gelu`.
+    GeluTanh,
+    Relu,
+}
+
+pub struct Epilogue<'a> {
+    pub bias: Option<&'a [f32]>,
+    pub act: Act,
+    /// `[m, n]`, added last.
+    pub residual: Option<&'a [f32]>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Isa {
+    Avx512,
+    Avx2,
+    Plain,
+}
+
+fn isa() -> Isa {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx512f") {
+            return Isa::Avx512;
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            return Isa::Avx2;
+        }
+    }
+    Isa::Plain
+}
+
+/// `out[m, n] = epilogue(a[m, k] @ b)`.
+pub fn gemm(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: &mut [f32]) {
+    let (k, n) = (b.k, b.n);
+    assert_eq!(a.len(), m * k, "gemm: a is not [m, k]");
+    assert_eq!(out.len(), m * n, "gemm: out is not [m, n]");
+    if let Some(bias) = epi.bias {
+        assert_eq!(bias.len(), n, "gemm: bias is not [n]");
+    }
+    if let Some(r) = epi.residual {
+        assert_eq!(r.len(), m * n, "gemm: residual is not [m, n]");
+    }
+    if m == 0 || n == 0 {
+        return;
+    }
+    let isa = isa();
+    let threads = rayon::current_num_threads().max(1);
+    let row_tiles = m.div_ceil(MR);
+    // Enough tasks for balance (4 per thread), as few row blocks as that allows.
+    let want = if threads == 1 { 1 } else { 4 * threads };
+    let rb = row_tiles.min(want);
+    let pg = want.div_ceil(rb).min(b.panels);
+    let out_ptr = out.as_mut_ptr() as usize;
+    let task = |t: usize| {
+        let (r, g) = (t / pg, t % pg);
+        let (t0, t1) = (r * row_tiles / rb, (r + 1) * row_tiles / rb);
+        let (p0, p1) = (g * b.panels / pg, (g + 1) * b.panels / pg);
+        let out = out_ptr as *mut f32;
+        // SAFETY: tasks own disjoint (row range x panel range) blocks of `out`.
+        unsafe {
+            match isa {
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx512 => block_avx512(a, m, b, epi, out, t0, t1, p0, p1),
+                #[cfg(target_arch = "x86_64")]
+                Isa::Avx2 => block_avx2(a, m, b, epi, out, t0, t1, p0, p1),
+                _ => block_plain(a, m, b, epi, out, t0, t1, p0, p1),
+            }
+        }
+    };
+    if rb * pg == 1 {
+        task(0);
+    } else {
+        (0..rb * pg).into_par_iter().for_each(task);
+    }
+}
+
+macro_rules! block_fn {
+    ($name:ident, $kernel:ident $(, $feat:literal)?) => {
+        $(#[target_feature(enable = $feat)])?
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn $name(
+            a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: *mut f32,
+            t0: usize, t1: usize, p0: usize, p1: usize,
+        ) {
+            let (k, n) = (b.k, b.n);
+            let mut tile = [[0f32; NR]; MR];
+            for p in p0..p1 {
+                let bp = b.panel(p);
+                let c0 = p * NR;
+                let w = NR.min(n - c0);
+                for t in t0..t1 {
+                    let r0 = t * MR;
+                    let rows = MR.min(m - r0);
+                    let ap = a.as_ptr().add(r0 * k);
+                    match rows {
+                        12 => $kernel::<12>(k, ap, bp, &mut tile),
+                        11 => $kernel::<11>(k, ap, bp, &mut tile),
+                        10 => $kernel::<10>(k, ap, bp, &mut tile),
+                        9 => $kernel::<9>(k, ap, bp, &mut tile),
+                        8 => $kernel::<8>(k, ap, bp, &mut tile),
+                        7 => $kernel::<7>(k, ap, bp, &mut tile),
+                        6 => $kernel::<6>(k, ap, bp, &mut tile),
+                        5 => $kernel::<5>(k, ap, bp, &mut tile),
+                        4 => $kernel::<4>(k, ap, bp, &mut tile),
+                        3 => $kernel::<3>(k, ap, bp, &mut tile),
+                        2 => $kernel::<2>(k, ap, bp, &mut tile),
+                        _ => $kernel::<1>(k, ap, bp, &mut tile),
+                    }
+                    for (i, acc) in tile.iter_mut().enumerate().take(rows) {
+                        let row = r0 + i;
+                        let acc = &mut acc[..w];
+                        if let Some(bias) = epi.bias {
+                            for (x, &b) in acc.iter_mut().zip(&bias[c0..c0 + w]) {
+                                *x += b;
+                            }
+                        }
+                        match epi.act {
+                            Act::None => {}
+                            Act::GeluErf => activation::gelu_erf_slice(acc),
+                            Act::GeluTanh => activation::gelu_tanh_slice(acc),
+                            Act::Relu => acc.iter_mut().for_each(|x| *x = x.max(0.0)),
+                        }
+                        if let Some(res) = epi.residual {
+                            for (x, &r) in acc.iter_mut().zip(&res[row * n + c0..row * n + c0 + w]) {
+                                *x += r;
+                            }
+                        }
+                        std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(row * n + c0), w);
+                    }
+                }
+            }
+        }
+    };
+}
+
+#[cfg(target_arch = "x86_64")]
+block_fn!(block_avx512, kernel_avx512, "avx512f");
+#[cfg(target_arch = "x86_64")]
+block_fn!(block_avx2, kernel_avx2, "avx2,fma");
+block_fn!(block_plain, kernel_plain);
+
+/// `tile[0..R] = a[R rows, stride k] @ panel[k][NR]`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn kernel_avx512<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    let mut c0 = [_mm512_setzero_ps(); R];
+    let mut c1 = [_mm512_setzero_ps(); R];
+    for p in 0..k {
+        let b0 = _mm512_load_ps(b.add(p * NR));
+        let b1 = _mm512_load_ps(b.add(p * NR + 16));
+        for r in 0..R {
+            let av = _mm512_set1_ps(*a.add(r * k + p));
+            c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+            c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+        }
+    }
+    for r in 0..R {
+        _mm512_storeu_ps(tile[r].as_mut_ptr(), c0[r]);
+        _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), c1[r]);
+    }
+}
+
+/// AVX2: the NR-wide tile as four 8-lane registers per row, at most 6 rows a pass
+/// (24 accumulators would spill on 16 registers, so rows go in passes of 3).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel_avx2<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
+    let mut r0 = 0;
+    while r0 < R {
+        match R - r0 {
+            1 => kernel_avx2_rows::<1>(k, a.add(r0 * k), b, &mut tile[r0..]),
+            2 => kernel_avx2_rows::<2>(k, a.add(r0 * k), b, &mut tile[r0..]),
+            _ => kernel_avx2_rows::<3>(k, a.add(r0 * k), b, &mut tile[r0..]),
+        }
+        r0 += 3;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn kernel_avx2_rows<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]]) {
+    use std::arch::x86_64::*;
+    let mut c = [[_mm256_setzero_ps(); 4]; R];
+    for p in 0..k {
+        let bv = [
+            _mm256_load_ps(b.add(p * NR)),
+            _mm256_load_ps(b.add(p * NR + 8)),
+            _mm256_load_ps(b.add(p * NR + 16)),
+            _mm256_load_ps(b.add(p * NR + 24)),
+        ];
+        for r in 0..R {
+            let av = _mm256_set1_ps(*a.add(r * k + p));
+            for j in 0..4 {
+                c[r][j] = _mm256_fmadd_ps(av, bv[j], c[r][j]);
+            }
+        }
+    }
+    for r in 0..R {
+        for j in 0..4 {
+            _mm256_storeu_ps(tile[r].as_mut_ptr().add(8 * j), c[r][j]);
+        }
+    }
+}
+
+#[inline]
+unsafe fn kernel_plain<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
+    for r in 0..R {
+        tile[r] = [0f32; NR];
+    }
+    for p in 0..k {
+        let bv = std::slice::from_raw_parts(b.add(p * NR), NR);
+        for r in 0..R {
+            let av = *a.add(r * k + p);
+            for (c, &b) in tile[r].iter_mut().zip(bv) {
+                *c += av * b;
+            }
+        }
+    }
+}

@@ -1,0 +1,132 @@
+//! Every custom op against a reference built from plain candle ops, on random inputs.
+use anyhow::Result;
+use candle_core::{Device, Tensor, D};
+use concierge_kernels::{activation, attention, linear, norm};
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+    Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+}
+
+fn rand(shape: &[usize]) -> Result<Tensor> {
+    Ok(Tensor::randn(0f32, 1f32, shape, &Device::Cpu)?)
+}
+
+/// Tolerance: 2e-5 times the size of the reference values (f32 sums of up to 1536 terms,
+/// in a different order).
+fn check(name: &str, got: &Tensor, want: &Tensor, rel: f32) -> Result<()> {
+    let scale = want.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1.0);
+    let err = max_abs_diff(got, want)?;
+    assert!(err <= rel * scale, "{name}: max abs err {err} > {rel} * {scale}");
+    Ok(())
+}
+
+#[test]
+fn packed_linear_matches_candle() -> Result<()> {
+    let acts = [
+        (linear::Act::None, "none"),
+        (linear::Act::GeluErf, "gelu_erf"),
+        (linear::Act::GeluTanh, "gelu"),
+        (linear::Act::Relu, "relu"),
+    ];
+    for &(m, k, n) in &[(1, 384, 1152), (5, 7, 40), (12, 33, 32), (13, 384, 384), (100, 1536, 384), (509, 384, 1536), (37, 64, 70)] {
+        let x = rand(&[m, k])?;
+        let wt = (rand(&[k, n])? * 0.1)?;
+        let b = rand(&[n])?;
+        let res = rand(&[m, n])?;
+        let lin = linear::PackedLinear::new(&wt, Some(&b))?;
+        let base = x.matmul(&wt)?.broadcast_add(&b)?;
+        for &(act, name) in &acts {
+            let want = match act {
+                linear::Act::None => base.clone(),
+                linear::Act::GeluErf => base.gelu_erf()?,
+                linear::Act::GeluTanh => base.gelu()?,
+                linear::Act::Relu => base.relu()?,
+            };
+            check(&format!("linear {name} {m}x{k}x{n}"), &lin.forward(&x, act, None)?, &want, 2e-5)?;
+            check(&format!("linear+res {name} {m}x{k}x{n}"), &lin.forward(&x, act, Some(&res))?, &(&want + &res)?, 2e-5)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn linear_without_bias() -> Result<()> {
+    let (x, wt) = (rand(&[20, 48])?, rand(&[48, 64])?);
+    let lin = linear::PackedLinear::new(&wt, None)?;
+    check("linear no bias", &lin.forward(&x, linear::Act::None, None)?, &x.matmul(&wt)?, 2e-5)
+}
+
+#[test]
+fn erf_and_gelu_match_candle() -> Result<()> {
+    // erf: absolute error below 1e-6 against candle's (libm-accurate) erf on a fine grid.
+    let xs: Vec<f32> = (-60_000..=60_000).map(|i| i as f32 * 1e-4).collect();
+    let want = Tensor::new(xs.as_slice(), &Device::Cpu)?.erf()?.to_vec1::<f32>()?;
+    for (&x, &w) in xs.iter().zip(&want) {
+        let e = activation::erf(x);
+        assert!((e - w).abs() <= 1e-6, "erf({x}) = {e}, want {w}");
+    }
+    // gelu(erf): absolute error below 1e-6 * max(1, |x|).
+    let t = Tensor::new(xs.as_slice(), &Device::Cpu)?;
+    let want = t.gelu_erf()?.to_vec1::<f32>()?;
+    let mut got = xs.clone();
+    activation::gelu_erf_slice(&mut got);
+    for ((&x, &g), &w) in xs.iter().zip(&got).zip(&want) {
+        assert!((g - w).abs() <= 1e-6 * x.abs().max(1.0), "gelu({x}) = {g}, want {w}");
+    }
+    Ok(())
+}
+
+#[test]
+fn exp_matches_std() {
+    // relative error below 4e-7 (about 3 ulp) on the softmax range and beyond.
+    let mut x = -87.0f32;
+    while x < 88.0 {
+        let (e, w) = (activation::exp(x), x.exp());
+        assert!(((e - w) / w).abs() <= 4e-7, "exp({x}) = {e}, want {w}");
+        x += 0.000_7;
+    }
+    assert_eq!(activation::exp(0.0), 1.0);
+    assert!(activation::exp(-1000.0) < 1e-37);
+}
+
+#[test]
+fn layer_norm_matches_candle_nn() -> Result<()> {
+    for &(m, h) in &[(1, 384), (7, 384), (600, 384), (3, 17)] {
+        let x = (rand(&[m, h])? * 3.0)?.broadcast_add(&rand(&[h])?)?;
+        let (g, b) = (rand(&[h])?, rand(&[h])?);
+        let got = norm::layer_norm(&x, &g, &b, 1e-12)?;
+        let want = candle_nn::ops::layer_norm(&x, &g, &b, 1e-12)?;
+        check(&format!("layer_norm {m}x{h}"), &got, &want, 1e-5)?;
+    }
+    Ok(())
+}
+
+/// Attention per sequence with plain candle ops.
+fn attention_reference(qkv: &Tensor, lens: &[usize], heads: usize) -> Result<Tensor> {
+    let (_, h3) = qkv.dims2()?;
+    let (h, d) = (h3 / 3, h3 / 3 / heads);
+    let mut outs = Vec::new();
+    let mut start = 0;
+    for &len in lens {
+        let x = qkv.narrow(0, start, len)?.reshape((len, 3, heads, d))?;
+        let part = |i: usize| -> Result<Tensor> { Ok(x.narrow(1, i, 1)?.squeeze(1)?.transpose(0, 1)?.contiguous()?) };
+        let (q, k, v) = (part(0)?, part(1)?, part(2)?);
+        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        outs.push(p.matmul(&v)?.transpose(0, 1)?.reshape((len, h))?);
+        start += len;
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+#[test]
+fn varlen_attention_matches_candle() -> Result<()> {
+    for (lens, heads, d) in [(vec![1usize], 12usize, 32usize), (vec![16, 3, 40, 1, 128], 12, 32), (vec![5, 9], 2, 20), (vec![64; 8], 4, 64)] {
+        let t: usize = lens.iter().sum();
+        let qkv = (rand(&[t, 3 * heads * d])? * 2.0)?;
+        let got = attention::varlen_self_attention(&qkv, &lens, heads)?;
+        let want = attention_reference(&qkv, &lens, heads)?;
+        check(&format!("attention {lens:?} {heads}x{d}"), &got, &want, 1e-5)?;
+    }
+    Ok(())
+}
