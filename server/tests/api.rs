@@ -47,7 +47,7 @@ async fn embeds_in_order_with_model_info_and_token_count() {
 
 /// `words` single-token words: `words + 2` tokens with [CLS] and [SEP].
 fn long_text(words: usize) -> String {
-    (0..words).map(|i| ["refund", "parcel", "order", "card"][i % 4]).collect::<Vec<_>>().join(" ")
+    (0..words).map(|i| ["item", "parcel", "order", "card"][i % 4]).collect::<Vec<_>>().join(" ")
 }
 
 async fn assert_still_serving(c: &mut concierge_proto::v1::embeddings_client::EmbeddingsClient<tonic::transport::Channel>) {
