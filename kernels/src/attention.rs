@@ -72,57 +72,103 @@ unsafe fn head_attention_avx512(rows: &[f32], len: usize, h: usize, d: usize, he
     head_attention_generic(rows, len, h, d, head, out)
 }
 
+/// Queries per register block.
+const QB: usize = 4;
+/// Lanes per register (16 f32 = one AVX-512 register).
+const L: usize = 16;
+
+/// One (sequence, head), in register blocks of `QB` queries x `L` lanes: `K^T` is gathered as
+/// `[d][len rounded up to L]` (zero-padded, pre-scaled), V as `[len][d rounded up to L]`, so
+/// scores and context are broadcast-FMAs over whole registers with no horizontal sums.
 #[inline(always)]
 unsafe fn head_attention_generic(rows: &[f32], len: usize, h: usize, d: usize, head: usize, out: *mut f32) {
     let h3 = 3 * h;
     let scale = 1.0 / (d as f32).sqrt();
     let (qo, ko, vo) = (head * d, h + head * d, 2 * h + head * d);
-    let mut k = vec![0f32; len * d];
-    let mut v = vec![0f32; len * d];
+    let (lp, dp) = (len.div_ceil(L) * L, d.div_ceil(L) * L);
+    let mut buf = vec![0f32; d * lp + len * dp + QB * lp];
+    let (kt, rest) = buf.split_at_mut(d * lp);
+    let (v, sc) = rest.split_at_mut(len * dp);
     for j in 0..len {
-        k[j * d..(j + 1) * d].copy_from_slice(&rows[j * h3 + ko..j * h3 + ko + d]);
-        v[j * d..(j + 1) * d].copy_from_slice(&rows[j * h3 + vo..j * h3 + vo + d]);
+        let row = &rows[j * h3..(j + 1) * h3];
+        for c in 0..d {
+            kt[c * lp + j] = row[ko + c] * scale;
+        }
+        v[j * dp..j * dp + d].copy_from_slice(&row[vo..vo + d]);
     }
-    let mut scores = vec![0f32; len];
-    let mut o = vec![0f32; d];
-    for i in 0..len {
-        let q = &rows[i * h3 + qo..i * h3 + qo + d];
-        let mut max = f32::NEG_INFINITY;
-        for (s, kj) in scores.iter_mut().zip(k.chunks_exact(d)) {
-            *s = dot(q, kj) * scale;
-            max = max.max(*s);
-        }
-        let mut sum = 0f32;
-        for s in scores.iter_mut() {
-            *s = exp(*s - max);
-            sum += *s;
-        }
-        let inv = 1.0 / sum;
-        o.fill(0.0);
-        for (&p, vj) in scores.iter().zip(v.chunks_exact(d)) {
-            for (o, &v) in o.iter_mut().zip(vj) {
-                *o += p * v;
+    for i0 in (0..len).step_by(QB) {
+        // Rows past the end repeat the last query; their results are dropped.
+        let q: [&[f32]; QB] = std::array::from_fn(|qi| {
+            let i = (i0 + qi).min(len - 1);
+            &rows[i * h3 + qo..i * h3 + qo + d]
+        });
+        for jb in (0..lp).step_by(L) {
+            let mut acc = [[0f32; L]; QB];
+            for c in 0..d {
+                let kv: &[f32; L] = kt[c * lp + jb..c * lp + jb + L].try_into().unwrap();
+                for qi in 0..QB {
+                    let qc = q[qi][c];
+                    for l in 0..L {
+                        acc[qi][l] += qc * kv[l];
+                    }
+                }
+            }
+            for qi in 0..QB {
+                sc[qi * lp + jb..qi * lp + jb + L].copy_from_slice(&acc[qi]);
             }
         }
-        let dst = std::slice::from_raw_parts_mut(out.add(i * h + head * d), d);
-        for (dst, &o) in dst.iter_mut().zip(&o) {
-            *dst = o * inv;
+        let mut inv = [0f32; QB];
+        for qi in 0..QB {
+            let s = &mut sc[qi * lp..qi * lp + len];
+            let max = max16(s);
+            for x in s.iter_mut() {
+                *x = exp(*x - max);
+            }
+            inv[qi] = 1.0 / sum16(s);
+        }
+        for db in (0..dp).step_by(L) {
+            let mut acc = [[0f32; L]; QB];
+            for j in 0..len {
+                let vv: &[f32; L] = v[j * dp + db..j * dp + db + L].try_into().unwrap();
+                for qi in 0..QB {
+                    let p = sc[qi * lp + j];
+                    for l in 0..L {
+                        acc[qi][l] += p * vv[l];
+                    }
+                }
+            }
+            let w = L.min(d - db);
+            for qi in 0..QB.min(len - i0) {
+                let dst = std::slice::from_raw_parts_mut(out.add((i0 + qi) * h + head * d + db), w);
+                for (dst, &a) in dst.iter_mut().zip(&acc[qi][..w]) {
+                    *dst = a * inv[qi];
+                }
+            }
         }
     }
 }
 
-/// Dot product in 16 interleaved lanes, so it vectorises.
+/// Sum in 16 interleaved lanes, so it vectorises.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn sum16(x: &[f32]) -> f32 {
     let mut acc = [0f32; 16];
-    let mut ca = a.chunks_exact(16);
-    let mut cb = b.chunks_exact(16);
-    for (x, y) in (&mut ca).zip(&mut cb) {
+    let mut c = x.chunks_exact(16);
+    for x in &mut c {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i];
         }
     }
-    let mut s: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    s += acc.iter().sum::<f32>();
-    s
+    c.remainder().iter().sum::<f32>() + acc.iter().sum::<f32>()
+}
+
+#[inline(always)]
+fn max16(x: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 16];
+    let mut c = x.chunks_exact(16);
+    for x in &mut c {
+        for i in 0..16 {
+            acc[i] = acc[i].max(x[i]);
+        }
+    }
+    c.remainder().iter().chain(acc.iter()).fold(f32::NEG_INFINITY, |m, &x| m.max(x))
 }

@@ -99,9 +99,27 @@ fn isa() -> Isa {
 
 /// `out[m, n] = epilogue(a[m, k] @ b)`.
 pub fn gemm(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: &mut [f32]) {
+    assert_eq!(out.len(), m * b.n, "gemm: out is not [m, n]");
+    // SAFETY: out has room for m * n values.
+    unsafe { gemm_into(a, m, b, epi, out.as_mut_ptr()) }
+}
+
+/// A fresh `[m, n]` result (never zero-filled: every element is written once).
+pub fn gemm_alloc(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue) -> Vec<f32> {
+    let mut out = Vec::<f32>::with_capacity(m * b.n);
+    // SAFETY: gemm_into writes all m * n elements before the length is set.
+    unsafe {
+        gemm_into(a, m, b, epi, out.as_mut_ptr());
+        out.set_len(m * b.n);
+    }
+    out
+}
+
+/// # Safety
+/// `out` must be valid for writes of `m * b.n()` values.
+unsafe fn gemm_into(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: *mut f32) {
     let (k, n) = (b.k, b.n);
     assert_eq!(a.len(), m * k, "gemm: a is not [m, k]");
-    assert_eq!(out.len(), m * n, "gemm: out is not [m, n]");
     if let Some(bias) = epi.bias {
         assert_eq!(bias.len(), n, "gemm: bias is not [n]");
     }
@@ -118,7 +136,7 @@ pub fn gemm(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: &mut [f32]) {
     let want = if threads == 1 { 1 } else { 4 * threads };
     let rb = row_tiles.min(want);
     let pg = want.div_ceil(rb).min(b.panels);
-    let out_ptr = out.as_mut_ptr() as usize;
+    let out_ptr = out as usize;
     let task = |t: usize| {
         let (r, g) = (t / pg, t % pg);
         let (t0, t1) = (r * row_tiles / rb, (r + 1) * row_tiles / rb);
@@ -193,7 +211,11 @@ macro_rules! block_fn {
                                 *x += r;
                             }
                         }
-                        std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(row * n + c0), w);
+                        if w == NR {
+                            std::ptr::copy_nonoverlapping(acc.as_ptr() as *const [f32; NR], out.add(row * n + c0) as *mut [f32; NR], 1);
+                        } else {
+                            std::ptr::copy_nonoverlapping(acc.as_ptr(), out.add(row * n + c0), w);
+                        }
                     }
                 }
             }

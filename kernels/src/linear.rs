@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 pub use crate::gemm::Act;
-use crate::gemm::{gemm, Epilogue, PackedB};
+use crate::gemm::{gemm_alloc, Epilogue, PackedB};
 
 #[derive(Clone)]
 pub struct PackedLinear {
@@ -76,9 +76,8 @@ impl LinearOp {
     fn run(&self, x: &[f32], xl: &Layout, residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let (m, _) = xl.shape().dims2()?;
         let n = self.lin.w.n();
-        let mut out = vec![0f32; m * n];
         let epi = Epilogue { bias: self.lin.bias.as_deref().map(|b| b.as_slice()), act: self.act, residual };
-        gemm(x, m, &self.lin.w, &epi, &mut out);
+        let out = gemm_alloc(x, m, &self.lin.w, &epi);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }
