@@ -117,13 +117,16 @@ unsafe fn head_attention_generic(rows: &[f32], len: usize, h: usize, d: usize, h
                 sc[qi * lp + jb..qi * lp + jb + L].copy_from_slice(&acc[qi]);
             }
         }
+        // Softmax over whole registers: padded keys score -inf, then weigh exactly 0.
         let mut inv = [0f32; QB];
         for qi in 0..QB {
-            let s = &mut sc[qi * lp..qi * lp + len];
+            let s = &mut sc[qi * lp..(qi + 1) * lp];
+            s[len..].fill(f32::NEG_INFINITY);
             let max = max16(s);
             for x in s.iter_mut() {
                 *x = exp(*x - max);
             }
+            s[len..].fill(0.0);
             inv[qi] = 1.0 / sum16(s);
         }
         for db in (0..dp).step_by(L) {

@@ -77,14 +77,18 @@ pub struct Epilogue<'a> {
     pub residual: Option<&'a [f32]>,
 }
 
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Isa {
+/// Instruction set of the microkernel.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
     Avx512,
     Avx2,
     Plain,
 }
 
-fn isa() -> Isa {
+/// The best microkernel this CPU runs.
+#[doc(hidden)]
+pub fn isa() -> Isa {
     #[cfg(target_arch = "x86_64")]
     {
         if std::is_x86_feature_detected!("avx512f") {
@@ -101,7 +105,25 @@ fn isa() -> Isa {
 pub fn gemm(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: &mut [f32]) {
     assert_eq!(out.len(), m * b.n, "gemm: out is not [m, n]");
     // SAFETY: out has room for m * n values.
-    unsafe { gemm_into(a, m, b, epi, out.as_mut_ptr()) }
+    unsafe { gemm_into(a, m, b, epi, out.as_mut_ptr(), isa()) }
+}
+
+/// `gemm` with a given microkernel, for tests: panics if the CPU lacks it.
+#[doc(hidden)]
+pub fn gemm_with_isa(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: &mut [f32], isa: Isa) {
+    assert_eq!(out.len(), m * b.n, "gemm: out is not [m, n]");
+    let ok = match isa {
+        Isa::Plain => true,
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma"),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => std::is_x86_feature_detected!("avx512f"),
+        #[allow(unreachable_patterns)]
+        _ => false,
+    };
+    assert!(ok, "this CPU cannot run {isa:?}");
+    // SAFETY: out has room for m * n values; the CPU has the instructions.
+    unsafe { gemm_into(a, m, b, epi, out.as_mut_ptr(), isa) }
 }
 
 /// A fresh `[m, n]` result (never zero-filled: every element is written once).
@@ -109,7 +131,7 @@ pub fn gemm_alloc(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue) -> Vec<f32> 
     let mut out = Vec::<f32>::with_capacity(m * b.n);
     // SAFETY: gemm_into writes all m * n elements before the length is set.
     unsafe {
-        gemm_into(a, m, b, epi, out.as_mut_ptr());
+        gemm_into(a, m, b, epi, out.as_mut_ptr(), isa());
         out.set_len(m * b.n);
     }
     out
@@ -117,7 +139,7 @@ pub fn gemm_alloc(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue) -> Vec<f32> 
 
 /// # Safety
 /// `out` must be valid for writes of `m * b.n()` values.
-unsafe fn gemm_into(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: *mut f32) {
+unsafe fn gemm_into(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: *mut f32, isa: Isa) {
     let (k, n) = (b.k, b.n);
     assert_eq!(a.len(), m * k, "gemm: a is not [m, k]");
     if let Some(bias) = epi.bias {
@@ -129,7 +151,6 @@ unsafe fn gemm_into(a: &[f32], m: usize, b: &PackedB, epi: &Epilogue, out: *mut 
     if m == 0 || n == 0 {
         return;
     }
-    let isa = isa();
     let threads = rayon::current_num_threads().max(1);
     let row_tiles = m.div_ceil(MR);
     // Enough tasks for balance (4 per thread), as few row blocks as that allows.

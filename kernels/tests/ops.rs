@@ -130,3 +130,47 @@ fn varlen_attention_matches_candle() -> Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn every_gemm_microkernel_matches_candle() -> Result<()> {
+    use concierge_kernels::gemm::{gemm_with_isa, Act, Epilogue, Isa, PackedB};
+    let mut isas = vec![Isa::Plain];
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            isas.push(Isa::Avx2);
+        }
+        if std::is_x86_feature_detected!("avx512f") {
+            isas.push(Isa::Avx512);
+        }
+    }
+    for &(m, k, n) in &[(1, 16, 32), (13, 384, 70), (100, 96, 384), (29, 1536, 64)] {
+        let (x, wt, b, r) = (rand(&[m, k])?, (rand(&[k, n])? * 0.1)?, rand(&[n])?, rand(&[m, n])?);
+        let want = (x.matmul(&wt)?.broadcast_add(&b)?.gelu_erf()? + &r)?;
+        let packed = PackedB::pack(&wt.flatten_all()?.to_vec1::<f32>()?, k, n);
+        let (xs, bs, rs) = (x.flatten_all()?.to_vec1::<f32>()?, b.to_vec1::<f32>()?, r.flatten_all()?.to_vec1::<f32>()?);
+        for &isa in &isas {
+            let mut out = vec![f32::NAN; m * n];
+            let epi = Epilogue { bias: Some(&bs), act: Act::GeluErf, residual: Some(&rs) };
+            gemm_with_isa(&xs, m, &packed, &epi, &mut out, isa);
+            check(&format!("gemm {isa:?} {m}x{k}x{n}"), &Tensor::from_vec(out, (m, n), &Device::Cpu)?, &want, 2e-5)?;
+        }
+    }
+    Ok(())
+}
+
+#[test]
+fn embedding_sum_matches_index_select() -> Result<()> {
+    let (word, pos, types) = (rand(&[100, 24])?, rand(&[16, 24])?, rand(&[2, 24])?);
+    let ids: Vec<u32> = (0..37).map(|i| (i * 31 % 100) as u32).collect();
+    let positions: Vec<u32> = (0..37).map(|i| (i % 16) as u32).collect();
+    let tys: Vec<u32> = (0..37).map(|i| (i % 3 == 0) as u32).collect();
+    let got = concierge_kernels::embedding::embedding_sum(&word, &pos, &types, &ids, &positions, &tys)?;
+    let dev = Device::Cpu;
+    let want = ((word.index_select(&Tensor::new(ids.as_slice(), &dev)?, 0)?
+        + pos.index_select(&Tensor::new(positions.as_slice(), &dev)?, 0)?)?
+        + types.index_select(&Tensor::new(tys.as_slice(), &dev)?, 0)?)?;
+    check("embedding_sum", &got, &want, 1e-6)?;
+    assert!(concierge_kernels::embedding::embedding_sum(&word, &pos, &types, &[100], &[0], &[0]).is_err());
+    Ok(())
+}

@@ -189,11 +189,16 @@ impl BertEncoder {
             return Err(ModelError::InputTooLong { index: 0, tokens: l, limit: self.max_positions });
         }
         let positions: Vec<u32> = batch.lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let ids = Tensor::new(batch.ids, dev)?;
-        let types = Tensor::new(batch.type_ids, dev)?;
-        let positions = Tensor::new(positions, dev)?;
-        let x = (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
-            .add(&self.token_type.index_select(&types, 0)?)?;
+        let x = if fast_cpu(&self.word) {
+            let (ids, types) = (batch.ids, batch.type_ids);
+            concierge_kernels::embedding::embedding_sum(&self.word, &self.position, &self.token_type, ids, &positions, types)?
+        } else {
+            let ids = Tensor::new(batch.ids, dev)?;
+            let types = Tensor::new(batch.type_ids, dev)?;
+            let positions = Tensor::new(positions, dev)?;
+            (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
+                .add(&self.token_type.index_select(&types, 0)?)?
+        };
         let mut x = self.emb_ln.forward(&x)?;
         let attention = Attention::new(batch.lens, self.heads, dev, x.dtype())?;
         for layer in &self.layers {

@@ -1,0 +1,27 @@
+//! GFLOP/s of the packed GEMM on the encoder's shapes: `cargo run --release --example gemm_bench`.
+use std::time::Instant;
+
+use concierge_kernels::gemm::{gemm, Act, Epilogue, PackedB};
+
+fn main() {
+    let m: usize = std::env::args().nth(1).and_then(|s| s.parse().ok()).unwrap_or(512);
+    for &(k, n, act) in &[(384, 1152, Act::None), (384, 384, Act::None), (384, 1536, Act::GeluErf), (1536, 384, Act::None)] {
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 104729) % 1000) as f32 * 1e-3 - 0.5).collect();
+        let bias = vec![0.1f32; n];
+        let res = vec![0.2f32; m * n];
+        let pb = PackedB::pack(&b, k, n);
+        let mut out = vec![0f32; m * n];
+        let epi = Epilogue { bias: Some(&bias), act, residual: if n == 384 { Some(&res) } else { None } };
+        let mut best = f64::MAX;
+        for _ in 0..5 {
+            let t = Instant::now();
+            let reps = 20;
+            for _ in 0..reps {
+                gemm(&a, m, &pb, &epi, &mut out);
+            }
+            best = best.min(t.elapsed().as_secs_f64() / reps as f64);
+        }
+        println!("m {m} k {k} n {n} {act:?}: {:.3} ms, {:.1} GFLOP/s", best * 1e3, 2.0 * (m * k * n) as f64 / best / 1e9);
+    }
+}
