@@ -43,33 +43,86 @@ impl CustomOp1 for VarlenAttention {
         }
         let out_ptr = out.as_mut_ptr() as usize;
         let heads = self.heads;
+        // Heads per task: all of a sequence's when there are enough sequences to share out,
+        // else fewer, so that there are at least 4 tasks per thread.
+        let want = 4 * rayon::current_num_threads();
+        let group = (1..=heads).rev().find(|&g| heads % g == 0 && self.lens.len() * (heads / g) >= want).unwrap_or(1);
+        let groups = heads / group;
         let task = |i: usize| {
-            let (s, head) = (i / heads, i % heads);
+            let (s, g) = (i / groups, i % groups);
             let (start, len) = (starts[s], self.lens[s]);
             let rows = &src[start * h3..(start + len) * h3];
-            // SAFETY: each task writes only columns [head * d, (head + 1) * d) of its own rows.
-            unsafe { head_attention(rows, len, h, d, head, (out_ptr as *mut f32).add(start * h)) }
+            let out = (out_ptr as *mut f32).wrapping_add(start * h);
+            // SAFETY: each task writes only its heads' columns of its own sequence's rows.
+            unsafe { heads_attention(rows, len, h, d, g * group, group, out) }
         };
-        let n = self.lens.len() * heads;
-        // Tasks are tiny for short sequences: hand rayon a few at a time.
-        let min_len = (4096 / (t / self.lens.len().max(1)).max(1).pow(2)).clamp(1, heads);
-        (0..n).into_par_iter().with_min_len(min_len).for_each(task);
+        (0..self.lens.len() * groups).into_par_iter().for_each(task);
         Ok((CpuStorage::F32(out), Shape::from((t, h))))
     }
 }
 
-unsafe fn head_attention(rows: &[f32], len: usize, h: usize, d: usize, head: usize, out: *mut f32) {
-    #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
-        return head_attention_avx512(rows, len, h, d, head, out);
-    }
-    head_attention_generic(rows, len, h, d, head, out)
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Heads `[head0, head0 + group)` of one sequence.
+unsafe fn heads_attention(rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, out: *mut f32) {
+    SCRATCH.with_borrow_mut(|buf| {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx512f") {
+            return heads_attention_avx512(rows, len, h, d, head0, group, out, buf);
+        }
+        heads_attention_generic::<false>(rows, len, h, d, head0, group, out, buf)
+    })
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn head_attention_avx512(rows: &[f32], len: usize, h: usize, d: usize, head: usize, out: *mut f32) {
-    head_attention_generic(rows, len, h, d, head, out)
+#[target_feature(enable = "avx512f,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn heads_attention_avx512(
+    rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, out: *mut f32, buf: &mut Vec<f32>,
+) {
+    heads_attention_generic::<true>(rows, len, h, d, head0, group, out, buf)
+}
+
+/// Scores of `QB` queries against 16 keys: `kt` points at key lane 0 of row `c = 0` of
+/// `K^T` (rows `lp` apart). Only from AVX-512 code.
+#[inline(always)]
+unsafe fn scores_avx512(kt: *const f32, lp: usize, q: &[&[f32]; QB], d: usize) -> [[f32; L]; QB] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); QB];
+        for c in 0..d {
+            let kv = _mm512_loadu_ps(kt.add(c * lp));
+            for qi in 0..QB {
+                acc[qi] = _mm512_fmadd_ps(_mm512_set1_ps(*q[qi].get_unchecked(c)), kv, acc[qi]);
+            }
+        }
+        std::mem::transmute::<[__m512; QB], [[f32; L]; QB]>(acc)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX-512 path on a non-x86 CPU")
+}
+
+/// Context lanes of `QB` queries: `v` points at lane 0 of key 0's value (keys `stride`
+/// apart), `sc` at the queries' weights (`lp` apart). Only from AVX-512 code.
+#[inline(always)]
+unsafe fn context_avx512(v: *const f32, stride: usize, sc: *const f32, lp: usize, len: usize) -> [[f32; L]; QB] {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::*;
+        let mut acc = [_mm512_setzero_ps(); QB];
+        for j in 0..len {
+            let vv = _mm512_loadu_ps(v.add(j * stride));
+            for qi in 0..QB {
+                acc[qi] = _mm512_fmadd_ps(_mm512_set1_ps(*sc.add(qi * lp + j)), vv, acc[qi]);
+            }
+        }
+        std::mem::transmute::<[__m512; QB], [[f32; L]; QB]>(acc)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    unreachable!("AVX-512 path on a non-x86 CPU")
 }
 
 /// Queries per register block.
@@ -77,74 +130,107 @@ const QB: usize = 4;
 /// Lanes per register (16 f32 = one AVX-512 register).
 const L: usize = 16;
 
-/// One (sequence, head), in register blocks of `QB` queries x `L` lanes: `K^T` is gathered as
-/// `[d][len rounded up to L]` (zero-padded, pre-scaled), V as `[len][d rounded up to L]`, so
-/// scores and context are broadcast-FMAs over whole registers with no horizontal sums.
+/// `F`: use the AVX-512 inner loops (only from AVX-512 code).
+/// Heads `[head0, head0 + group)` of one sequence, in register blocks of `QB` queries x `L`
+/// lanes: `K^T` is gathered (one sequential pass over the rows) as `[head][d][len rounded up
+/// to L]`, pre-scaled, V as `[len][head][d rounded up to L]`, so scores and context are
+/// broadcast-FMAs over whole registers with no horizontal sums.
 #[inline(always)]
-unsafe fn head_attention_generic(rows: &[f32], len: usize, h: usize, d: usize, head: usize, out: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn heads_attention_generic<const F: bool>(
+    rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, out: *mut f32, buf: &mut Vec<f32>,
+) {
     let h3 = 3 * h;
     let scale = 1.0 / (d as f32).sqrt();
-    let (qo, ko, vo) = (head * d, h + head * d, 2 * h + head * d);
     let (lp, dp) = (len.div_ceil(L) * L, d.div_ceil(L) * L);
-    let mut buf = vec![0f32; d * lp + len * dp + QB * lp];
-    let (kt, rest) = buf.split_at_mut(d * lp);
-    let (v, sc) = rest.split_at_mut(len * dp);
+    let (gd, gdp) = (group * d, group * dp);
+    let need = gd * lp + len * gdp + QB * lp;
+    if buf.len() < need {
+        buf.resize(need, 0.0);
+    }
+    let (kt, rest) = buf.split_at_mut(gd * lp);
+    let (v, rest) = rest.split_at_mut(len * gdp);
+    let sc = &mut rest[..QB * lp];
+    let (ko, vo) = (h + head0 * d, 2 * h + head0 * d);
     for j in 0..len {
         let row = &rows[j * h3..(j + 1) * h3];
-        for c in 0..d {
-            kt[c * lp + j] = row[ko + c] * scale;
+        for (c, &k) in row[ko..ko + gd].iter().enumerate() {
+            kt[c * lp + j] = k * scale;
         }
-        v[j * dp..j * dp + d].copy_from_slice(&row[vo..vo + d]);
+        let vrow = &mut v[j * gdp..(j + 1) * gdp];
+        for hh in 0..group {
+            vrow[hh * dp..hh * dp + d].copy_from_slice(&row[vo + hh * d..vo + (hh + 1) * d]);
+            vrow[hh * dp + d..(hh + 1) * dp].fill(0.0);
+        }
     }
-    for i0 in (0..len).step_by(QB) {
-        // Rows past the end repeat the last query; their results are dropped.
-        let q: [&[f32]; QB] = std::array::from_fn(|qi| {
-            let i = (i0 + qi).min(len - 1);
-            &rows[i * h3 + qo..i * h3 + qo + d]
-        });
-        for jb in (0..lp).step_by(L) {
-            let mut acc = [[0f32; L]; QB];
-            for c in 0..d {
-                let kv: &[f32; L] = kt[c * lp + jb..c * lp + jb + L].try_into().unwrap();
-                for qi in 0..QB {
-                    let qc = q[qi][c];
-                    for l in 0..L {
-                        acc[qi][l] += qc * kv[l];
+    for c in 0..gd {
+        kt[c * lp + len..(c + 1) * lp].fill(0.0);
+    }
+    for hh in 0..group {
+        let head = head0 + hh;
+        let qo = head * d;
+        let kt = &kt[hh * d * lp..(hh + 1) * d * lp];
+        for i0 in (0..len).step_by(QB) {
+            // Rows past the end repeat the last query; their results are dropped.
+            let q: [&[f32]; QB] = std::array::from_fn(|qi| {
+                let i = (i0 + qi).min(len - 1);
+                &rows[i * h3 + qo..i * h3 + qo + d]
+            });
+            for jb in (0..lp).step_by(L) {
+                let acc = if F {
+                    scores_avx512(kt.as_ptr().add(jb), lp, &q, d)
+                } else {
+                    let mut acc = [[0f32; L]; QB];
+                    for c in 0..d {
+                        let kv: &[f32; L] = kt[c * lp + jb..c * lp + jb + L].try_into().unwrap();
+                        for qi in 0..QB {
+                            let qc = q[qi][c];
+                            for l in 0..L {
+                                acc[qi][l] += qc * kv[l];
+                            }
+                        }
                     }
+                    acc
+                };
+                for qi in 0..QB {
+                    sc[qi * lp + jb..qi * lp + jb + L].copy_from_slice(&acc[qi]);
                 }
             }
+            // Softmax over whole registers: padded keys score -inf, then weigh exactly 0.
+            let mut inv = [0f32; QB];
             for qi in 0..QB {
-                sc[qi * lp + jb..qi * lp + jb + L].copy_from_slice(&acc[qi]);
-            }
-        }
-        // Softmax over whole registers: padded keys score -inf, then weigh exactly 0.
-        let mut inv = [0f32; QB];
-        for qi in 0..QB {
-            let s = &mut sc[qi * lp..(qi + 1) * lp];
-            s[len..].fill(f32::NEG_INFINITY);
-            let max = max16(s);
-            for x in s.iter_mut() {
-                *x = exp(*x - max);
-            }
-            s[len..].fill(0.0);
-            inv[qi] = 1.0 / sum16(s);
-        }
-        for db in (0..dp).step_by(L) {
-            let mut acc = [[0f32; L]; QB];
-            for j in 0..len {
-                let vv: &[f32; L] = v[j * dp + db..j * dp + db + L].try_into().unwrap();
-                for qi in 0..QB {
-                    let p = sc[qi * lp + j];
-                    for l in 0..L {
-                        acc[qi][l] += p * vv[l];
-                    }
+                let s = &mut sc[qi * lp..(qi + 1) * lp];
+                s[len..].fill(f32::NEG_INFINITY);
+                let max = max16(s);
+                for x in s.iter_mut() {
+                    *x = exp(*x - max);
                 }
+                s[len..].fill(0.0);
+                inv[qi] = 1.0 / sum16(s);
             }
-            let w = L.min(d - db);
-            for qi in 0..QB.min(len - i0) {
-                let dst = std::slice::from_raw_parts_mut(out.add((i0 + qi) * h + head * d + db), w);
-                for (dst, &a) in dst.iter_mut().zip(&acc[qi][..w]) {
-                    *dst = a * inv[qi];
+            for db in (0..dp).step_by(L) {
+                let acc = if F {
+                    context_avx512(v.as_ptr().add(hh * dp + db), gdp, sc.as_ptr(), lp, len)
+                } else {
+                    let mut acc = [[0f32; L]; QB];
+                    for j in 0..len {
+                        let o = j * gdp + hh * dp + db;
+                        let vv: &[f32; L] = v[o..o + L].try_into().unwrap();
+                        for qi in 0..QB {
+                            let p = sc[qi * lp + j];
+                            for l in 0..L {
+                                acc[qi][l] += p * vv[l];
+                            }
+                        }
+                    }
+                    acc
+                };
+                let w = L.min(d - db);
+                for qi in 0..QB.min(len - i0) {
+                    let dst = std::slice::from_raw_parts_mut(out.add((i0 + qi) * h + head * d + db), w);
+                    for (dst, &a) in dst.iter_mut().zip(&acc[qi][..w]) {
+                        *dst = a * inv[qi];
+                    }
                 }
             }
         }
