@@ -6,3 +6,14 @@ pub mod embedding;
 pub mod gemm;
 pub mod linear;
 pub mod norm;
+
+/// Runs `f` on a worker of rayon's global pool (the pool every CPU kernel here splits its work
+/// over), waiting for it. A forward pass of many short parallel ops run this way hands its
+/// splits to a sibling worker directly, instead of injecting each op from outside the pool and
+/// sleeping on a latch until it is done.
+pub fn on_cpu_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    rayon::scope(|_| f())
+}

@@ -180,6 +180,14 @@ impl BertEncoder {
     /// Hidden states of the last layer, packed: `[T, H]`.
     pub fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
         let _enter = self.span.enter();
+        if self.device().is_cpu() {
+            // The CPU kernels split every op over rayon's pool: run the pass on it.
+            return concierge_kernels::on_cpu_pool(|| self.forward_inner(batch));
+        }
+        self.forward_inner(batch)
+    }
+
+    fn forward_inner(&self, batch: &PackedBatch) -> Result<Tensor> {
         let dev = self.device();
         let total: usize = batch.lens.iter().sum();
         if total != batch.ids.len() || total != batch.type_ids.len() || batch.lens.contains(&0) {
