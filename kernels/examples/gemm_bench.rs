@@ -34,7 +34,9 @@ fn main() {
 #[allow(dead_code)]
 pub fn attention_bench() {
     use candle_core::{Device, Tensor};
-    let lens: Vec<usize> = (0..32).map(|i| 6 + (i * 13) % 35).collect();
+    // ATT_LEN=n: 32 sequences of n tokens instead.
+    let fixed: Option<usize> = std::env::var("ATT_LEN").ok().and_then(|s| s.parse().ok());
+    let lens: Vec<usize> = (0..32).map(|i| fixed.unwrap_or(6 + (i * 13) % 35)).collect();
     let t: usize = lens.iter().sum();
     let qkv = Tensor::randn(0f32, 1f32, (t, 3 * 384), &Device::Cpu).unwrap();
     let mut best = f64::MAX;

@@ -85,41 +85,60 @@ unsafe fn heads_attention_avx512(
     heads_attention_generic::<true>(rows, len, h, d, head0, group, out, buf)
 }
 
-/// Scores of `QB` queries against 16 keys: `kt` points at key lane 0 of row `c = 0` of
-/// `K^T` (rows `lp` apart). Only from AVX-512 code.
+/// Scores of `QB` queries against `16 * NB` keys, written to `sc` (queries `lp` apart):
+/// `kt` points at the first key's lane in row `c = 0` of `K^T` (rows `lp` apart).
+/// Only from AVX-512 code.
 #[inline(always)]
-unsafe fn scores_avx512(kt: *const f32, lp: usize, q: &[&[f32]; QB], d: usize) -> [[f32; L]; QB] {
+unsafe fn scores_avx512<const NB: usize>(kt: *const f32, lp: usize, q: &[&[f32]; QB], d: usize, sc: *mut f32) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::*;
-        let mut acc = [_mm512_setzero_ps(); QB];
+        let mut acc = [[_mm512_setzero_ps(); NB]; QB];
         for c in 0..d {
-            let kv = _mm512_loadu_ps(kt.add(c * lp));
+            let kv: [__m512; NB] = std::array::from_fn(|b| _mm512_loadu_ps(kt.add(c * lp + 16 * b)));
             for qi in 0..QB {
-                acc[qi] = _mm512_fmadd_ps(_mm512_set1_ps(*q[qi].get_unchecked(c)), kv, acc[qi]);
+                let qc = _mm512_set1_ps(*q[qi].get_unchecked(c));
+                for b in 0..NB {
+                    acc[qi][b] = _mm512_fmadd_ps(qc, kv[b], acc[qi][b]);
+                }
             }
         }
-        std::mem::transmute::<[__m512; QB], [[f32; L]; QB]>(acc)
+        for qi in 0..QB {
+            for b in 0..NB {
+                _mm512_storeu_ps(sc.add(qi * lp + 16 * b), acc[qi][b]);
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("AVX-512 path on a non-x86 CPU")
 }
 
-/// Context lanes of `QB` queries: `v` points at lane 0 of key 0's value (keys `stride`
-/// apart), `sc` at the queries' weights (`lp` apart). Only from AVX-512 code.
+/// Context lanes `[0, 16 * NB)` of `QB` queries, written to `ctx` (queries `ctx_stride`
+/// apart): `v` points at lane 0 of key 0's value (keys `stride` apart), `sc` at the
+/// queries' weights (`lp` apart). Only from AVX-512 code.
 #[inline(always)]
-unsafe fn context_avx512(v: *const f32, stride: usize, sc: *const f32, lp: usize, len: usize) -> [[f32; L]; QB] {
+#[allow(clippy::too_many_arguments)]
+unsafe fn context_avx512<const NB: usize>(
+    v: *const f32, stride: usize, sc: *const f32, lp: usize, len: usize, ctx: *mut f32, ctx_stride: usize,
+) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::*;
-        let mut acc = [_mm512_setzero_ps(); QB];
+        let mut acc = [[_mm512_setzero_ps(); NB]; QB];
         for j in 0..len {
-            let vv = _mm512_loadu_ps(v.add(j * stride));
+            let vv: [__m512; NB] = std::array::from_fn(|b| _mm512_loadu_ps(v.add(j * stride + 16 * b)));
             for qi in 0..QB {
-                acc[qi] = _mm512_fmadd_ps(_mm512_set1_ps(*sc.add(qi * lp + j)), vv, acc[qi]);
+                let p = _mm512_set1_ps(*sc.add(qi * lp + j));
+                for b in 0..NB {
+                    acc[qi][b] = _mm512_fmadd_ps(p, vv[b], acc[qi][b]);
+                }
             }
         }
-        std::mem::transmute::<[__m512; QB], [[f32; L]; QB]>(acc)
+        for qi in 0..QB {
+            for b in 0..NB {
+                _mm512_storeu_ps(ctx.add(qi * ctx_stride + 16 * b), acc[qi][b]);
+            }
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     unreachable!("AVX-512 path on a non-x86 CPU")
@@ -144,13 +163,14 @@ unsafe fn heads_attention_generic<const F: bool>(
     let scale = 1.0 / (d as f32).sqrt();
     let (lp, dp) = (len.div_ceil(L) * L, d.div_ceil(L) * L);
     let (gd, gdp) = (group * d, group * dp);
-    let need = gd * lp + len * gdp + QB * lp;
+    let need = gd * lp + len * gdp + QB * lp + QB * dp;
     if buf.len() < need {
         buf.resize(need, 0.0);
     }
     let (kt, rest) = buf.split_at_mut(gd * lp);
     let (v, rest) = rest.split_at_mut(len * gdp);
-    let sc = &mut rest[..QB * lp];
+    let (sc, rest) = rest.split_at_mut(QB * lp);
+    let ctx = &mut rest[..QB * dp];
     let (ko, vo) = (h + head0 * d, 2 * h + head0 * d);
     for j in 0..len {
         let row = &rows[j * h3..(j + 1) * h3];
@@ -176,9 +196,14 @@ unsafe fn heads_attention_generic<const F: bool>(
                 let i = (i0 + qi).min(len - 1);
                 &rows[i * h3 + qo..i * h3 + qo + d]
             });
-            for jb in (0..lp).step_by(L) {
-                let acc = if F {
-                    scores_avx512(kt.as_ptr().add(jb), lp, &q, d)
+            let mut jb = 0;
+            while jb < lp {
+                if F && jb + 2 * L <= lp {
+                    scores_avx512::<2>(kt.as_ptr().add(jb), lp, &q, d, sc.as_mut_ptr().add(jb));
+                    jb += 2 * L;
+                } else if F {
+                    scores_avx512::<1>(kt.as_ptr().add(jb), lp, &q, d, sc.as_mut_ptr().add(jb));
+                    jb += L;
                 } else {
                     let mut acc = [[0f32; L]; QB];
                     for c in 0..d {
@@ -190,10 +215,10 @@ unsafe fn heads_attention_generic<const F: bool>(
                             }
                         }
                     }
-                    acc
-                };
-                for qi in 0..QB {
-                    sc[qi * lp + jb..qi * lp + jb + L].copy_from_slice(&acc[qi]);
+                    for qi in 0..QB {
+                        sc[qi * lp + jb..qi * lp + jb + L].copy_from_slice(&acc[qi]);
+                    }
+                    jb += L;
                 }
             }
             // Softmax over whole registers: padded keys score -inf, then weigh exactly 0.
@@ -208,9 +233,15 @@ unsafe fn heads_attention_generic<const F: bool>(
                 s[len..].fill(0.0);
                 inv[qi] = 1.0 / sum16(s);
             }
-            for db in (0..dp).step_by(L) {
-                let acc = if F {
-                    context_avx512(v.as_ptr().add(hh * dp + db), gdp, sc.as_ptr(), lp, len)
+            let mut db = 0;
+            while db < dp {
+                let vp = v.as_ptr().add(hh * dp + db);
+                if F && db + 2 * L <= dp {
+                    context_avx512::<2>(vp, gdp, sc.as_ptr(), lp, len, ctx.as_mut_ptr().add(db), dp);
+                    db += 2 * L;
+                } else if F {
+                    context_avx512::<1>(vp, gdp, sc.as_ptr(), lp, len, ctx.as_mut_ptr().add(db), dp);
+                    db += L;
                 } else {
                     let mut acc = [[0f32; L]; QB];
                     for j in 0..len {
@@ -223,14 +254,16 @@ unsafe fn heads_attention_generic<const F: bool>(
                             }
                         }
                     }
-                    acc
-                };
-                let w = L.min(d - db);
-                for qi in 0..QB.min(len - i0) {
-                    let dst = std::slice::from_raw_parts_mut(out.add((i0 + qi) * h + head * d + db), w);
-                    for (dst, &a) in dst.iter_mut().zip(&acc[qi][..w]) {
-                        *dst = a * inv[qi];
+                    for qi in 0..QB {
+                        ctx[qi * dp + db..qi * dp + db + L].copy_from_slice(&acc[qi]);
                     }
+                    db += L;
+                }
+            }
+            for qi in 0..QB.min(len - i0) {
+                let dst = std::slice::from_raw_parts_mut(out.add((i0 + qi) * h + head * d), d);
+                for (dst, &a) in dst.iter_mut().zip(&ctx[qi * dp..qi * dp + d]) {
+                    *dst = a * inv[qi];
                 }
             }
         }
