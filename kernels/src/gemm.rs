@@ -11,10 +11,10 @@ use rayon::prelude::*;
 
 use crate::activation;
 
-/// Panel width (two AVX-512 registers).
-pub const NR: usize = 32;
+/// Panel width (four AVX-512 registers).
+pub const NR: usize = 64;
 /// Rows per register tile.
-const MR: usize = 12;
+const MR: usize = 6;
 
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
@@ -200,12 +200,6 @@ macro_rules! block_fn {
                     let rows = MR.min(m - r0);
                     let ap = a.as_ptr().add(r0 * k);
                     match rows {
-                        12 => $kernel::<12>(k, ap, bp, &mut tile),
-                        11 => $kernel::<11>(k, ap, bp, &mut tile),
-                        10 => $kernel::<10>(k, ap, bp, &mut tile),
-                        9 => $kernel::<9>(k, ap, bp, &mut tile),
-                        8 => $kernel::<8>(k, ap, bp, &mut tile),
-                        7 => $kernel::<7>(k, ap, bp, &mut tile),
                         6 => $kernel::<6>(k, ap, bp, &mut tile),
                         5 => $kernel::<5>(k, ap, bp, &mut tile),
                         4 => $kernel::<4>(k, ap, bp, &mut tile),
@@ -256,37 +250,33 @@ block_fn!(block_plain, kernel_plain);
 #[inline]
 unsafe fn kernel_avx512<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
     use std::arch::x86_64::*;
-    let mut c0 = [_mm512_setzero_ps(); R];
-    let mut c1 = [_mm512_setzero_ps(); R];
+    const NV: usize = NR / 16;
+    let mut c = [[_mm512_setzero_ps(); NV]; R];
     for p in 0..k {
-        let b0 = _mm512_load_ps(b.add(p * NR));
-        let b1 = _mm512_load_ps(b.add(p * NR + 16));
+        let bv: [__m512; NV] = std::array::from_fn(|j| _mm512_load_ps(b.add(p * NR + 16 * j)));
         for r in 0..R {
             let av = _mm512_set1_ps(*a.add(r * k + p));
-            c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
-            c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+            for j in 0..NV {
+                c[r][j] = _mm512_fmadd_ps(av, bv[j], c[r][j]);
+            }
         }
     }
     for r in 0..R {
-        _mm512_storeu_ps(tile[r].as_mut_ptr(), c0[r]);
-        _mm512_storeu_ps(tile[r].as_mut_ptr().add(16), c1[r]);
+        for j in 0..NV {
+            _mm512_storeu_ps(tile[r].as_mut_ptr().add(16 * j), c[r][j]);
+        }
     }
 }
 
-/// AVX2: the NR-wide tile as four 8-lane registers per row, at most 6 rows a pass
-/// (24 accumulators would spill on 16 registers, so rows go in passes of 3).
+/// AVX2: the NR-wide tile as eight 8-lane registers per row, one row a pass (16 registers).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn kernel_avx2<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
     let mut r0 = 0;
     while r0 < R {
-        match R - r0 {
-            1 => kernel_avx2_rows::<1>(k, a.add(r0 * k), b, &mut tile[r0..]),
-            2 => kernel_avx2_rows::<2>(k, a.add(r0 * k), b, &mut tile[r0..]),
-            _ => kernel_avx2_rows::<3>(k, a.add(r0 * k), b, &mut tile[r0..]),
-        }
-        r0 += 3;
+        kernel_avx2_rows::<1>(k, a.add(r0 * k), b, &mut tile[r0..]);
+        r0 += 1;
     }
 }
 
@@ -295,23 +285,19 @@ unsafe fn kernel_avx2<const R: usize>(k: usize, a: *const f32, b: *const f32, ti
 #[inline]
 unsafe fn kernel_avx2_rows<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]]) {
     use std::arch::x86_64::*;
-    let mut c = [[_mm256_setzero_ps(); 4]; R];
+    const NV: usize = NR / 8;
+    let mut c = [[_mm256_setzero_ps(); NV]; R];
     for p in 0..k {
-        let bv = [
-            _mm256_load_ps(b.add(p * NR)),
-            _mm256_load_ps(b.add(p * NR + 8)),
-            _mm256_load_ps(b.add(p * NR + 16)),
-            _mm256_load_ps(b.add(p * NR + 24)),
-        ];
+        let bv: [__m256; NV] = std::array::from_fn(|j| _mm256_load_ps(b.add(p * NR + 8 * j)));
         for r in 0..R {
             let av = _mm256_set1_ps(*a.add(r * k + p));
-            for j in 0..4 {
+            for j in 0..NV {
                 c[r][j] = _mm256_fmadd_ps(av, bv[j], c[r][j]);
             }
         }
     }
     for r in 0..R {
-        for j in 0..4 {
+        for j in 0..NV {
             _mm256_storeu_ps(tile[r].as_mut_ptr().add(8 * j), c[r][j]);
         }
     }
