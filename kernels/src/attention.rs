@@ -69,7 +69,7 @@ thread_local! {
 unsafe fn heads_attention(rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, out: *mut f32) {
     SCRATCH.with_borrow_mut(|buf| {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx512f") {
+        if std::is_x86_feature_detected!("avx512f") && !crate::portable_only() {
             return heads_attention_avx512(rows, len, h, d, head0, group, out, buf);
         }
         heads_attention_generic::<false>(rows, len, h, d, head0, group, out, buf)

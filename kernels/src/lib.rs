@@ -17,3 +17,16 @@ pub fn on_cpu_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     }
     rayon::scope(|_| f())
 }
+
+static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tests: make attention and LayerNorm take their portable code path (no AVX-512) as well.
+#[doc(hidden)]
+pub fn set_portable_only(on: bool) {
+    PORTABLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+#[inline]
+pub(crate) fn portable_only() -> bool {
+    PORTABLE_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+}

@@ -49,7 +49,7 @@ impl CustomOp3 for LayerNormOp {
 
 fn norm_rows(xs: &[f32], ys: &mut [f32], g: &[f32], b: &[f32], h: usize, eps: f32) {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx512f") {
+    if std::is_x86_feature_detected!("avx512f") && !crate::portable_only() {
         // SAFETY: the CPU has AVX-512F.
         return unsafe { norm_rows_avx512(xs, ys, g, b, h, eps) };
     }
