@@ -32,6 +32,9 @@ struct Args {
     /// Stop sending after this long, whatever is left.
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
+    /// --max-wait-ms of the in-process server.
+    #[arg(long, default_value_t = 2)]
+    max_wait_ms: u64,
     #[arg(long, hide = true)]
     bench: bool,
 }
@@ -70,7 +73,7 @@ async fn main() -> anyhow::Result<()> {
             "--metrics-listen=127.0.0.1:0",
             &format!("--model-dir={}", model_dir.display()),
             &format!("--max-batch-size={batch}"),
-            "--max-wait-ms=2",
+            &format!("--max-wait-ms={}", args.max_wait_ms),
             "--max-queued-inputs=100000",
         ])?;
         let mut server = concierge_server::start(cfg).await?;

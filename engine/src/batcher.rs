@@ -36,6 +36,16 @@ struct Item<B: Backend> {
     _slot: Slot,
 }
 
+impl<B: Backend> Item<B> {
+    /// Gives the queue slot back first, so a caller that sees its answer also sees the queue
+    /// without its input.
+    fn answer(self, result: Result<B::Output, EngineError>) {
+        let Item { reply, _slot, .. } = self;
+        drop(_slot);
+        let _ = reply.send(result);
+    }
+}
+
 /// One admitted input's place in the queue, given back when the input is answered or dropped.
 struct Slot(Arc<AtomicUsize>, &'static str);
 
@@ -198,7 +208,7 @@ fn take_batch<B: Backend>(lane: &'static str, pending: &mut VecDeque<Item<B>>, l
         if item.deadline.is_some_and(|d| d <= now) {
             metrics::counter!("concierge_dropped_total", "lane" => lane, "reason" => "deadline").increment(1);
             let waited_ms = now.duration_since(item.enqueued).as_millis() as u64;
-            let _ = item.reply.send(Err(EngineError::DeadlineExceeded { waited_ms }));
+            item.answer(Err(EngineError::DeadlineExceeded { waited_ms }));
             continue;
         }
         let fits = batch.is_empty()
@@ -247,13 +257,13 @@ fn run_batch<B: Backend>(lane: &'static str, batch: Vec<Item<B>>) {
     match result {
         Ok(outputs) => {
             for (item, out) in batch.into_iter().zip(outputs) {
-                let _ = item.reply.send(Ok(out));
+                item.answer(Ok(out));
             }
         }
         Err(e) => {
             tracing::error!(lane, error = %e, size = batch.len(), "batch failed");
             for item in batch {
-                let _ = item.reply.send(Err(EngineError::Model(e.clone())));
+                item.answer(Err(EngineError::Model(e.clone())));
             }
         }
     }
