@@ -50,6 +50,15 @@ fn long_text(words: usize) -> String {
     (0..words).map(|i| ["item", "parcel", "order", "card"][i % 4]).collect::<Vec<_>>().join(" ")
 }
 
+/// Waits until at least `n` inputs are queued on the text lane (the device is busy with them).
+async fn until_queued(running: &concierge_server::Running, n: usize) {
+    let t0 = Instant::now();
+    while running.state.text_engine.queued() < n {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the inputs never reached the queue");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 async fn assert_still_serving(c: &mut concierge_proto::v1::embeddings_client::EmbeddingsClient<tonic::transport::Channel>) {
     let ok = c.embed_text(request(&["still there?"])).await.expect("server keeps serving");
     assert_eq!(ok.into_inner().embeddings.len(), 1);
@@ -102,15 +111,15 @@ async fn expired_deadline_is_answered_deadline_exceeded_and_not_computed() {
     // One input per batch and no waiting, so a long request keeps the device busy.
     let running = serve(&["--max-wait-ms=0", "--max-batch-size=1"]).await;
     let mut c = client(&running).await;
-    let long = long_text(200);
+    let long = long_text(254);
     let busy_inputs: Vec<&str> = vec![&long; 32];
     let mut busy_client = c.clone();
     let busy_req = request(&busy_inputs);
     let busy = tokio::spawn(async move { busy_client.embed_text(busy_req).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_queued(&running, 24).await;
 
     let mut req = tonic::Request::new(request(&["where is my order?"]));
-    req.set_timeout(Duration::from_millis(150));
+    req.set_timeout(Duration::from_millis(40));
     let t0 = Instant::now();
     let e = c.embed_text(req).await.unwrap_err();
     assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
@@ -129,11 +138,11 @@ async fn expired_deadline_is_answered_deadline_exceeded_and_not_computed() {
 async fn full_queue_answers_resource_exhausted_at_once() {
     let running = serve(&["--max-wait-ms=0", "--max-batch-size=1", "--max-queued-inputs=8", "--max-client-batch-size=8"]).await;
     let mut c = client(&running).await;
-    let long = long_text(200);
+    let long = long_text(254);
     let mut first_client = c.clone();
     let first_req = request(&vec![long.as_str(); 8]);
     let first = tokio::spawn(async move { first_client.embed_text(first_req).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_queued(&running, 7).await;
     let e = c.embed_text(request(&["one more"])).await.unwrap_err();
     assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
     assert!(e.message().contains("queue is full") && e.message().contains("retry"), "{}", e.message());
@@ -202,11 +211,11 @@ async fn health_reflection_and_metrics_answer() {
 async fn shutdown_drains_in_flight_calls_then_refuses() {
     let running = serve(&["--max-wait-ms=0", "--max-batch-size=1"]).await;
     let mut c = client(&running).await;
-    let long = long_text(200);
+    let long = long_text(254);
     let req = request(&vec![long.as_str(); 16]);
     let mut c2 = c.clone();
     let in_flight = tokio::spawn(async move { c2.embed_text(req).await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_queued(&running, 12).await;
     let addr = running.grpc_addr;
     running.shutdown().await.unwrap();
     let done = in_flight.await.unwrap().expect("the in-flight call completed");
