@@ -33,7 +33,7 @@ struct Args {
     #[arg(long, default_value_t = 120)]
     max_seconds: u64,
     /// --max-wait-ms of the in-process server.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 0)]
     max_wait_ms: u64,
     #[arg(long, hide = true)]
     bench: bool,

@@ -47,8 +47,9 @@ pub struct Config {
     #[arg(long, env = "CONCIERGE_MAX_BATCH_SIZE", default_value_t = 128)]
     pub max_batch_size: usize,
 
-    /// Longest the oldest queued input waits for its batch to fill, in milliseconds.
-    #[arg(long, env = "CONCIERGE_MAX_WAIT_MS", default_value_t = 2)]
+    /// Longest the oldest queued input waits for its batch to fill, in milliseconds. 0: a batch
+    /// takes whatever is queued the moment the device is free (batches still form under load).
+    #[arg(long, env = "CONCIERGE_MAX_WAIT_MS", default_value_t = 0)]
     pub max_wait_ms: u64,
 
     /// Most inputs admitted and not yet answered; beyond it calls get RESOURCE_EXHAUSTED.
