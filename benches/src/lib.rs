@@ -50,9 +50,7 @@ pub fn read_csv_texts(path: &Path, limit: usize) -> anyhow::Result<Vec<String>> 
     Ok(out)
 }
 
-/// The default model folder: CONCIERGE_MODEL_DIR, else model-store/all-MiniLM-L6-v2.
+/// The model folder to benchmark: CONCIERGE_MODEL_DIR, else the repository's default model.
 pub fn default_model_dir() -> std::path::PathBuf {
-    std::env::var_os("CONCIERGE_MODEL_DIR")
-        .map(Into::into)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-store/all-MiniLM-L6-v2"))
+    std::env::var_os("CONCIERGE_MODEL_DIR").map(Into::into).unwrap_or_else(concierge_models::repo_default_model_dir)
 }

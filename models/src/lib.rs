@@ -11,3 +11,18 @@ pub use checkpoint::ModelSource;
 pub use encoder::{ModelInfo, TextEncoder};
 pub use error::{ModelError, Result};
 pub use tokenize::TokenizedText;
+
+/// The default model's folder in this repository (`model-store/all-MiniLM-L6-v2`, written by
+/// `scripts/fetch-default-model.sh`), or `$CONCIERGE_TEST_MODEL_DIR` when set: for the tests and
+/// benches of this workspace. Panics, saying how to fetch it, when the model is not there.
+pub fn repo_default_model_dir() -> std::path::PathBuf {
+    let dir = std::env::var_os("CONCIERGE_TEST_MODEL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-store/all-MiniLM-L6-v2"));
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "the default model is not at {}: run scripts/fetch-default-model.sh first",
+        dir.display()
+    );
+    dir
+}

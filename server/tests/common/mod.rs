@@ -1,6 +1,5 @@
 //! Shared by the server tests: start a real server on 127.0.0.1:0 with the default model.
 #![allow(dead_code)]
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
@@ -9,17 +8,7 @@ use concierge_proto::v1::EmbedTextRequest;
 use concierge_server::{start, Config, Running};
 use tonic::transport::Channel;
 
-pub fn model_dir() -> PathBuf {
-    let dir = std::env::var_os("CONCIERGE_TEST_MODEL_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../model-store/all-MiniLM-L6-v2"));
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "the default model is not at {}: run scripts/fetch-default-model.sh first",
-        dir.display()
-    );
-    dir
-}
+pub use concierge_models::repo_default_model_dir as model_dir;
 
 /// A config on loopback port 0 with the default model, plus `extra` flags.
 pub fn config(extra: &[&str]) -> Config {
