@@ -68,7 +68,12 @@ pub struct Engine<B: Backend> {
 impl<B: Backend> Engine<B> {
     /// Starts the device thread for `lane` ("text", "image", ...).
     pub fn start(lane: &'static str, limits: BatchLimits) -> std::io::Result<Self> {
-        assert!(limits.max_batch_size > 0 && limits.max_batch_cost > 0 && limits.max_queued > 0);
+        if limits.max_batch_size == 0 || limits.max_batch_cost == 0 || limits.max_queued == 0 {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{lane} lane: batch size, batch cost and queue limits must all be at least 1: {limits:?}"),
+            ));
+        }
         let (tx, rx) = mpsc::channel();
         let l = limits.clone();
         let thread = std::thread::Builder::new()
@@ -81,10 +86,6 @@ impl<B: Backend> Engine<B> {
             limits,
             thread: Mutex::new(Some(thread)),
         })
-    }
-
-    pub fn limits(&self) -> &BatchLimits {
-        &self.limits
     }
 
     /// Inputs admitted and not yet answered.

@@ -169,10 +169,6 @@ impl BertEncoder {
         self.hidden
     }
 
-    pub fn max_positions(&self) -> usize {
-        self.max_positions
-    }
-
     pub fn device(&self) -> &Device {
         self.word.device()
     }

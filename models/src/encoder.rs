@@ -101,10 +101,6 @@ impl TextEncoder {
         &self.info
     }
 
-    pub fn tokenizer(&self) -> &TextTokenizer {
-        &self.tokenizer
-    }
-
     pub fn tokenize(&self, index: usize, text: &str, truncate: bool) -> Result<TokenizedText> {
         self.tokenizer.encode(index, text, truncate)
     }

@@ -134,6 +134,7 @@ impl Config {
     /// Settings that cannot work together, caught before anything starts.
     pub fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.max_batch_size > 0, "--max-batch-size must be at least 1");
+        anyhow::ensure!(self.max_batch_tokens > 0, "--max-batch-tokens must be at least 1");
         anyhow::ensure!(self.max_client_batch_size > 0, "--max-client-batch-size must be at least 1");
         anyhow::ensure!(self.max_queued_inputs >= self.max_client_batch_size,
             "--max-queued-inputs ({}) must be at least --max-client-batch-size ({}), or no full request could ever be admitted",

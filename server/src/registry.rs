@@ -24,10 +24,6 @@ impl<T> ModelSlot<T> {
             .ok_or_else(|| ServiceError::Unavailable(format!("the {} model is still loading; retry shortly", self.name)))
     }
 
-    pub fn is_ready(&self) -> bool {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).is_some()
-    }
-
     /// Puts `model` in service; returns the version it replaced.
     pub fn replace(&self, model: Arc<T>) -> Option<Arc<T>> {
         self.current.write().unwrap_or_else(|e| e.into_inner()).replace(model)
