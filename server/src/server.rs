@@ -21,7 +21,8 @@ use crate::state::AppState;
 use crate::telemetry;
 use crate::text::TextModel;
 
-/// A started server. Dropping it does not stop it: call [`Running::shutdown`].
+/// A started server. [`Running::shutdown`] stops it and waits; dropping it starts the same
+/// shutdown without waiting for it.
 pub struct Running {
     pub grpc_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
