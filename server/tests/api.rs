@@ -5,7 +5,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use common::{client, http_get, request, serve};
+use common::{client, http_get, request, serve, until_queued};
 use concierge_models::{ModelSource, TextEncoder};
 use concierge_proto::v1::EmbedTextRequest;
 use tonic::Code;
@@ -48,15 +48,6 @@ async fn embeds_in_order_with_model_info_and_token_count() {
 /// `words` single-token words: `words + 2` tokens with [CLS] and [SEP].
 fn long_text(words: usize) -> String {
     (0..words).map(|i| ["item", "parcel", "order", "card"][i % 4]).collect::<Vec<_>>().join(" ")
-}
-
-/// Waits until at least `n` inputs are queued on the text lane (the device is busy with them).
-async fn until_queued(running: &concierge_server::Running, n: usize) {
-    let t0 = Instant::now();
-    while running.state.text_engine.queued() < n {
-        assert!(t0.elapsed() < Duration::from_secs(10), "the inputs never reached the queue");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
 }
 
 async fn assert_still_serving(c: &mut concierge_proto::v1::embeddings_client::EmbeddingsClient<tonic::transport::Channel>) {

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{client, http_get, request, sample, serve};
+use common::{client, http_get, request, sample, serve, until_queued};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_cancelled_call_is_dropped_before_compute() {
@@ -14,11 +14,7 @@ async fn a_cancelled_call_is_dropped_before_compute() {
     let busy_req = request(&vec![long.as_str(); 32]);
     let mut busy_client = c.clone();
     let busy = tokio::spawn(async move { busy_client.embed_text(busy_req).await });
-    let t0 = Instant::now();
-    while running.state.text_engine.queued() < 24 {
-        assert!(t0.elapsed() < Duration::from_secs(10));
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    until_queued(&running, 24).await;
     let mut doomed_client = c.clone();
     let mut lowest = running.state.text_engine.queued();
     let doomed = tokio::spawn(async move { doomed_client.embed_text(request(&["a", "b", "c", "d"])).await });

@@ -1,6 +1,6 @@
 //! Shared by the server tests: start a real server on 127.0.0.1:0 with the default model.
 #![allow(dead_code)]
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Parser;
 use concierge_proto::v1::embeddings_client::EmbeddingsClient;
@@ -55,4 +55,13 @@ pub fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
         .unwrap_or(0.0)
+}
+
+/// Waits until at least `n` inputs are queued on the text lane (the device is busy with them).
+pub async fn until_queued(running: &Running, n: usize) {
+    let t0 = Instant::now();
+    while running.state.text_engine.queued() < n {
+        assert!(t0.elapsed() < Duration::from_secs(10), "the inputs never reached the queue");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
