@@ -174,3 +174,35 @@ fn embedding_sum_matches_index_select() -> Result<()> {
     assert!(concierge_kernels::embedding::embedding_sum(&word, &pos, &types, &[100], &[0], &[0]).is_err());
     Ok(())
 }
+
+/// Search scores: every tile shape (queries and rows not multiples of 4, dims not multiples of
+/// 16) against an f64 reference, on each instruction set this CPU has.
+#[test]
+fn inner_products_match_f64_reference() {
+    use concierge_kernels::dot::inner_products_with_isa;
+    use concierge_kernels::gemm::Isa;
+    let mut isas = vec![Isa::Plain];
+    if std::is_x86_feature_detected!("avx512f") {
+        isas.push(Isa::Avx512);
+    }
+    let mut seed = 7u64;
+    let mut next = move || {
+        seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        ((seed >> 33) as f32 / (1u64 << 31) as f32) * 2.0 - 1.0
+    };
+    for &(nq, n, d) in &[(1, 1, 1), (1, 9, 384), (3, 7, 17), (4, 4, 16), (5, 13, 33), (9, 6, 100), (32, 37, 384)] {
+        let q: Vec<f32> = (0..nq * d).map(|_| next()).collect();
+        let r: Vec<f32> = (0..n * d).map(|_| next()).collect();
+        for &isa in &isas {
+            let mut out = vec![f32::NAN; nq * n];
+            inner_products_with_isa(&q, nq, &r, d, &mut out, isa);
+            for i in 0..nq {
+                for j in 0..n {
+                    let want: f64 = (0..d).map(|k| q[i * d + k] as f64 * r[j * d + k] as f64).sum();
+                    let got = out[i * n + j] as f64;
+                    assert!((got - want).abs() <= 1e-5 * (d as f64).sqrt(), "{isa:?} nq={nq} n={n} d={d} [{i},{j}]: {got} vs {want}");
+                }
+            }
+        }
+    }
+}
