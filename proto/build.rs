@@ -9,7 +9,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         unsafe { std::env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
     }
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/concierge/v1/common.proto", "proto/concierge/v1/embeddings.proto"];
+    let protos = [
+        "proto/concierge/v1/common.proto",
+        "proto/concierge/v1/embeddings.proto",
+        "proto/concierge/v1/knowledge_base.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("concierge_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
