@@ -3,5 +3,7 @@
 //! snapshots and compaction.
 pub mod codec;
 pub mod types;
+pub mod wal;
 
 pub use types::{CollectionSpec, Document, Metric, Op};
+pub use wal::{Recovery, TornTail, Wal, WalError, WalOptions};
