@@ -123,7 +123,7 @@ impl BertEncoder {
         if cfg.position_embedding_type != PositionEmbeddingType::Absolute {
             return Err(ModelError::Unsupported("only absolute position embeddings are supported".into()));
         }
-        if cfg.hidden_size % cfg.num_attention_heads != 0 {
+        if !cfg.hidden_size.is_multiple_of(cfg.num_attention_heads) {
             return Err(ModelError::Unsupported(format!(
                 "hidden_size {} is not a multiple of num_attention_heads {}",
                 cfg.hidden_size, cfg.num_attention_heads

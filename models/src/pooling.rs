@@ -1,12 +1,14 @@
 //! sentence-transformers pooling (`1_Pooling/config.json`), over packed sequences so that
 //! padding never takes part: every sequence is a `[start, start + len)` row range of `[T, H]`.
+//! Reads both config forms: the `pooling_mode_*` booleans and, from sentence-transformers 6,
+//! `"pooling_mode": "mean"` (or a list of modes, concatenated in the listed order).
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
 use std::path::Path;
 
 use crate::error::{ModelError, Result};
 
-/// The pooling modes sentence-transformers knows; several may be on, concatenated in this order.
+/// The pooling modes sentence-transformers knows; several may be on, concatenated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolingMode {
     Cls,
@@ -22,7 +24,16 @@ pub struct Pooling {
 }
 
 #[derive(Deserialize)]
+#[serde(untagged)]
+enum ModeNames {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
 struct RawPooling {
+    /// sentence-transformers 6 and later; wins over the booleans when both are there.
+    pooling_mode: Option<ModeNames>,
     #[serde(default)]
     pooling_mode_cls_token: bool,
     #[serde(default)]
@@ -52,23 +63,46 @@ impl Pooling {
             path: path.to_owned(),
             reason: format!("expected a sentence-transformers pooling config: {e}"),
         })?;
-        if raw.pooling_mode_weightedmean_tokens {
-            return Err(ModelError::Unsupported(format!(
-                "{}: weighted-mean pooling is not supported",
-                path.display()
-            )));
-        }
+        let weighted = |p: &Path| {
+            ModelError::Unsupported(format!("{}: weighted-mean pooling is not supported", p.display()))
+        };
         let mut modes = Vec::new();
-        // sentence-transformers concatenates in this fixed order.
-        for (on, mode) in [
-            (raw.pooling_mode_cls_token, PoolingMode::Cls),
-            (raw.pooling_mode_mean_tokens, PoolingMode::Mean),
-            (raw.pooling_mode_max_tokens, PoolingMode::Max),
-            (raw.pooling_mode_mean_sqrt_len_tokens, PoolingMode::MeanSqrtLen),
-            (raw.pooling_mode_lasttoken, PoolingMode::LastToken),
-        ] {
-            if on {
-                modes.push(mode);
+        if let Some(names) = raw.pooling_mode {
+            let names = match names {
+                ModeNames::One(n) => vec![n],
+                ModeNames::Many(ns) => ns,
+            };
+            for name in names {
+                modes.push(match name.as_str() {
+                    "cls" => PoolingMode::Cls,
+                    "max" => PoolingMode::Max,
+                    "mean" => PoolingMode::Mean,
+                    "mean_sqrt_len_tokens" => PoolingMode::MeanSqrtLen,
+                    "lasttoken" => PoolingMode::LastToken,
+                    "weightedmean" => return Err(weighted(path)),
+                    other => {
+                        return Err(ModelError::Unsupported(format!(
+                            "{}: pooling_mode \"{other}\" is not one sentence-transformers defines",
+                            path.display()
+                        )))
+                    }
+                });
+            }
+        } else {
+            if raw.pooling_mode_weightedmean_tokens {
+                return Err(weighted(path));
+            }
+            // sentence-transformers concatenates the booleans' modes in this fixed order.
+            for (on, mode) in [
+                (raw.pooling_mode_cls_token, PoolingMode::Cls),
+                (raw.pooling_mode_max_tokens, PoolingMode::Max),
+                (raw.pooling_mode_mean_tokens, PoolingMode::Mean),
+                (raw.pooling_mode_mean_sqrt_len_tokens, PoolingMode::MeanSqrtLen),
+                (raw.pooling_mode_lasttoken, PoolingMode::LastToken),
+            ] {
+                if on {
+                    modes.push(mode);
+                }
             }
         }
         if modes.is_empty() {
@@ -128,4 +162,38 @@ fn segment_weights(lens: &[usize], sqrt_len: bool, device: &Device) -> Result<Te
         start += len;
     }
     Ok(Tensor::from_vec(w, (lens.len(), total), device)?.to_dtype(DType::F32)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn read(json: &str) -> Result<Pooling> {
+        let path = std::env::temp_dir().join(format!("concierge-pooling-{}-{:x}.json", std::process::id(), {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            json.hash(&mut h);
+            h.finish()
+        }));
+        std::fs::write(&path, json).unwrap();
+        let got = Pooling::from_file(&path);
+        std::fs::remove_file(&path).unwrap();
+        got
+    }
+
+    #[test]
+    fn both_config_forms_are_read_in_sentence_transformers_order() {
+        use PoolingMode::*;
+        let legacy = r#"{"word_embedding_dimension": 8, "pooling_mode_cls_token": true,
+            "pooling_mode_mean_tokens": true, "pooling_mode_max_tokens": true}"#;
+        assert_eq!(read(legacy).unwrap().modes, vec![Cls, Max, Mean]);
+        let v6 = r#"{"embedding_dimension": 8, "pooling_mode": "mean", "include_prompt": true}"#;
+        assert_eq!(read(v6).unwrap().modes, vec![Mean]);
+        let v6_many = r#"{"embedding_dimension": 8, "pooling_mode": ["mean", "cls"]}"#;
+        assert_eq!(read(v6_many).unwrap().modes, vec![Mean, Cls]);
+        let err = read(r#"{"pooling_mode": "weightedmean"}"#).unwrap_err().to_string();
+        assert!(err.contains("weighted-mean"), "{err}");
+        let err = read(r#"{"pooling_mode": "median"}"#).unwrap_err().to_string();
+        assert!(err.contains("\"median\""), "{err}");
+    }
 }
