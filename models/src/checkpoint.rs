@@ -11,7 +11,8 @@ use crate::error::{ModelError, Result};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelSource {
     /// A folder holding config.json, tokenizer.json and model.safetensors (and, for
-    /// sentence-transformers checkpoints, modules.json and 1_Pooling/config.json).
+    /// sentence-transformers checkpoints, modules.json, 1_Pooling/config.json and the folders
+    /// of any Dense modules, e.g. 2_Dense/{config.json, model.safetensors}).
     Dir(PathBuf),
     /// A Hugging Face Hub repository at a revision (branch, tag or commit).
     Hub { repo: String, revision: String },
@@ -26,12 +27,28 @@ pub struct TextCheckpoint {
     /// sentence-transformers files, when the checkpoint has them.
     pub modules: Option<PathBuf>,
     pub pooling: Option<PathBuf>,
+    /// The modules modules.json lists after Pooling, in order (empty without modules.json).
+    pub after_pooling: Vec<AfterPooling>,
     pub sentence_bert_config: Option<PathBuf>,
     /// A display id: the repo id, or the folder's name.
     pub id: String,
     /// The Hub revision, or `sha256:<first 12 hex>` of the weights for a folder.
     pub version: String,
 }
+
+/// A sentence-transformers module that runs on the pooled vector, with its local files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AfterPooling {
+    /// `sentence_transformers.models.Dense`: its folder's `config.json` and `model.safetensors`.
+    Dense { config: PathBuf, weights: PathBuf },
+    /// `sentence_transformers.models.Normalize`.
+    Normalize,
+}
+
+const DENSE_CONFIG: &str = "the Dense module's config (in_features, out_features, bias, activation_function)";
+const DENSE_WEIGHTS: &str = "the Dense module's weights (linear.weight, linear.bias) as model.safetensors; \
+     a legacy pytorch_model.bin is not read: load and save the model with a current \
+     sentence-transformers (model.save(path)) to get safetensors";
 
 const REQUIRED: [(&str, &str); 3] = [
     ("config.json", "the transformer config (hidden_size, num_hidden_layers, ...)"),
@@ -63,39 +80,75 @@ fn resolve_dir(dir: &Path) -> Result<TextCheckpoint> {
     }
     let weights = dir.join("model.safetensors");
     let optional = |rel: &str| Some(dir.join(rel)).filter(|p| p.is_file());
+    let modules = optional("modules.json");
+    let plan = match &modules {
+        Some(m) => plan_modules(m)?,
+        None => ModulePlan::default(),
+    };
+    let pooling = match &plan.pooling {
+        Some(folder) => {
+            let p = dir.join(folder).join("config.json");
+            if !p.is_file() {
+                return Err(ModelError::MissingFile {
+                    path: p,
+                    expected: format!("the pooling config that {} names", dir.join("modules.json").display()),
+                });
+            }
+            Some(p)
+        }
+        None => optional("1_Pooling/config.json"),
+    };
+    let after_pooling = plan
+        .after
+        .iter()
+        .map(|m| match m {
+            Planned::Normalize => Ok(AfterPooling::Normalize),
+            Planned::Dense(folder) => dense_files(&dir.join(folder)),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // The version names the exact weights: the projection's too, when there is one.
+    let mut weight_files = vec![weights.as_path()];
+    weight_files.extend(after_pooling.iter().filter_map(|m| match m {
+        AfterPooling::Dense { weights, .. } => Some(weights.as_path()),
+        AfterPooling::Normalize => None,
+    }));
+    let version = format!("sha256:{}", &files_sha256(&weight_files)?[..12]);
     Ok(TextCheckpoint {
         config: dir.join("config.json"),
         tokenizer: dir.join("tokenizer.json"),
-        modules: optional("modules.json"),
-        pooling: pooling_path(dir, optional("modules.json").as_deref())?,
+        modules,
+        pooling,
+        after_pooling,
         sentence_bert_config: optional("sentence_bert_config.json"),
         id: dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| dir.display().to_string()),
-        version: format!("sha256:{}", &file_sha256(&weights)?[..12]),
+        version,
         weights,
     })
 }
 
-/// The pooling config's path: the Pooling module's folder named in modules.json, else
-/// `1_Pooling/config.json` when present.
-fn pooling_path(dir: &Path, modules: Option<&Path>) -> Result<Option<PathBuf>> {
-    if let Some(m) = modules {
-        for module in read_modules(m)? {
-            if module.kind.ends_with("models.Pooling") {
-                let p = dir.join(&module.path).join("config.json");
-                if !p.is_file() {
-                    return Err(ModelError::MissingFile {
-                        path: p,
-                        expected: format!("the pooling config that {} names", m.display()),
-                    });
-                }
-                return Ok(Some(p));
-            }
-        }
+/// A Dense module's files in a local folder.
+fn dense_files(folder: &Path) -> Result<AfterPooling> {
+    let config = folder.join("config.json");
+    if !config.is_file() {
+        return Err(ModelError::MissingFile { path: config, expected: DENSE_CONFIG.into() });
     }
-    Ok(Some(dir.join("1_Pooling/config.json")).filter(|p| p.is_file()))
+    let weights = folder.join("model.safetensors");
+    if !weights.is_file() {
+        let bin = folder.join("pytorch_model.bin");
+        if bin.is_file() {
+            return Err(ModelError::Unsupported(format!(
+                "{}: the Dense module's weights are only in PyTorch's pickle format, and only \
+                 model.safetensors is read; load and save the model with a current \
+                 sentence-transformers (model.save(path)) to write safetensors",
+                bin.display()
+            )));
+        }
+        return Err(ModelError::MissingFile { path: weights, expected: DENSE_WEIGHTS.into() });
+    }
+    Ok(AfterPooling::Dense { config, weights })
 }
 
 #[derive(Debug, Clone)]
@@ -122,12 +175,83 @@ pub fn read_modules(path: &Path) -> Result<Vec<StModule>> {
         .collect()
 }
 
-fn file_sha256(path: &Path) -> Result<String> {
-    let mut f = std::fs::File::open(path)
-        .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
+/// The sentence-transformers modules this loader runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StModuleKind {
+    Transformer,
+    Pooling,
+    Dense,
+    Normalize,
+}
+
+impl StModule {
+    /// The module's kind, or None for a type this loader does not run. sentence-transformers
+    /// names the classes `sentence_transformers.models.Dense` up to version 5 and by their
+    /// defining module from 6 on (`sentence_transformers.base.modules.dense.Dense`).
+    pub fn known_kind(&self) -> Option<StModuleKind> {
+        let class = self.kind.strip_prefix("sentence_transformers.")?.rsplit('.').next()?;
+        match class {
+            "Transformer" => Some(StModuleKind::Transformer),
+            "Pooling" => Some(StModuleKind::Pooling),
+            "Dense" => Some(StModuleKind::Dense),
+            "Normalize" => Some(StModuleKind::Normalize),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ModulePlan {
+    /// The Pooling module's folder.
+    pooling: Option<String>,
+    after: Vec<Planned>,
+}
+
+#[derive(Debug)]
+enum Planned {
+    Dense(String),
+    Normalize,
+}
+
+/// Checks modules.json against what this loader runs: a Transformer, Pooling, then any number
+/// of Dense and Normalize. Anything else is an error naming it, never skipped: a skipped
+/// module would give vectors unlike the model's.
+fn plan_modules(path: &Path) -> Result<ModulePlan> {
+    let mut plan = ModulePlan::default();
+    for (i, m) in read_modules(path)?.into_iter().enumerate() {
+        let unsupported = |why: &str| {
+            ModelError::Unsupported(format!("{}: module {i} ({}, path \"{}\") {why}", path.display(), m.kind, m.path))
+        };
+        let Some(kind) = m.known_kind() else {
+            return Err(unsupported(
+                "is not a module this loader runs; it runs sentence_transformers.models.Transformer, \
+                 then Pooling, then any of Dense and Normalize",
+            ));
+        };
+        match (kind, plan.pooling.is_some()) {
+            (StModuleKind::Transformer, false) => {}
+            (StModuleKind::Transformer, true) => return Err(unsupported("comes after Pooling")),
+            (StModuleKind::Pooling, false) => plan.pooling = Some(m.path),
+            (StModuleKind::Pooling, true) => return Err(unsupported("is a second Pooling")),
+            (StModuleKind::Dense | StModuleKind::Normalize, false) => {
+                return Err(unsupported("comes before Pooling; only Dense and Normalize after Pooling are run"));
+            }
+            (StModuleKind::Dense, true) => plan.after.push(Planned::Dense(m.path)),
+            (StModuleKind::Normalize, true) => plan.after.push(Planned::Normalize),
+        }
+    }
+    Ok(plan)
+}
+
+/// sha256 of the files' bytes, one after the other.
+fn files_sha256(paths: &[&Path]) -> Result<String> {
     let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)
-        .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
+    for &path in paths {
+        let mut f = std::fs::File::open(path)
+            .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
+        std::io::copy(&mut f, &mut h)
+            .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
+    }
     Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
@@ -146,21 +270,29 @@ fn snapshot_commit(path: &Path) -> Option<String> {
 }
 
 fn resolve_hub(repo_id: &str, revision: &str) -> Result<TextCheckpoint> {
-    use hf_hub::{Cache, Repo, RepoType};
-    let repo = Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned());
     let offline = std::env::var("HF_HUB_OFFLINE")
         .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"))
         .unwrap_or(false);
+    // Cache::from_env (and, online, ApiBuilder::from_env) follow HF_HOME.
+    let cache = if offline { Some(hf_hub::Cache::from_env()) } else { None };
+    resolve_hub_in(repo_id, revision, cache)
+}
+
+/// Resolves from the Hub, or only from `offline_cache` when given (so tests need not set
+/// process-wide environment variables).
+fn resolve_hub_in(repo_id: &str, revision: &str, offline_cache: Option<hf_hub::Cache>) -> Result<TextCheckpoint> {
+    use hf_hub::{Repo, RepoType};
+    let repo = Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned());
+    let offline = offline_cache.is_some();
     let hub_err = |file: &str, reason: String| ModelError::Hub {
         repo: repo_id.to_owned(),
         revision: revision.to_owned(),
         file: file.to_owned(),
         reason,
     };
-    // Cache::from_env and ApiBuilder::from_env both follow HF_HOME.
     let get = |file: &str| -> Result<Option<PathBuf>> {
-        if offline {
-            Ok(Cache::from_env().repo(repo.clone()).get(file))
+        if let Some(cache) = &offline_cache {
+            Ok(cache.repo(repo.clone()).get(file))
         } else {
             let api = hf_hub::api::sync::ApiBuilder::from_env()
                 .with_progress(false)
@@ -194,23 +326,90 @@ fn resolve_hub(repo_id: &str, revision: &str) -> Result<TextCheckpoint> {
     let weights = need(REQUIRED[2].0, REQUIRED[2].1)?;
     let version = snapshot_commit(&weights).unwrap_or_else(|| revision.to_owned());
     let modules = get("modules.json")?;
-    let mut pooling = None;
-    if let Some(m) = &modules {
-        for module in read_modules(m)? {
-            if module.kind.ends_with("models.Pooling") {
-                let rel = format!("{}/config.json", module.path);
-                pooling = Some(need(&rel, "the pooling config that modules.json names")?);
-            }
-        }
-    }
+    let plan = match &modules {
+        Some(m) => plan_modules(m)?,
+        None => ModulePlan::default(),
+    };
+    let pooling = match &plan.pooling {
+        Some(folder) => Some(need(&hub_path(folder, "config.json"), "the pooling config that modules.json names")?),
+        None => None,
+    };
+    let after_pooling = plan
+        .after
+        .iter()
+        .map(|m| match m {
+            Planned::Normalize => Ok(AfterPooling::Normalize),
+            Planned::Dense(folder) => Ok(AfterPooling::Dense {
+                config: need(&hub_path(folder, "config.json"), DENSE_CONFIG)?,
+                weights: need(&hub_path(folder, "model.safetensors"), DENSE_WEIGHTS)?,
+            }),
+        })
+        .collect::<Result<Vec<_>>>()?;
     Ok(TextCheckpoint {
         config,
         tokenizer,
         weights,
         modules,
         pooling,
+        after_pooling,
         sentence_bert_config: get("sentence_bert_config.json")?,
         id: repo_id.to_owned(),
         version,
     })
+}
+
+/// A file inside a module's folder, as a repository path (modules.json may name the root as "").
+fn hub_path(folder: &str, file: &str) -> String {
+    let folder = folder.trim_matches('/');
+    if folder.is_empty() { file.to_owned() } else { format!("{folder}/{file}") }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-st-dense");
+
+    /// The tiny Dense fixture laid out as a Hub cache (`models--acme--tiny/snapshots/<commit>`).
+    fn hub_cache(tag: &str) -> (PathBuf, PathBuf) {
+        let root = std::env::temp_dir().join(format!("concierge-dense-hub-{tag}-{}", std::process::id()));
+        let repo = root.join("models--acme--tiny");
+        let snap = repo.join("snapshots/89abcdef0123456789abcdef0123456789abcdef");
+        for f in ["config.json", "tokenizer.json", "model.safetensors", "modules.json", "sentence_bert_config.json",
+            "1_Pooling/config.json", "2_Dense/config.json", "2_Dense/model.safetensors"]
+        {
+            let to = snap.join(f);
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(Path::new(FIXTURE).join(f), to).unwrap();
+        }
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "89abcdef0123456789abcdef0123456789abcdef").unwrap();
+        (root, snap)
+    }
+
+    #[test]
+    fn hub_resolution_fetches_the_dense_folder() {
+        let (root, snap) = hub_cache("ok");
+        let ckpt = resolve_hub_in("acme/tiny", "main", Some(hf_hub::Cache::new(root.clone()))).unwrap();
+        assert_eq!(ckpt.pooling.as_deref(), Some(snap.join("1_Pooling/config.json").as_path()));
+        assert_eq!(
+            ckpt.after_pooling,
+            vec![
+                AfterPooling::Dense { config: snap.join("2_Dense/config.json"), weights: snap.join("2_Dense/model.safetensors") },
+                AfterPooling::Normalize,
+            ]
+        );
+        let local = resolve_dir(Path::new(FIXTURE)).unwrap();
+        assert_eq!(local.after_pooling.len(), 2);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn hub_resolution_names_missing_dense_weights() {
+        let (root, snap) = hub_cache("missing");
+        std::fs::remove_file(snap.join("2_Dense/model.safetensors")).unwrap();
+        let err = resolve_hub_in("acme/tiny", "main", Some(hf_hub::Cache::new(root.clone()))).unwrap_err().to_string();
+        assert!(err.contains("2_Dense/model.safetensors") && err.contains("pytorch_model.bin is not read"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
+    }
 }

@@ -1,5 +1,6 @@
-//! The text encoder as a whole: checkpoint -> tokenizer + BERT + sentence-transformers pooling.
-//! This is what the serving engine holds (behind a swappable handle) and calls per batch.
+//! The text encoder as a whole: checkpoint -> tokenizer + BERT + sentence-transformers pooling,
+//! then the modules after pooling (Dense projections, Normalize). This is what the serving
+//! engine holds (behind a swappable handle) and calls per batch.
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -8,6 +9,7 @@ use serde::Deserialize;
 
 use crate::bert::{BertEncoder, Config, PackedBatch};
 use crate::checkpoint::{ModelSource, TextCheckpoint};
+use crate::dense::Head;
 use crate::error::{ModelError, Result};
 use crate::pooling::Pooling;
 use crate::tokenize::{TextTokenizer, TokenizedText};
@@ -25,6 +27,7 @@ pub struct TextEncoder {
     bert: BertEncoder,
     tokenizer: TextTokenizer,
     pooling: Pooling,
+    head: Head,
     info: ModelInfo,
 }
 
@@ -86,15 +89,19 @@ impl TextEncoder {
             },
             other => other,
         })?;
+        let head = Head::load(&ckpt.after_pooling, bert.hidden_size() * pooling.modes.len(), device)?;
         let tokenizer = TextTokenizer::from_file(&ckpt.tokenizer, max_len)?;
         let info = ModelInfo {
             id: ckpt.id.clone(),
             version: ckpt.version.clone(),
-            dimension: bert.hidden_size() * pooling.modes.len(),
+            dimension: head.dimension(),
             max_input_tokens: max_len,
         };
-        tracing::info!(id = %info.id, version = %info.version, dim = info.dimension, max_len, ?device, ?dtype, "text encoder loaded");
-        Ok(Self { bert, tokenizer, pooling, info })
+        tracing::info!(
+            id = %info.id, version = %info.version, dim = info.dimension, max_len, ?device, ?dtype,
+            projected = !head.is_identity(), normalizes = head.normalizes(), "text encoder loaded"
+        );
+        Ok(Self { bert, tokenizer, pooling, head, info })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -105,16 +112,28 @@ impl TextEncoder {
         self.tokenizer.encode(index, text, truncate)
     }
 
-    /// Pooled embeddings `[B, D]` (f32) for a batch of tokenised inputs, not normalised.
+    /// Whether the checkpoint ends with a sentence-transformers `Normalize` module. Such a model
+    /// is meant to give unit vectors (sentence-transformers always normalises them); here the
+    /// final normalisation is `embed`'s `normalize[i]`, so `normalize = false` (the server's
+    /// per-request flag) still returns the vector from before the model's own Normalize.
+    pub fn normalizes(&self) -> bool {
+        self.head.normalizes()
+    }
+
+    /// Embeddings `[B, D]` (f32) for a batch of tokenised inputs: pooled, then through the
+    /// checkpoint's Dense modules (and any Normalize between them); not normalised at the end,
+    /// even when the checkpoint ends with Normalize (see [`Self::normalizes`]).
     pub fn embed_tensor(&self, inputs: &[&TokenizedText]) -> Result<Tensor> {
         let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
         let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
         let type_ids: Vec<u32> = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
         let hidden = self.bert.forward(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens })?;
-        self.pooling.pool(&hidden.to_dtype(DType::F32)?, &lens)
+        let pooled = self.pooling.pool(&hidden.to_dtype(DType::F32)?, &lens)?;
+        self.head.forward(&pooled)
     }
 
-    /// One vector per input, L2-normalised where `normalize[i]`.
+    /// One vector per input, L2-normalised where `normalize[i]` (which is what a checkpoint's
+    /// trailing Normalize module asks for: see [`Self::normalizes`]).
     pub fn embed(&self, inputs: &[&TokenizedText], normalize: &[bool]) -> Result<Vec<Vec<f32>>> {
         if inputs.is_empty() {
             return Ok(Vec::new());

@@ -1,7 +1,9 @@
 //! Model code for concierge, on candle only (no async runtime, no gRPC): the BERT text encoder
-//! over packed batches, sentence-transformers pooling, tokenisation and checkpoint loading.
+//! over packed batches, sentence-transformers pooling and Dense/Normalize modules, tokenisation
+//! and checkpoint loading.
 pub mod bert;
 pub mod checkpoint;
+pub mod dense;
 pub mod encoder;
 pub mod error;
 pub mod pooling;
