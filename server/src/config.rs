@@ -69,6 +69,38 @@ pub struct Config {
     #[arg(long, env = "CONCIERGE_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
+    /// Folder of the knowledge base: its write-ahead log and snapshots (created if missing).
+    /// One server per folder.
+    #[arg(long, env = "CONCIERGE_KB_DIR", default_value = "kb-data")]
+    pub kb_dir: PathBuf,
+
+    /// Write a knowledge-base snapshot (and delete the log before it) once this many MiB of log
+    /// follow the last one.
+    #[arg(long, env = "CONCIERGE_KB_SNAPSHOT_MB", default_value_t = 256)]
+    pub kb_snapshot_mb: u64,
+
+    /// Most hits one search may ask for.
+    #[arg(long, env = "CONCIERGE_KB_MAX_TOP_K", default_value_t = 1000)]
+    pub kb_max_top_k: usize,
+
+    /// Most documents in one upsert (and ids in one delete, pairs in one calibration).
+    #[arg(long, env = "CONCIERGE_KB_MAX_UPSERT_DOCUMENTS", default_value_t = 1000)]
+    pub kb_max_upsert_documents: usize,
+
+    /// Most searches scanned together in one pass over a collection.
+    #[arg(long, env = "CONCIERGE_KB_MAX_SEARCH_BATCH", default_value_t = 64)]
+    pub kb_max_search_batch: usize,
+
+    /// Checkpoint folder of the knowledge base's query tower (a sentence-transformers model,
+    /// optionally with a Dense projection). Unset: the text model serves as the query tower.
+    #[arg(long, env = "CONCIERGE_QUERY_MODEL_DIR")]
+    pub query_model_dir: Option<PathBuf>,
+
+    /// Checkpoint folder of the document tower. Unset: the text model serves as the document
+    /// tower.
+    #[arg(long, env = "CONCIERGE_DOCUMENT_MODEL_DIR")]
+    pub document_model_dir: Option<PathBuf>,
+
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "CONCIERGE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
     pub shutdown_grace_secs: u64,
@@ -139,6 +171,9 @@ impl Config {
         anyhow::ensure!(self.max_queued_inputs >= self.max_client_batch_size,
             "--max-queued-inputs ({}) must be at least --max-client-batch-size ({}), or no full request could ever be admitted",
             self.max_queued_inputs, self.max_client_batch_size);
+        anyhow::ensure!(self.kb_max_top_k > 0, "--kb-max-top-k must be at least 1");
+        anyhow::ensure!(self.kb_max_search_batch > 0, "--kb-max-search-batch must be at least 1");
+        anyhow::ensure!(self.kb_max_upsert_documents > 0, "--kb-max-upsert-documents must be at least 1");
         if let Some(m) = self.max_input_tokens {
             anyhow::ensure!(m >= 2, "--max-input-tokens must leave room for the special tokens (at least 2)");
         }

@@ -13,6 +13,11 @@ pub enum ServiceError {
     ResourceExhausted(String),
     #[error("{0}")]
     DeadlineExceeded(String),
+    /// A named thing (a collection) is not there.
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
     /// Not ready (model loading) or shutting down: retry elsewhere or later.
     #[error("{0}")]
     Unavailable(String),
@@ -46,6 +51,8 @@ impl ServiceError {
             ServiceError::InvalidArgument(_) => Code::InvalidArgument,
             ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
             ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            ServiceError::NotFound(_) => Code::NotFound,
+            ServiceError::AlreadyExists(_) => Code::AlreadyExists,
             ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::Internal(_) => Code::Internal,
         }

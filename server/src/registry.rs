@@ -5,12 +5,13 @@ use std::sync::{Arc, RwLock};
 
 use crate::error::ServiceError;
 
-pub struct ModelSlot<T> {
+pub struct ModelSlot<T: ?Sized> {
     name: &'static str,
     current: RwLock<Option<Arc<T>>>,
 }
 
-impl<T> ModelSlot<T> {
+impl<T: ?Sized> ModelSlot<T> {
+    /// `name` completes "… is still loading": "the text model", "the knowledge base".
     pub fn empty(name: &'static str) -> Self {
         Self { name, current: RwLock::new(None) }
     }
@@ -21,7 +22,7 @@ impl<T> ModelSlot<T> {
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
-            .ok_or_else(|| ServiceError::Unavailable(format!("the {} model is still loading; retry shortly", self.name)))
+            .ok_or_else(|| ServiceError::Unavailable(format!("{} is still loading; retry shortly", self.name)))
     }
 
     /// Puts `model` in service; returns the version it replaced.

@@ -6,8 +6,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use concierge_engine::{BatchLimits, Engine};
-use concierge_models::TextEncoder;
+use concierge_kb::store::{Store, StoreOptions};
+use concierge_models::{ModelSource, TextEncoder};
 use concierge_proto::v1::embeddings_server::EmbeddingsServer;
+use concierge_proto::v1::knowledge_base_server::KnowledgeBaseServer;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -19,7 +21,9 @@ use crate::grpc::EdgeLayer;
 use crate::registry::ModelSlot;
 use crate::state::AppState;
 use crate::telemetry;
-use crate::text::TextModel;
+use crate::grpc::knowledge_base::KnowledgeBaseService;
+use crate::kb::{LocalStore, VectorStore};
+use crate::text::{TextLane, TextModel};
 
 /// A started server. [`Running::shutdown`] stops it and waits; dropping it starts the same
 /// shutdown without waiting for it.
@@ -76,15 +80,25 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         max_wait: config.max_wait(),
         max_queued: config.max_queued_inputs,
     };
+    let text = Arc::new(TextLane { slot: ModelSlot::empty("the text model"), engine: Engine::start("text", limits.clone())? });
+    let tower = |dir: &Option<std::path::PathBuf>, name: &'static str, lane: &'static str| -> anyhow::Result<Arc<TextLane>> {
+        Ok(match dir {
+            Some(_) => Arc::new(TextLane { slot: ModelSlot::empty(name), engine: Engine::start(lane, limits.clone())? }),
+            None => text.clone(),
+        })
+    };
     let state = Arc::new(AppState {
-        text: ModelSlot::empty("text"),
-        text_engine: Engine::start("text", limits)?,
+        query_tower: tower(&config.query_model_dir, "the query tower", "query")?,
+        document_tower: tower(&config.document_model_dir, "the document tower", "document")?,
+        text,
+        kb: ModelSlot::empty("the knowledge base"),
         config,
     });
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
     health.set_not_serving::<EmbeddingsServer<EmbeddingsService>>().await;
+    health.set_not_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(concierge_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -95,6 +109,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .build_v1alpha()?;
     let embeddings = EmbeddingsServer::new(EmbeddingsService::new(state.clone()))
         .max_decoding_message_size(state.config.max_message_bytes);
+    let knowledge_base = KnowledgeBaseServer::new(KnowledgeBaseService::new(state.clone()))
+        .max_decoding_message_size(state.config.max_message_bytes);
 
     // Model loading runs beside the server; a failure ends the server with the loader's message.
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -102,22 +118,18 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     {
         let (state, health) = (state.clone(), health.clone());
         tokio::spawn(async move {
-            let cfg = state.config.clone();
-            let loaded = tokio::task::spawn_blocking(move || {
-                TextEncoder::load(&cfg.model_source(), &device, cfg.dtype.to_candle(), cfg.max_input_tokens)
-            })
-            .await;
+            let st = state.clone();
+            let loaded = tokio::task::spawn_blocking(move || load(&st, &device)).await;
             match loaded {
-                Ok(Ok(encoder)) => {
-                    state.text.replace(Arc::new(TextModel { encoder }));
-                    metrics::gauge!("concierge_model_ready", "slot" => "text").set(1.0);
+                Ok(Ok(())) => {
                     health.set_serving::<EmbeddingsServer<EmbeddingsService>>().await;
+                    health.set_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
                     health.set_service_status("", ServingStatus::Serving).await;
                     let _ = ready_tx.send(true);
                     tracing::info!("models loaded; serving");
                 }
                 Ok(Err(e)) => {
-                    let _ = fail_tx.send(anyhow::Error::new(e).context("cannot load the text model"));
+                    let _ = fail_tx.send(e);
                 }
                 Err(e) => {
                     let _ = fail_tx.send(anyhow::anyhow!("model loading panicked: {e}"));
@@ -139,6 +151,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             // Say so first, so load balancers move away while we drain.
             health.set_service_status("", ServingStatus::NotServing).await;
             health.set_not_serving::<EmbeddingsServer<EmbeddingsService>>().await;
+            health.set_not_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
             tracing::info!("shutting down: no new calls; draining in-flight work");
             stopping.notify_one();
         }
@@ -149,6 +162,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(embeddings)
+        .add_service(knowledge_base)
         .serve_with_incoming_shutdown(
             // Small unary messages must not wait on Nagle + delayed ACK (~40 ms a call).
             tonic::transport::server::TcpIncoming::from(listener)
@@ -178,11 +192,57 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         };
         // Everything admitted is answered before the device thread stops.
         let engine_state = st.clone();
-        tokio::task::spawn_blocking(move || engine_state.text_engine.shutdown()).await?;
+        tokio::task::spawn_blocking(move || {
+            let s = engine_state;
+            for lane in [&s.text, &s.query_tower, &s.document_tower] {
+                lane.engine.shutdown();
+            }
+            // Writes already queued are committed before the store stops.
+            if let Ok(kb) = s.kb.get() {
+                kb.shutdown();
+            }
+        })
+        .await?;
         if let Some(e) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
             return Err(e);
         }
         result
     });
     Ok(Running { grpc_addr, metrics_addr, state, stop: Some(stop_tx), ready: ready_rx, task })
+}
+
+/// Loads every model and opens the knowledge base (recovering it from its log), filling the
+/// slots. Runs on a blocking thread while the server already answers health checks.
+fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
+    let cfg = &state.config;
+    let encoder = |source: ModelSource| TextEncoder::load(&source, device, cfg.dtype.to_candle(), cfg.max_input_tokens);
+    let text = encoder(cfg.model_source()).context("cannot load the text model")?;
+    state.text.slot.replace(Arc::new(TextModel { encoder: text }));
+    metrics::gauge!("concierge_model_ready", "slot" => "text").set(1.0);
+    for (lane, dir, what) in [
+        (&state.query_tower, &cfg.query_model_dir, "query"),
+        (&state.document_tower, &cfg.document_model_dir, "document"),
+    ] {
+        if let Some(dir) = dir {
+            let enc = encoder(ModelSource::Dir(dir.clone())).with_context(|| format!("cannot load the {what} tower"))?;
+            lane.slot.replace(Arc::new(TextModel { encoder: enc }));
+            metrics::gauge!("concierge_model_ready", "slot" => what).set(1.0);
+        }
+    }
+
+    let t0 = std::time::Instant::now();
+    let opts = StoreOptions { snapshot_after_bytes: cfg.kb_snapshot_mb << 20, ..StoreOptions::default() };
+    let (store, recovery) = Store::open(&cfg.kb_dir, opts)
+        .map_err(|e| anyhow::anyhow!("cannot open the knowledge base in {}: {e}", cfg.kb_dir.display()))?;
+    let documents: usize = store.collections().iter().map(|c| c.len()).sum();
+    tracing::info!(dir = %cfg.kb_dir.display(), ?recovery, documents, secs = t0.elapsed().as_secs_f64(), "knowledge base opened");
+    let limits = BatchLimits {
+        max_batch_size: cfg.kb_max_search_batch,
+        max_batch_cost: cfg.kb_max_search_batch,
+        max_wait: Duration::ZERO,
+        max_queued: cfg.max_queued_inputs,
+    };
+    let kb: Arc<dyn VectorStore> = Arc::new(LocalStore::new(store, limits)?);
+    state.kb.replace(kb);
+    Ok(())
 }

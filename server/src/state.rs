@@ -1,12 +1,17 @@
 //! What every service shares: the configuration, the model slots and the batching lanes.
-use concierge_engine::Engine;
+use std::sync::Arc;
 
 use crate::config::Config;
+use crate::kb::VectorStore;
 use crate::registry::ModelSlot;
-use crate::text::TextModel;
+use crate::text::TextLane;
 
 pub struct AppState {
     pub config: Config,
-    pub text: ModelSlot<TextModel>,
-    pub text_engine: Engine<TextModel>,
+    /// The text encoder behind `Embeddings`.
+    pub text: Arc<TextLane>,
+    /// The knowledge base's towers: the same lane as `text` unless their own checkpoints are set.
+    pub query_tower: Arc<TextLane>,
+    pub document_tower: Arc<TextLane>,
+    pub kb: ModelSlot<dyn VectorStore>,
 }

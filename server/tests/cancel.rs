@@ -16,11 +16,11 @@ async fn a_cancelled_call_is_dropped_before_compute() {
     let busy = tokio::spawn(async move { busy_client.embed_text(busy_req).await });
     until_queued(&running, 24).await;
     let mut doomed_client = c.clone();
-    let mut lowest = running.state.text_engine.queued();
+    let mut lowest = running.state.text.engine.queued();
     let doomed = tokio::spawn(async move { doomed_client.embed_text(request(&["a", "b", "c", "d"])).await });
     // The busy call only ever lowers the queue; a rise means the doomed call was admitted.
     loop {
-        let q = running.state.text_engine.queued();
+        let q = running.state.text.engine.queued();
         if q > lowest {
             break;
         }
@@ -43,6 +43,6 @@ async fn a_cancelled_call_is_dropped_before_compute() {
     assert_eq!(sample(&metrics, cancelled), 4.0, "{metrics}");
     let computed = sample(&metrics, r#"concierge_batch_size_sum{lane="text"}"#);
     assert_eq!(computed, 32.0, "only the busy call's inputs reached the model");
-    assert_eq!(running.state.text_engine.queued(), 0);
+    assert_eq!(running.state.text.engine.queued(), 0);
     running.shutdown().await.unwrap();
 }

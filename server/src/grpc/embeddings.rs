@@ -6,10 +6,9 @@ use concierge_proto::v1::embeddings_server::Embeddings;
 use concierge_proto::v1::{EmbedTextRequest, EmbedTextResponse, Embedding, ModelInfo};
 use tonic::{Request, Response, Status};
 
-use super::{deadline_of, observe, with_deadline};
+use super::{deadline_of, observe};
 use crate::error::ServiceError;
 use crate::state::AppState;
-use crate::text::TextInput;
 
 pub struct EmbeddingsService {
     state: Arc<AppState>,
@@ -43,41 +42,15 @@ impl EmbeddingsService {
         let deadline = deadline_of(&req)?;
         let msg = req.into_inner();
         self.validate(&msg)?;
-        let model = self.state.text.get()?;
         let normalize = msg.normalize.unwrap_or(true);
         let truncate = msg.truncate.unwrap_or(false);
-
-        // Tokenising is CPU work: keep it off the async runtime and off the device thread.
-        let t0 = Instant::now();
-        let m = model.clone();
-        let inputs = tokio::task::spawn_blocking(move || {
-            msg.inputs
-                .iter()
-                .enumerate()
-                .map(|(i, text)| Ok(TextInput { tokens: m.encoder.tokenize(i, text, truncate)?, normalize }))
-                .collect::<Result<Vec<_>, ServiceError>>()
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("tokenisation task failed: {e}")))??;
-        metrics::histogram!("concierge_tokenization_seconds").record(t0.elapsed().as_secs_f64());
-        let token_count: usize = inputs.iter().map(|i| i.tokens.len()).sum();
-
-        let pending = self.state.text_engine.submit(&model, inputs, deadline)?;
-        let vectors = with_deadline(deadline, async move {
-            let mut out = Vec::with_capacity(pending.len());
-            for p in pending {
-                let v = p.await.map_err(|_| ServiceError::Internal("the engine dropped an input unanswered".into()))??;
-                out.push(Embedding { values: v });
-            }
-            Ok(out)
-        })
-        .await?;
-        let info = model.encoder.info();
+        let texts = msg.inputs.into_iter().enumerate().collect();
+        let out = self.state.text.embed(texts, normalize, truncate, deadline).await?;
         Ok(EmbedTextResponse {
-            embeddings: vectors,
-            model: Some(ModelInfo { id: info.id.clone(), version: info.version.clone() }),
-            token_count: token_count as u32,
-            dimension: info.dimension as u32,
+            embeddings: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
+            model: Some(ModelInfo { id: out.model.id.clone(), version: out.model.version.clone() }),
+            token_count: out.tokens as u32,
+            dimension: out.model.dimension as u32,
         })
     }
 }

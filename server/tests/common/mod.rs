@@ -21,8 +21,21 @@ pub fn config(extra: &[&str]) -> Config {
     if !extra.iter().any(|a| a.starts_with("--model-dir")) {
         args.push(format!("--model-dir={}", dir.display()));
     }
+    if !extra.iter().any(|a| a.starts_with("--kb-dir")) {
+        args.push(format!("--kb-dir={}", fresh_dir("kb").display()));
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     Config::try_parse_from(args).expect("valid test flags")
+}
+
+/// An empty folder of its own under cargo's scratch space for integration tests.
+pub fn fresh_dir(what: &str) -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("{what}-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 pub async fn serve(extra: &[&str]) -> Running {
@@ -60,7 +73,7 @@ pub fn sample(text: &str, series: &str) -> f64 {
 /// Waits until at least `n` inputs are queued on the text lane (the device is busy with them).
 pub async fn until_queued(running: &Running, n: usize) {
     let t0 = Instant::now();
-    while running.state.text_engine.queued() < n {
+    while running.state.text.engine.queued() < n {
         assert!(t0.elapsed() < Duration::from_secs(10), "the inputs never reached the queue");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
