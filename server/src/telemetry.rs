@@ -21,6 +21,8 @@ pub fn recorder() -> PrometheusHandle {
                 .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &seconds)
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full("concierge_batch_size".into()), &sizes))
                 .and_then(|b| b.set_buckets_for_metric(Matcher::Full("concierge_batch_tokens".into()), &tokens))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("concierge_kb_commit_group_size".into()), &sizes))
+                .and_then(|b| b.set_buckets_for_metric(Matcher::Full("concierge_kb_wal_group_records".into()), &sizes))
                 .expect("bucket lists are non-empty")
                 .install_recorder()
                 .expect("no other metrics recorder is installed");
@@ -42,6 +44,13 @@ fn describe() {
     describe_histogram!("concierge_inference_seconds", Unit::Seconds, "model time per batch");
     describe_counter!("concierge_dropped_total", "inputs dropped before compute (reason: deadline, cancelled)");
     describe_gauge!("concierge_model_ready", "1 when the slot's model is loaded and serving");
+    describe_gauge!("concierge_kb_documents", "documents in a knowledge-base collection");
+    describe_histogram!("concierge_kb_commit_seconds", Unit::Seconds, "log append + fsync of one group commit");
+    describe_histogram!("concierge_kb_commit_group_size", "writes committed together by one fsync");
+    describe_histogram!("concierge_kb_wal_fsync_seconds", Unit::Seconds, "one fsync of the knowledge-base log");
+    describe_histogram!("concierge_kb_wal_group_records", "records per log append");
+    describe_counter!("concierge_kb_wal_bytes_total", Unit::Bytes, "bytes appended to the knowledge-base log");
+    describe_histogram!("concierge_kb_snapshot_seconds", Unit::Seconds, "time to write a knowledge-base snapshot");
 }
 
 /// Serves `GET /metrics` (Prometheus text format) until the process ends. Returns the bound

@@ -267,3 +267,30 @@ async fn bad_input_gets_clear_statuses_and_writes_nothing() {
     assert_eq!(got.missing, ["new-1"]);
     running.shutdown().await.unwrap();
 }
+
+/// Separate towers: a query tower and a document tower from their own checkpoints (here the
+/// same tiny sentence-transformers model with a Dense 32→16 projection, on their own lanes).
+/// Collections default to the document tower's dimension, and text search goes through the
+/// query tower.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn towers_from_their_own_checkpoints() {
+    let tiny = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/tiny-st-dense");
+    let q = format!("--query-model-dir={}", tiny.display());
+    let d = format!("--document-model-dir={}", tiny.display());
+    let running = serve(&[&q, &d]).await;
+    assert!(!std::sync::Arc::ptr_eq(&running.state.query_tower, &running.state.text));
+    let mut kb = kb_client(&running).await;
+    let info = kb.create_collection(pb::CreateCollectionRequest { name: "t".into(), ..Default::default() }).await.unwrap().into_inner();
+    assert_eq!(info.dimension, 16, "the document tower's projection sets the dimension");
+    assert!(info.embedder.starts_with("tiny-st-dense@"), "{}", info.embedder);
+    let documents = vec![doc("a", "the cat sat on the mat", "x"), doc("b", "a completely different sentence about shipping", "x")];
+    let up = kb.upsert(pb::UpsertRequest { collection: "t".into(), documents, truncate: None }).await.unwrap().into_inner();
+    assert_eq!(up.model.unwrap().id, "tiny-st-dense");
+    let hits = kb.search(search("t", "the cat sat on the mat")).await.unwrap().into_inner();
+    assert_eq!(hits.model.unwrap().id, "tiny-st-dense");
+    assert_eq!(hits.hits[0].id, "a");
+    assert!((hits.hits[0].score - 1.0).abs() < 1e-5, "same text, same towers: cosine 1, got {}", hits.hits[0].score);
+    // The text model (384) is still what EmbedText serves.
+    assert_eq!(running.state.text.slot.get().unwrap().encoder.info().dimension, 384);
+    running.shutdown().await.unwrap();
+}
