@@ -72,7 +72,7 @@ fn start(dir: &Path) -> (Child, String) {
     (child, addr)
 }
 
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Ledger {
     /// Every upsert ever sent: its ids.
     sent: Vec<Vec<String>>,
@@ -124,7 +124,8 @@ async fn acknowledged_writes_survive_kill_9() {
             };
             kb.create_collection(req).await.unwrap();
         } else {
-            let n = check(&mut kb, &ledger.lock().unwrap(), cycle).await;
+            let seen = ledger.lock().unwrap().clone();
+            let n = check(&mut kb, &seen, cycle).await;
             eprintln!("cycle {cycle}: {n} documents recovered intact");
         }
 
@@ -171,7 +172,8 @@ async fn acknowledged_writes_survive_kill_9() {
     assert!(kills_during_writes >= CYCLES / 2, "most kills should land with writes in flight");
     let (mut child, addr) = start(&dir);
     let mut kb = KnowledgeBaseClient::connect(format!("http://{addr}")).await.unwrap();
-    let n = check(&mut kb, &ledger.lock().unwrap(), CYCLES).await;
+    let seen = ledger.lock().unwrap().clone();
+    let n = check(&mut kb, &seen, CYCLES).await;
     assert!(n > 1000, "the test wrote too little to mean much: {n} documents");
     child.kill().unwrap();
     child.wait().unwrap();
