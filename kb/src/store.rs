@@ -42,13 +42,14 @@ pub enum Applied {
 pub struct StoreOptions {
     /// Take a snapshot (and drop the log before it) once this many log bytes follow the last.
     pub snapshot_after_bytes: u64,
-    /// Most ops in one group commit.
+    /// Most documents (an upsert counts its documents, other ops 1) in one group commit, so one
+    /// fsync never waits on an unbounded write.
     pub max_group: usize,
 }
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        Self { snapshot_after_bytes: 256 << 20, max_group: 1024 }
+        Self { snapshot_after_bytes: 256 << 20, max_group: 4096 }
     }
 }
 
@@ -292,11 +293,21 @@ fn record_collection(spec: &CollectionSpec, documents: usize) {
 }
 
 fn commit_loop(state: Arc<State>, mut wal: Wal, rx: mpsc::Receiver<Pending>, opts: StoreOptions) {
+    let weight = |op: &Op| match op {
+        Op::Upsert { documents, .. } => documents.len().max(1),
+        _ => 1,
+    };
+    // After a failed snapshot, the next try waits for another quarter of the threshold.
+    let mut snapshot_at = opts.snapshot_after_bytes;
     while let Ok(first) = rx.recv() {
+        let mut size = weight(&first.op);
         let mut group = vec![first];
-        while group.len() < opts.max_group.max(1) {
+        while size < opts.max_group {
             match rx.try_recv() {
-                Ok(p) => group.push(p),
+                Ok(p) => {
+                    size += weight(&p.op);
+                    group.push(p);
+                }
                 Err(_) => break,
             }
         }
@@ -337,13 +348,18 @@ fn commit_loop(state: Arc<State>, mut wal: Wal, rx: mpsc::Receiver<Pending>, opt
             }
             done(result);
         }
-        if wal.bytes_since_snapshot() >= opts.snapshot_after_bytes {
-            take_snapshot(&state, &mut wal);
+        if wal.bytes_since_snapshot() >= snapshot_at {
+            snapshot_at = if take_snapshot(&state, &mut wal) {
+                opts.snapshot_after_bytes
+            } else {
+                wal.bytes_since_snapshot() + (opts.snapshot_after_bytes / 4).max(1)
+            };
         }
     }
 }
 
-fn take_snapshot(state: &State, wal: &mut Wal) {
+/// Writes a snapshot; false when it failed (the log is kept, so nothing is lost).
+fn take_snapshot(state: &State, wal: &mut Wal) -> bool {
     let t0 = Instant::now();
     let collections: Vec<Arc<Collection>> = state.collections.read().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
     let ops = collections.iter().flat_map(|c| c.snapshot_ops(1024));
@@ -351,7 +367,11 @@ fn take_snapshot(state: &State, wal: &mut Wal) {
         Ok(()) => {
             metrics::histogram!("concierge_kb_snapshot_seconds").record(t0.elapsed().as_secs_f64());
             tracing::info!(lsn = wal.last_lsn(), secs = t0.elapsed().as_secs_f64(), "knowledge-base snapshot written; older log removed");
+            true
         }
-        Err(e) => tracing::error!(error = %e, "knowledge-base snapshot failed; the log is kept and replayed instead"),
+        Err(e) => {
+            tracing::error!(error = %e, "knowledge-base snapshot failed; the log is kept and replayed instead");
+            false
+        }
     }
 }
