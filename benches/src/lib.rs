@@ -54,3 +54,45 @@ pub fn read_csv_texts(path: &Path, limit: usize) -> anyhow::Result<Vec<String>> 
 pub fn default_model_dir() -> std::path::PathBuf {
     std::env::var_os("CONCIERGE_MODEL_DIR").map(Into::into).unwrap_or_else(concierge_models::repo_default_model_dir)
 }
+
+/// (text, label) pairs from a CSV of `text,label` rows (Banking77's `text,category`), header
+/// skipped. Fields may be quoted, with "" for a quote and line breaks inside (a few Banking77
+/// texts have them), so this reads records, not lines.
+pub fn read_csv_labelled(path: &Path, limit: usize) -> anyhow::Result<Vec<(String, String)>> {
+    let raw = std::fs::read_to_string(path)?;
+    let mut records = Vec::new();
+    let (mut fields, mut field) = (Vec::new(), String::new());
+    let mut chars = raw.chars().peekable();
+    let mut quoted = false;
+    while let Some(c) = chars.next() {
+        match c {
+            '"' if quoted && chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            '"' if quoted => quoted = false,
+            '"' if field.is_empty() => quoted = true,
+            ',' if !quoted => fields.push(std::mem::take(&mut field)),
+            '\n' if !quoted => {
+                fields.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut fields));
+            }
+            '\r' if !quoted => {}
+            c => field.push(c),
+        }
+    }
+    if !field.is_empty() || !fields.is_empty() {
+        fields.push(field);
+        records.push(fields);
+    }
+    Ok(records
+        .into_iter()
+        .skip(1)
+        .filter_map(|mut r| {
+            let label = r.pop()?;
+            let text = r.join(",");
+            (!text.is_empty() && !label.is_empty()).then_some((text, label))
+        })
+        .take(limit)
+        .collect())
+}
