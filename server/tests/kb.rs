@@ -54,7 +54,7 @@ async fn search_finds_the_right_entry_and_sees_every_write() {
     assert_eq!((info.dimension, info.metric), (384, pb::Metric::Cosine as i32));
     assert!(info.embedder.starts_with("all-MiniLM-L6-v2@sha256:"), "{}", info.embedder);
 
-    let up = kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: faq(), truncate: None }).await.unwrap().into_inner();
+    let up = kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: faq(), ..Default::default() }).await.unwrap().into_inner();
     assert_eq!((up.inserted, up.updated), (5, 0));
     assert_eq!(up.model.unwrap().id, "all-MiniLM-L6-v2");
 
@@ -89,7 +89,7 @@ async fn search_finds_the_right_entry_and_sees_every_write() {
     // Replace, delete, Get: each visible to the next call.
     let mut changed = doc("shipping", "Delivery is free on orders over 50 euros.", "orders");
     changed.title = "Free delivery".into();
-    let up = kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: vec![changed], truncate: None }).await.unwrap().into_inner();
+    let up = kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: vec![changed], ..Default::default() }).await.unwrap().into_inner();
     assert_eq!((up.inserted, up.updated), (0, 1));
     assert_eq!(ids(&mut kb, search("faq", "is shipping free?")).await[0], "shipping");
     let del = kb.delete(pb::DeleteRequest { collection: "faq".into(), ids: vec!["popup".into(), "nope".into()] }).await.unwrap().into_inner();
@@ -108,7 +108,7 @@ async fn search_finds_the_right_entry_and_sees_every_write() {
     // A precomputed vector: searching with that vector finds it with score 1.
     let v: Vec<f32> = (0..384).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
     let own = pb::Document { id: "own".into(), text: "brought its own vector".into(), vector: v.clone(), ..Default::default() };
-    let up = kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: vec![own], truncate: None }).await.unwrap().into_inner();
+    let up = kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: vec![own], ..Default::default() }).await.unwrap().into_inner();
     assert!(up.model.is_none(), "nothing was embedded");
     let hits = kb
         .search(pb::SearchRequest { collection: "faq".into(), vector: v, top_k: Some(1), ..Default::default() })
@@ -117,6 +117,17 @@ async fn search_finds_the_right_entry_and_sees_every_write() {
         .into_inner();
     assert_eq!(hits.hits[0].id, "own");
     assert!((hits.hits[0].score - 1.0).abs() < 1e-5);
+
+    // Attributes embedded with the text: a colour that is only in the metadata becomes findable.
+    let mut red = doc("scarf-red", "Wool scarf, 180 cm.", "product");
+    red.metadata.insert("colour".into(), "bright red".into());
+    let mut blue = doc("scarf-blue", "Wool scarf, 180 cm.", "product");
+    blue.metadata.insert("colour".into(), "navy blue".into());
+    let req = pb::UpsertRequest { collection: "faq".into(), documents: vec![red, blue], embed_metadata_keys: vec!["colour".into()], ..Default::default() };
+    kb.upsert(req).await.unwrap();
+    assert_eq!(ids(&mut kb, search("faq", "red wool scarf")).await[0], "scarf-red");
+    assert_eq!(ids(&mut kb, search("faq", "blue wool scarf")).await[0], "scarf-blue");
+    kb.delete(pb::DeleteRequest { collection: "faq".into(), ids: vec!["scarf-red".into(), "scarf-blue".into()] }).await.unwrap();
 
     let list = kb.list_collections(pb::ListCollectionsRequest {}).await.unwrap().into_inner();
     assert_eq!(list.collections.len(), 1);
@@ -132,7 +143,7 @@ async fn calibrated_threshold_becomes_the_default() {
     let running = serve(&[]).await;
     let mut kb = kb_client(&running).await;
     kb.create_collection(pb::CreateCollectionRequest { name: "faq".into(), ..Default::default() }).await.unwrap();
-    kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: faq(), truncate: None }).await.unwrap();
+    kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: faq(), ..Default::default() }).await.unwrap();
     let pair = |q: &str, d: &str, relevant| pb::LabelledPair { query: q.into(), document_id: d.into(), relevant };
     let pairs = vec![
         pair("does this cream suit sensitive skin?", "sensitive", true),
@@ -167,7 +178,7 @@ async fn writes_survive_a_restart() {
     let running = serve(&[&flag]).await;
     let mut kb = kb_client(&running).await;
     kb.create_collection(pb::CreateCollectionRequest { name: "faq".into(), ..Default::default() }).await.unwrap();
-    kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: faq(), truncate: None }).await.unwrap();
+    kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: faq(), ..Default::default() }).await.unwrap();
     kb.delete(pb::DeleteRequest { collection: "faq".into(), ids: vec!["returns".into()] }).await.unwrap();
     let before = kb.search(search("faq", "does this cream suit sensitive skin?")).await.unwrap().into_inner();
     running.shutdown().await.unwrap();
@@ -191,7 +202,7 @@ async fn concurrent_searches_each_get_their_own_hits() {
     kb.create_collection(pb::CreateCollectionRequest { name: "v".into(), dimension: 32, ..Default::default() }).await.unwrap();
     let vec_of = |i: usize| -> Vec<f32> { (0..32).map(|k| if k == i % 32 { 1.0 } else { 0.01 * ((i * k) % 7) as f32 }).collect() };
     let documents = (0..32).map(|i| pb::Document { id: format!("d{i}"), vector: vec_of(i), ..Default::default() }).collect();
-    kb.upsert(pb::UpsertRequest { collection: "v".into(), documents, truncate: None }).await.unwrap();
+    kb.upsert(pb::UpsertRequest { collection: "v".into(), documents, ..Default::default() }).await.unwrap();
     let calls = (0..64).map(|i| {
         let mut kb = kb.clone();
         tokio::spawn(async move {
@@ -212,14 +223,14 @@ async fn bad_input_gets_clear_statuses_and_writes_nothing() {
     let mut kb = kb_client(&running).await;
     kb.create_collection(pb::CreateCollectionRequest { name: "faq".into(), ..Default::default() }).await.unwrap();
     kb.create_collection(pb::CreateCollectionRequest { name: "small".into(), dimension: 8, ..Default::default() }).await.unwrap();
-    kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: faq(), truncate: None }).await.unwrap();
+    kb.upsert(pb::UpsertRequest { collection: "faq".into(), documents: faq(), ..Default::default() }).await.unwrap();
 
     async fn expect<T: std::fmt::Debug>(r: Result<tonic::Response<T>, tonic::Status>, code: Code, says: &str) {
         let s = r.expect_err("should fail");
         assert_eq!(s.code(), code, "{}", s.message());
         assert!(s.message().contains(says), "message {:?} should say {says:?}", s.message());
     }
-    let up = |collection: &str, documents: Vec<pb::Document>| pb::UpsertRequest { collection: collection.into(), documents, truncate: None };
+    let up = |collection: &str, documents: Vec<pb::Document>| pb::UpsertRequest { collection: collection.into(), documents, ..Default::default() };
 
     expect(kb.search(search("nope", "hello")).await, Code::NotFound, "does not exist").await;
     expect(kb.create_collection(pb::CreateCollectionRequest { name: "faq".into(), ..Default::default() }).await, Code::AlreadyExists, "already exists").await;
@@ -284,7 +295,7 @@ async fn towers_from_their_own_checkpoints() {
     assert_eq!(info.dimension, 16, "the document tower's projection sets the dimension");
     assert!(info.embedder.starts_with("tiny-st-dense@"), "{}", info.embedder);
     let documents = vec![doc("a", "the cat sat on the mat", "x"), doc("b", "a completely different sentence about shipping", "x")];
-    let up = kb.upsert(pb::UpsertRequest { collection: "t".into(), documents, truncate: None }).await.unwrap().into_inner();
+    let up = kb.upsert(pb::UpsertRequest { collection: "t".into(), documents, ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(up.model.unwrap().id, "tiny-st-dense");
     let hits = kb.search(search("t", "the cat sat on the mat")).await.unwrap().into_inner();
     assert_eq!(hits.model.unwrap().id, "tiny-st-dense");

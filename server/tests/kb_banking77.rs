@@ -52,7 +52,7 @@ async fn nearest_neighbour_search_classifies_banking77() {
                 ..Default::default()
             })
             .collect();
-        kb.upsert(pb::UpsertRequest { collection: "banking77".into(), documents, truncate: Some(true) }).await.unwrap();
+        kb.upsert(pb::UpsertRequest { collection: "banking77".into(), documents, truncate: Some(true), ..Default::default() }).await.unwrap();
     }
     // 32 searches in flight at a time.
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(32));

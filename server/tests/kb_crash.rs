@@ -144,7 +144,7 @@ async fn acknowledged_writes_survive_kill_9() {
                             l.sent.push(ids);
                             l.sent.len() - 1
                         };
-                        match kb.upsert(pb::UpsertRequest { collection: "crash".into(), documents, truncate: None }).await {
+                        match kb.upsert(pb::UpsertRequest { collection: "crash".into(), documents, ..Default::default() }).await {
                             Ok(_) => {
                                 ledger.lock().unwrap().acked.insert(k);
                             }

@@ -76,6 +76,14 @@ fn model_info(m: &concierge_models::ModelInfo) -> pb::ModelInfo {
     pb::ModelInfo { id: m.id.clone(), version: m.version.clone() }
 }
 
+/// What the document tower embeds: the title, the text, then each named metadata attribute the
+/// document has as a "key: value" line.
+fn text_to_embed(d: &pb::Document, keys: &[String]) -> String {
+    let mut parts: Vec<String> = [&d.title, &d.text].into_iter().filter(|s| !s.is_empty()).cloned().collect();
+    parts.extend(keys.iter().filter_map(|k| d.metadata.get(k).map(|v| format!("{k}: {v}"))));
+    parts.join("\n")
+}
+
 impl KnowledgeBaseService {
     pub fn new(state: Arc<AppState>) -> Self {
         Self { state }
@@ -156,7 +164,7 @@ impl KnowledgeBaseService {
             .iter()
             .enumerate()
             .filter(|(_, d)| d.vector.is_empty())
-            .map(|(i, d)| (i, if d.title.is_empty() { d.text.clone() } else { format!("{}\n{}", d.title, d.text) }))
+            .map(|(i, d)| (i, text_to_embed(d, &msg.embed_metadata_keys)))
             .collect();
         let queue = self.state.config.max_queued_inputs;
         if texts.len() > queue {
