@@ -32,7 +32,7 @@ pub struct Hit {
 /// batch passes over it.
 const BLOCK_ROWS: usize = 256;
 /// Below this many rows a search runs on one thread.
-const PARALLEL_MIN_ROWS: usize = 16 * 1024;
+const PARALLEL_MIN_ROWS: usize = 4096;
 
 #[derive(Clone, Copy)]
 struct Scored {
