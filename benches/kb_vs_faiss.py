@@ -8,9 +8,13 @@ f32 under benches/out/kb/, runs `cargo bench --bench kb_search` on it (RAYON_NUM
 then FAISS IndexFlatIP (omp threads = T) with the same batch sizes, and prints one table with
 recall@10 of our ids against FAISS's.
 
-FAISS's flat search picks its code by batch size: below `distance_compute_blas_threshold`
-(20) queries it runs its own SIMD loop, parallel over queries only (so batch 1 runs on one
-thread); from 20 queries it calls BLAS sgemm in blocks, parallel inside the GEMM.
+FAISS's flat search picks its code by batch size. In faiss-cpu 1.15 (distances.cpp): with
+fewer queries than threads and >= 10k rows (here: batch 1 on 2 threads) it splits the rows over
+the threads and calls BLAS sgemm per 1024-row block; otherwise, while nq * d is below
+`distance_compute_blas_threshold` (128000, so nq < 334 at d=384: every batch here) it runs its
+own SIMD loop parallel over queries, each query scanning all rows on its own; above it, BLAS
+sgemm in blocks. (Older FAISS switched to BLAS at nq >= 20.) So each batch > 1 also runs a
+second time with the threshold at 0 ("FAISS BLAS"), which is FAISS's batched GEMM path.
 
     pip install faiss-cpu numpy
     python3 benches/kb_vs_faiss.py [--sizes 10k,100k,1M] [--threads 2] [--batch 1,8,32]
@@ -55,6 +59,61 @@ def materialise(path, n, d, seed):
     return x
 
 
+def cpu_busy(secs=1.0):
+    """Fraction of all CPUs busy over `secs`, from /proc/stat (Linux; None elsewhere)."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]
+    try:
+        t0, i0 = snap()
+        time.sleep(secs)
+        t1, i1 = snap()
+        return 1.0 - (i1 - i0) / max(1, t1 - t0)
+    except OSError:
+        return None
+
+
+def wait_quiet(max_wait, threshold=0.10):
+    """Waits (up to max_wait s) until other work leaves the CPUs idle: on a small shared machine
+    a compile beside the run halves either side's numbers. Returns the busy fraction seen."""
+    deadline = time.time() + max_wait
+    while True:
+        busy = cpu_busy()
+        if busy is None or busy < threshold or time.time() >= deadline:
+            if busy is not None:
+                print("    cpu busy before run: %.0f%%%s" % (100 * busy, "" if busy < threshold else " (gave up waiting)"), flush=True)
+            return busy
+
+
+class Others:
+    """CPU time that other processes took during a run, as a share of all CPUs: /proc/stat's
+    busy time less this process's and its children's. Printed next to each run's numbers."""
+
+    def __enter__(self):
+        self.t0 = self._now()
+        return self
+
+    @staticmethod
+    def _now():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:]]
+        except OSError:
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        t = os.times()
+        return (sum(v) - v[3] - v[4]) / hz, sum(v) / hz, t.user + t.system + t.children_user + t.children_system
+
+    def __exit__(self, *exc):
+        t1 = self._now()
+        if self.t0 is not None and t1 is not None:
+            busy, total, own = (b - a for a, b in zip(self.t0, t1))
+            self.share = max(0.0, busy - own) / max(1e-9, total)
+            print("    other processes used %.0f%% of the CPUs during this run" % (100 * self.share), flush=True)
+        return False
+
+
 def percentile(sorted_s, p):
     """Nearest rank, as benches/src/lib.rs does."""
     if not sorted_s:
@@ -63,15 +122,17 @@ def percentile(sorted_s, p):
     return sorted_s[min(max(rank, 1), len(sorted_s)) - 1]
 
 
-def run_ours(base, queries, d, batches, k, threads, b1_queries, ids_out):
-    cmd = ["cargo", "bench", "-q", "-p", "concierge-benches", "--bench", "kb_search", "--",
-           "--vectors", str(base), "--queries", str(queries), "--dim", str(d),
+def run_ours(base, queries, d, batches, k, threads, b1_queries, ids_out, quiet_wait, ours_bin=None):
+    launcher = [ours_bin] if ours_bin else ["cargo", "bench", "-q", "-p", "concierge-benches", "--bench", "kb_search", "--"]
+    cmd = launcher + ["--vectors", str(base), "--queries", str(queries), "--dim", str(d),
            "--batch", ",".join(map(str, batches)), "--k", str(k), "--ids-out", str(ids_out)]
     if b1_queries is not None:
         cmd += ["--batch1-queries", str(b1_queries)]
     env = dict(os.environ, RAYON_NUM_THREADS=str(threads))
+    wait_quiet(quiet_wait)
     print("$ RAYON_NUM_THREADS=%d %s" % (threads, " ".join(cmd)), flush=True)
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    with Others():
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
     sys.stdout.write("".join("    " + l + "\n" for l in proc.stdout.splitlines() if not l.startswith("RESULT")))
     if proc.returncode != 0:
         raise SystemExit("kb_search failed (exit %d)" % proc.returncode)
@@ -84,11 +145,30 @@ def run_ours(base, queries, d, batches, k, threads, b1_queries, ids_out):
     return res, (float(load.group(1)) if load else None), ids
 
 
-def run_faiss(xb, xq, batches, k, b1_queries):
+def run_faiss(xb, xq, batches, k, b1_queries, quiet_wait):
+    """FAISS with its default thresholds, then (batches > 1) with BLAS forced. Returns
+    (default results, BLAS results, default ids)."""
     import faiss
     index = faiss.IndexFlatIP(xb.shape[1])
     index.add(xb)
+    default_threshold = faiss.cvar.distance_compute_blas_threshold
+    wait_quiet(quiet_wait)
     res, ids = {}, None
+    with Others():
+        ids = faiss_batches(index, xq, batches, k, b1_queries, res, "faiss")
+    blas = {}
+    forced = [b for b in batches if b > 1]
+    if forced:
+        faiss.cvar.distance_compute_blas_threshold = 0
+        wait_quiet(quiet_wait)
+        with Others():
+            faiss_batches(index, xq, forced, k, b1_queries, blas, "faiss BLAS")
+        faiss.cvar.distance_compute_blas_threshold = default_threshold
+    return res, blas, ids
+
+
+def faiss_batches(index, xq, batches, k, b1_queries, res, label):
+    ids = None
     for b in batches:
         nq = min(b1_queries, len(xq)) if (b == 1 and b1_queries is not None) else len(xq)
         q = np.ascontiguousarray(xq[:nq])
@@ -105,9 +185,9 @@ def run_faiss(xb, xq, batches, k, b1_queries):
         res[b] = dict(queries=nq, qps=nq / secs, p50=percentile(lat, 50) * 1e3, p99=percentile(lat, 99) * 1e3)
         if b == max(batches):
             ids = np.concatenate(got)
-        print("    faiss batch %3d: %6d queries  %9.1f QPS  p50 %.2f ms  p99 %.2f ms"
-              % (b, nq, res[b]["qps"], res[b]["p50"], res[b]["p99"]), flush=True)
-    return res, ids
+        print("    %s batch %3d: %6d queries  %9.1f QPS  p50 %.2f ms  p99 %.2f ms"
+              % (label, b, nq, res[b]["qps"], res[b]["p50"], res[b]["p99"]), flush=True)
+    return ids
 
 
 def recall(ours, theirs, xb, xq, k, tie_eps=1e-5):
@@ -137,6 +217,9 @@ def main():
     ap.add_argument("--b1-queries-1m", type=int, default=1000,
                     help="queries at batch 1 for sizes >= 1M (each is a full 1.5 GB scan)")
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--ours-bin", help="a built kb_search binary to run instead of `cargo bench` (A/B of two builds)")
+    ap.add_argument("--quiet-wait", type=float, default=600,
+                    help="wait up to this many seconds for an idle CPU before each timed run")
     args = ap.parse_args()
 
     import faiss
@@ -144,7 +227,7 @@ def main():
     batches = [int(b) for b in args.batch.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
     d, k = args.dim, args.k
-    print("faiss %s, blas threshold %d queries, %d threads; numpy %s"
+    print("faiss %s, distance_compute_blas_threshold %d (compared with nq*d), %d threads; numpy %s"
           % (faiss.__version__, faiss.cvar.distance_compute_blas_threshold, args.threads, np.__version__))
 
     qpath = OUT / ("queries_%d_d%d_s%d.f32" % (args.queries, d, args.seed + 1))
@@ -157,24 +240,30 @@ def main():
         xb = materialise(bpath, size, d, args.seed)
         print("    data: %s (%.1f s)" % (bpath, time.perf_counter() - t))
         b1 = args.b1_queries_1m if size >= 1_000_000 else None
-        ours, load, ours_ids = run_ours(bpath, qpath, d, batches, k, args.threads, b1, OUT / ("ids_ours_%d.txt" % size))
-        theirs, faiss_ids = run_faiss(xb, xq, batches, k, b1)
+        ours, load, ours_ids = run_ours(bpath, qpath, d, batches, k, args.threads, b1, OUT / ("ids_ours_%d.txt" % size),
+                                         args.quiet_wait, args.ours_bin)
+        theirs, blas, faiss_ids = run_faiss(xb, xq, batches, k, b1, args.quiet_wait)
         rec, miss, ties = recall(ours_ids, faiss_ids, xb, xq, k)
         for b in batches:
-            o, f = ours[b], theirs[b]
-            rows.append(dict(size=size, batch=b, queries=o["queries"], ours=o, faiss=f, ratio=o["qps"] / f["qps"],
+            o, f, fb = ours[b], theirs[b], blas.get(b)
+            best = max(f["qps"], fb["qps"] if fb else 0.0)
+            rows.append(dict(size=size, batch=b, queries=o["queries"], ours=o, faiss=f, faiss_blas=fb, ratio=o["qps"] / best,
                              recall=rec, misses=miss, near_ties=ties, load_s=load))
         del xb
 
     print("\nrecall@%d: our ids vs FAISS's over all %d queries (largest batch); 'ties' = misses whose"
           " replacement scores within 1e-5 of FAISS's %d-th" % (k, args.queries, k))
-    print("| N | batch | queries | ours QPS | ours p50 ms | ours p99 ms | FAISS QPS | FAISS p50 ms | FAISS p99 ms | ours/FAISS | recall@%d (misses, ties) |" % k)
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("FAISS = default thresholds; FAISS BLAS = distance_compute_blas_threshold 0 (batch 1 takes the"
+          " same row-parallel sgemm path either way); ours/FAISS is against the faster of the two")
+    print("| N | batch | queries | ours QPS | ours p50 ms | ours p99 ms | FAISS QPS | FAISS p50 ms | FAISS p99 ms"
+          " | FAISS BLAS QPS | FAISS BLAS p50 ms | FAISS BLAS p99 ms | ours/FAISS | recall@%d (misses, ties) |" % k)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        o, f = r["ours"], r["faiss"]
-        print("| %s | %d | %d | %.1f | %.2f | %.2f | %.1f | %.2f | %.2f | %.2f× | %.4f (%d, %d) |"
+        o, f, fb = r["ours"], r["faiss"], r["faiss_blas"]
+        blas_cells = "%.1f | %.2f | %.2f" % (fb["qps"], fb["p50"], fb["p99"]) if fb else "– | – | –"
+        print("| %s | %d | %d | %.1f | %.2f | %.2f | %.1f | %.2f | %.2f | %s | %.2f× | %.4f (%d, %d) |"
               % (f"{r['size']:,}", r["batch"], r["queries"], o["qps"], o["p50"], o["p99"],
-                 f["qps"], f["p50"], f["p99"], r["ratio"], r["recall"], r["misses"], r["near_ties"]))
+                 f["qps"], f["p50"], f["p99"], blas_cells, r["ratio"], r["recall"], r["misses"], r["near_ties"]))
     for size in sorted({r["size"] for r in rows}):
         load = next(r["load_s"] for r in rows if r["size"] == size)
         if load is not None:
