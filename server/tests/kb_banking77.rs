@@ -10,18 +10,39 @@ use common::serve;
 use concierge_proto::v1 as pb;
 use concierge_proto::v1::knowledge_base_client::KnowledgeBaseClient;
 
-/// `text,label` rows; a text may be quoted ("" inside is a quote). Labels have no commas.
+/// `text,label` records (RFC 4180: a quoted field may hold commas, newlines and "" for a quote).
 fn read(path: &std::path::Path) -> Vec<(String, String)> {
     let raw = std::fs::read_to_string(path).unwrap();
-    raw.lines()
+    let (mut records, mut fields, mut field) = (Vec::new(), Vec::new(), String::new());
+    let (mut chars, mut quoted) = (raw.chars().peekable(), false);
+    while let Some(c) = chars.next() {
+        match (quoted, c) {
+            (true, '"') if chars.peek() == Some(&'"') => {
+                field.push('"');
+                chars.next();
+            }
+            (true, '"') => quoted = false,
+            (true, c) => field.push(c),
+            (false, '"') => quoted = true,
+            (false, ',') => fields.push(std::mem::take(&mut field)),
+            (false, '\n') => {
+                fields.push(std::mem::take(&mut field));
+                records.push(std::mem::take(&mut fields));
+            }
+            (false, '\r') => {}
+            (false, c) => field.push(c),
+        }
+    }
+    if !field.is_empty() || !fields.is_empty() {
+        fields.push(field);
+        records.push(fields);
+    }
+    records
+        .into_iter()
         .skip(1)
-        .filter_map(|line| {
-            let (text, label) = line.rsplit_once(',')?;
-            let text = match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
-                Some(inner) => inner.replace("\"\"", "\""),
-                None => text.to_string(),
-            };
-            Some((text, label.to_string()))
+        .filter_map(|r| match <[String; 2]>::try_from(r) {
+            Ok([text, label]) if !text.trim().is_empty() => Some((text, label)),
+            _ => None,
         })
         .collect()
 }
@@ -36,7 +57,7 @@ async fn nearest_neighbour_search_classifies_banking77() {
         return;
     }
     let rows = read(&path);
-    assert!(rows.len() > 10_000, "{} rows read", rows.len());
+    assert!(rows.len() > 10_000, "{} records read", rows.len());
     let (held, docs): (Vec<_>, Vec<_>) = rows.into_iter().enumerate().partition(|(i, _)| i % 10 == 0);
 
     let running = serve(&[]).await;
