@@ -1,17 +1,19 @@
 //! Model code for concierge, on candle only (no async runtime, no gRPC): the BERT text encoder
 //! over packed batches, sentence-transformers pooling and Dense/Normalize modules, tokenisation
-//! and checkpoint loading.
+//! and checkpoint loading, and the ResNet image encoder.
 pub mod bert;
 pub mod checkpoint;
 pub mod dense;
 pub mod encoder;
 pub mod error;
 pub mod pooling;
+pub mod resnet;
 pub mod tokenize;
 
 pub use checkpoint::ModelSource;
 pub use encoder::{ModelInfo, TextEncoder};
 pub use error::{ModelError, Result};
+pub use resnet::{ResNet, ResNetConfig, ResNetOutput};
 pub use tokenize::TokenizedText;
 
 /// The default model's folder in this repository (`model-store/all-MiniLM-L6-v2`, written by
