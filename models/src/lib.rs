@@ -1,11 +1,12 @@
 //! Model code for concierge, on candle only (no async runtime, no gRPC): the BERT text encoder
 //! over packed batches, sentence-transformers pooling and Dense/Normalize modules, tokenisation
-//! and checkpoint loading, and the ResNet image encoder.
+//! and checkpoint loading, image decoding and preprocessing, and the ResNet image encoder.
 pub mod bert;
 pub mod checkpoint;
 pub mod dense;
 pub mod encoder;
 pub mod error;
+pub mod imageproc;
 pub mod pooling;
 pub mod resnet;
 pub mod tokenize;

@@ -1,12 +1,8 @@
 //! Image decoding and preprocessing: every supported format, EXIF orientation, greyscale /
 //! alpha / CMYK to RGB, limits checked from the header, corrupt and unsupported files, and the
 //! resize / crop / normalise arithmetic.
-#[path = "../src/imageproc.rs"]
-#[allow(dead_code)]
-mod imageproc;
-
+use concierge_models::imageproc::{decode, preprocess, ImageError, ImageLimits, Preprocess, Resize};
 use image::{ImageFormat, Rgb, RgbImage, Rgba, RgbaImage};
-use imageproc::{decode, preprocess, ImageError, ImageLimits, Preprocess, Resize};
 
 fn encode(img: image::DynamicImage, format: ImageFormat) -> Vec<u8> {
     let mut out = std::io::Cursor::new(Vec::new());
