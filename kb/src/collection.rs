@@ -24,6 +24,20 @@ pub(crate) struct Rows {
     pub(crate) index: HashMap<String, usize>,
 }
 
+impl Rows {
+    /// Row `r` as a whole document (its vector copied out of the matrix).
+    fn document(&self, r: usize, d: usize) -> Document {
+        let e = &self.entries[r];
+        Document {
+            id: e.id.clone(),
+            title: e.title.clone(),
+            text: e.text.clone(),
+            metadata: e.metadata.clone(),
+            vector: self.vectors[r * d..(r + 1) * d].to_vec(),
+        }
+    }
+}
+
 pub struct Collection {
     spec: RwLock<CollectionSpec>,
     dim: usize,
@@ -72,16 +86,7 @@ impl Collection {
     /// The stored document with this id.
     pub fn get(&self, id: &str) -> Option<Document> {
         let rows = self.read();
-        rows.index.get(id).map(|&r| {
-            let e = &rows.entries[r];
-            Document {
-                id: e.id.clone(),
-                title: e.title.clone(),
-                text: e.text.clone(),
-                metadata: e.metadata.clone(),
-                vector: rows.vectors[r * self.dim..(r + 1) * self.dim].to_vec(),
-            }
-        })
+        rows.index.get(id).map(|&r| rows.document(r, self.dim))
     }
 
     /// Inserts or replaces documents (vectors already validated and normalised).
@@ -149,20 +154,8 @@ impl Collection {
         let total = self.len();
         std::iter::once(Op::CreateCollection(spec)).chain((0..total.div_ceil(chunk.max(1))).map(move |c| {
             let rows = self.read();
-            let d = self.dim;
             let hi = ((c + 1) * chunk).min(rows.entries.len());
-            let documents = (c * chunk..hi)
-                .map(|r| {
-                    let e = &rows.entries[r];
-                    Document {
-                        id: e.id.clone(),
-                        title: e.title.clone(),
-                        text: e.text.clone(),
-                        metadata: e.metadata.clone(),
-                        vector: rows.vectors[r * d..(r + 1) * d].to_vec(),
-                    }
-                })
-                .collect();
+            let documents = (c * chunk..hi).map(|r| rows.document(r, self.dim)).collect();
             Op::Upsert { collection: name.clone(), documents }
         }))
     }
