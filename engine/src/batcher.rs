@@ -1,8 +1,15 @@
-//! The queue and the device thread.
+//! The queues and the device thread.
+//!
+//! A [`Device`] is one thread that owns the accelerator (or the CPU's compute). Lanes
+//! ([`Engine`]s: "text", "image", ...) are attached to a device; each has its own queue and
+//! [`BatchLimits`]. The device thread runs one batch at a time, from the lanes whose next batch
+//! is due (full, or its oldest input has waited `max_wait`), taking due lanes in turn
+//! (round-robin), so under mixed load neither text nor images starve: a lane with a due batch
+//! waits for at most one batch of every other lane.
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -25,6 +32,141 @@ pub struct BatchLimits {
 
 /// The receiving end of one submitted input.
 pub type Pending<O> = oneshot::Receiver<Result<O, EngineError>>;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The device thread.
+
+/// What the device thread needs of a lane, whatever its model type.
+trait LaneOps: Send + Sync {
+    /// When this lane's next batch is due; `None` when its queue is empty.
+    fn due(&self) -> Option<Instant>;
+    /// Takes the next batch and returns the work that runs and answers it.
+    fn take(self: Arc<Self>) -> Option<Box<dyn FnOnce() + Send>>;
+    /// Refuses new inputs; what is queued still runs, without waiting to fill a batch.
+    fn close(&self);
+}
+
+struct DeviceState {
+    lanes: Vec<Arc<dyn LaneOps>>,
+    /// Where the round-robin scan starts next.
+    next: usize,
+    closing: bool,
+}
+
+struct DeviceShared {
+    state: Mutex<DeviceState>,
+    wake: Condvar,
+}
+
+impl DeviceShared {
+    fn notify(&self) {
+        let _guard = lock(&self.state);
+        self.wake.notify_one();
+    }
+}
+
+struct DeviceCore {
+    name: String,
+    shared: Arc<DeviceShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DeviceCore {
+    fn shutdown(&self) {
+        {
+            let mut st = lock(&self.shared.state);
+            st.closing = true;
+            for lane in &st.lanes {
+                lane.close();
+            }
+            self.shared.wake.notify_one();
+        }
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for DeviceCore {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// One device thread that the lanes attached to it share. Cheap to clone; the thread stops
+/// (after running everything queued) when [`Device::shutdown`] is called or the last handle,
+/// including the lanes' own, is dropped.
+#[derive(Clone)]
+pub struct Device(Arc<DeviceCore>);
+
+impl Device {
+    /// Starts the thread `concierge-{name}-device`.
+    pub fn start(name: &str) -> std::io::Result<Self> {
+        let shared = Arc::new(DeviceShared {
+            state: Mutex::new(DeviceState { lanes: Vec::new(), next: 0, closing: false }),
+            wake: Condvar::new(),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("concierge-{name}-device"))
+            .spawn(move || device_loop(&s))?;
+        Ok(Self(Arc::new(DeviceCore { name: name.to_string(), shared, thread: Mutex::new(Some(thread)) })))
+    }
+
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// Closes every lane, runs what they hold, and waits for the thread to end.
+    pub fn shutdown(&self) {
+        self.0.shutdown();
+    }
+}
+
+fn device_loop(shared: &DeviceShared) {
+    let mut st = lock(&shared.state);
+    loop {
+        let now = Instant::now();
+        let n = st.lanes.len();
+        let mut pick = None;
+        let mut earliest: Option<Instant> = None;
+        for k in 0..n {
+            let i = (st.next + k) % n;
+            if let Some(due) = st.lanes[i].due() {
+                if due <= now {
+                    pick = Some(i);
+                    break;
+                }
+                earliest = Some(earliest.map_or(due, |e| e.min(due)));
+            }
+        }
+        if let Some(i) = pick {
+            st.next = (i + 1) % n;
+            let lane = st.lanes[i].clone();
+            drop(st);
+            if let Some(work) = lane.take() {
+                work();
+            }
+            st = lock(&shared.state);
+            continue;
+        }
+        if st.closing && earliest.is_none() {
+            break;
+        }
+        st = match earliest {
+            Some(t) => shared.wake.wait_timeout(st, t.saturating_duration_since(now)).unwrap_or_else(|e| e.into_inner()).0,
+            None => shared.wake.wait(st).unwrap_or_else(|e| e.into_inner()),
+        };
+    }
+    tracing::info!("device thread drained and stopped");
+}
+
+// ---------------------------------------------------------------------------------------------
+// A lane.
 
 struct Item<B: Backend> {
     model: Arc<B>,
@@ -56,41 +198,104 @@ impl Drop for Slot {
     }
 }
 
-/// A batching lane: its queue and the thread that owns the device for it.
-pub struct Engine<B: Backend> {
-    lane: &'static str,
-    tx: Mutex<Option<mpsc::Sender<Item<B>>>>,
-    queued: Arc<AtomicUsize>,
+struct Queue<B: Backend> {
+    pending: VecDeque<Item<B>>,
+    open: bool,
+    /// A batch of this lane is on the device.
+    running: bool,
+}
+
+struct Lane<B: Backend> {
+    name: &'static str,
     limits: BatchLimits,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    queue: Mutex<Queue<B>>,
+    /// Signalled when the queue is empty and no batch of this lane is running.
+    idle: Condvar,
+}
+
+impl<B: Backend> LaneOps for Lane<B> {
+    fn due(&self) -> Option<Instant> {
+        let q = lock(&self.queue);
+        let oldest = q.pending.front()?.enqueued;
+        if !q.open || is_full(&q.pending, &self.limits) {
+            Some(oldest)
+        } else {
+            Some(oldest + self.limits.max_wait)
+        }
+    }
+
+    fn take(self: Arc<Self>) -> Option<Box<dyn FnOnce() + Send>> {
+        let mut q = lock(&self.queue);
+        let batch = take_batch(self.name, &mut q.pending, &self.limits);
+        if batch.is_empty() {
+            if q.pending.is_empty() {
+                self.idle.notify_all();
+            }
+            return None;
+        }
+        q.running = true;
+        drop(q);
+        Some(Box::new(move || {
+            run_batch(self.name, batch);
+            let mut q = lock(&self.queue);
+            q.running = false;
+            if q.pending.is_empty() {
+                self.idle.notify_all();
+            }
+        }))
+    }
+
+    fn close(&self) {
+        lock(&self.queue).open = false;
+    }
+}
+
+/// A batching lane: its queue and limits, on a [`Device`] it may share with other lanes.
+pub struct Engine<B: Backend> {
+    lane: Arc<Lane<B>>,
+    device: Device,
+    queued: Arc<AtomicUsize>,
+    /// The lane started its own device (see [`Engine::start`]) and stops it with itself.
+    owns_device: bool,
 }
 
 impl<B: Backend> Engine<B> {
-    /// Starts the device thread for `lane` ("text", "image", ...).
+    /// Starts `lane` ("text", "image", ...) on a device thread of its own.
     pub fn start(lane: &'static str, limits: BatchLimits) -> std::io::Result<Self> {
-        if limits.max_batch_size == 0 || limits.max_batch_cost == 0 || limits.max_queued == 0 {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("{lane} lane: batch size, batch cost and queue limits must all be at least 1: {limits:?}"),
-            ));
-        }
-        let (tx, rx) = mpsc::channel();
-        let l = limits.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("concierge-{lane}-device"))
-            .spawn(move || device_loop::<B>(lane, rx, l))?;
-        Ok(Self {
-            lane,
-            tx: Mutex::new(Some(tx)),
-            queued: Arc::new(AtomicUsize::new(0)),
+        check_limits(lane, &limits)?;
+        let device = Device::start(lane)?;
+        let mut engine = Self::on(&device, lane, limits)?;
+        engine.owns_device = true;
+        Ok(engine)
+    }
+
+    /// Attaches `lane` to `device`, which runs its batches in turn with its other lanes'.
+    pub fn on(device: &Device, lane: &'static str, limits: BatchLimits) -> std::io::Result<Self> {
+        check_limits(lane, &limits)?;
+        let l = Arc::new(Lane {
+            name: lane,
             limits,
-            thread: Mutex::new(Some(thread)),
-        })
+            queue: Mutex::new(Queue { pending: VecDeque::new(), open: true, running: false }),
+            idle: Condvar::new(),
+        });
+        {
+            let mut st = lock(&device.0.shared.state);
+            if st.closing {
+                return Err(std::io::Error::other(format!("device {} is shutting down", device.name())));
+            }
+            st.lanes.push(l.clone());
+        }
+        Ok(Self { lane: l, device: device.clone(), queued: Arc::new(AtomicUsize::new(0)), owns_device: false })
     }
 
     /// Inputs admitted and not yet answered.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Acquire)
+    }
+
+    /// This lane's limits.
+    pub fn limits(&self) -> &BatchLimits {
+        &self.lane.limits
     }
 
     /// Admits all of `inputs` or none: a request is never half-queued.
@@ -100,26 +305,24 @@ impl<B: Backend> Engine<B> {
         inputs: Vec<B::Input>,
         deadline: Option<Instant>,
     ) -> Result<Vec<Pending<B::Output>>, EngineError> {
+        let name = self.lane.name;
         let n = inputs.len();
-        let limit = self.limits.max_queued;
+        let limit = self.lane.limits.max_queued;
         let admitted = self
             .queued
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| (q + n <= limit).then_some(q + n));
         if let Err(queued) = admitted {
-            return Err(EngineError::Overloaded { lane: self.lane, queued, limit });
+            return Err(EngineError::Overloaded { lane: name, queued, limit });
         }
-        metrics::gauge!("concierge_queue_depth", "lane" => self.lane).set((admitted.unwrap() + n) as f64);
+        metrics::gauge!("concierge_queue_depth", "lane" => name).set((admitted.unwrap() + n) as f64);
         // Slots exist before anything can fail below, so the count is given back on every path.
-        let mut slots: Vec<Slot> = (0..n).map(|_| Slot(self.queued.clone(), self.lane)).collect();
-        let guard = self.tx.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(tx) = guard.as_ref() else {
-            return Err(EngineError::ShuttingDown);
-        };
+        let mut slots: Vec<Slot> = (0..n).map(|_| Slot(self.queued.clone(), name)).collect();
         let now = Instant::now();
         let mut receivers = Vec::with_capacity(n);
+        let mut items = Vec::with_capacity(n);
         for input in inputs {
             let (reply, rx) = oneshot::channel();
-            let item = Item {
+            items.push(Item {
                 cost: model.cost(&input),
                 model: model.clone(),
                 input,
@@ -127,20 +330,38 @@ impl<B: Backend> Engine<B> {
                 enqueued: now,
                 reply,
                 _slot: slots.pop().expect("one slot per input"),
-            };
-            if tx.send(item).is_err() {
-                return Err(EngineError::ShuttingDown);
-            }
+            });
             receivers.push(rx);
         }
+        {
+            let mut q = lock(&self.lane.queue);
+            if !q.open {
+                return Err(EngineError::ShuttingDown);
+            }
+            q.pending.extend(items);
+        }
+        self.device.0.shared.notify();
         Ok(receivers)
     }
 
-    /// Stops accepting, lets the device thread finish everything queued, and waits for it.
+    /// Stops accepting, lets the device finish everything this lane holds, and waits for it.
     pub fn shutdown(&self) {
-        self.tx.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(t) = self.thread.lock().unwrap_or_else(|e| e.into_inner()).take() {
-            let _ = t.join();
+        self.lane.close();
+        self.device.0.shared.notify();
+        {
+            let mut q = lock(&self.lane.queue);
+            while !q.pending.is_empty() || q.running {
+                q = self.lane.idle.wait(q).unwrap_or_else(|e| e.into_inner());
+            }
+        }
+        {
+            let mut st = lock(&self.device.0.shared.state);
+            let me: Arc<dyn LaneOps> = self.lane.clone();
+            st.lanes.retain(|l| !Arc::ptr_eq(l, &me));
+            st.next = 0;
+        }
+        if self.owns_device {
+            self.device.shutdown();
         }
     }
 }
@@ -151,43 +372,14 @@ impl<B: Backend> Drop for Engine<B> {
     }
 }
 
-fn device_loop<B: Backend>(lane: &'static str, rx: mpsc::Receiver<Item<B>>, limits: BatchLimits) {
-    let mut pending: VecDeque<Item<B>> = VecDeque::new();
-    let mut open = true;
-    loop {
-        if pending.is_empty() {
-            if !open {
-                break;
-            }
-            match rx.recv() {
-                Ok(item) => pending.push_back(item),
-                Err(_) => break,
-            }
-        }
-        // Take what has arrived; while the batch is not full, wait for more, but never make
-        // the oldest input wait longer than max_wait in all.
-        let oldest = pending.front().map(|i| i.enqueued).unwrap_or_else(Instant::now);
-        while open && !is_full(&pending, &limits) {
-            let now = Instant::now();
-            let until = oldest + limits.max_wait;
-            let next = match rx.try_recv() {
-                Ok(item) => Ok(item),
-                Err(mpsc::TryRecvError::Empty) if now < until => rx.recv_timeout(until - now),
-                Err(mpsc::TryRecvError::Empty) => Err(mpsc::RecvTimeoutError::Timeout),
-                Err(mpsc::TryRecvError::Disconnected) => Err(mpsc::RecvTimeoutError::Disconnected),
-            };
-            match next {
-                Ok(item) => pending.push_back(item),
-                Err(mpsc::RecvTimeoutError::Timeout) => break,
-                Err(mpsc::RecvTimeoutError::Disconnected) => open = false,
-            }
-        }
-        let batch = take_batch(lane, &mut pending, &limits);
-        if !batch.is_empty() {
-            run_batch(lane, batch);
-        }
+fn check_limits(lane: &str, limits: &BatchLimits) -> std::io::Result<()> {
+    if limits.max_batch_size == 0 || limits.max_batch_cost == 0 || limits.max_queued == 0 {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{lane} lane: batch size, batch cost and queue limits must all be at least 1: {limits:?}"),
+        ));
     }
-    tracing::info!(lane, "device thread drained and stopped");
+    Ok(())
 }
 
 fn is_full<B: Backend>(pending: &VecDeque<Item<B>>, limits: &BatchLimits) -> bool {

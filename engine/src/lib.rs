@@ -11,7 +11,7 @@
 mod batcher;
 mod error;
 
-pub use batcher::{BatchLimits, Engine, Pending};
+pub use batcher::{BatchLimits, Device, Engine, Pending};
 pub use error::EngineError;
 
 /// A model the engine can run batches of.

@@ -157,3 +157,83 @@ async fn shutdown_drains_what_was_queued_and_refuses_new_work() {
     }
     assert_eq!(engine.submit(&model, vec![1], None).unwrap_err(), EngineError::ShuttingDown);
 }
+
+/// A model that logs which lane ran which input, and checks that no two batches overlap.
+struct Logger {
+    lane: &'static str,
+    log: Arc<Mutex<Vec<(&'static str, u32)>>>,
+    busy: Arc<std::sync::atomic::AtomicBool>,
+    delay: Duration,
+}
+
+impl Backend for Logger {
+    type Input = u32;
+    type Output = u32;
+    fn cost(&self, _: &u32) -> usize {
+        1
+    }
+    fn run(&self, batch: &[&u32]) -> Result<Vec<u32>, String> {
+        use std::sync::atomic::Ordering;
+        assert!(!self.busy.swap(true, Ordering::SeqCst), "two batches ran on one device at once");
+        std::thread::sleep(self.delay);
+        self.log.lock().unwrap().extend(batch.iter().map(|&&x| (self.lane, x)));
+        self.busy.store(false, Ordering::SeqCst);
+        Ok(batch.iter().map(|&&x| x).collect())
+    }
+}
+
+fn two_lanes(delay_ms: u64) -> (concierge_engine::Device, Engine<Logger>, Engine<Logger>, Arc<Logger>, Arc<Logger>, Arc<Mutex<Vec<(&'static str, u32)>>>) {
+    let device = concierge_engine::Device::start("shared").unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mk = |lane| Arc::new(Logger { lane, log: log.clone(), busy: busy.clone(), delay: Duration::from_millis(delay_ms) });
+    let text = Engine::on(&device, "text", limits(1, 0, 1000)).unwrap();
+    let image = Engine::on(&device, "image", limits(1, 0, 1000)).unwrap();
+    let (t, i) = (mk("text"), mk("image"));
+    (device, text, image, t, i, log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lanes_on_one_device_take_turns_and_never_overlap() {
+    let (_device, text, image, tm, im, log) = two_lanes(5);
+    // 30 text inputs queued first, then 30 images: the images must not wait for all the text.
+    let t = text.submit(&tm, (0..30).collect(), None).unwrap();
+    let i = image.submit(&im, (0..30).collect(), None).unwrap();
+    for r in t.into_iter().chain(i) {
+        r.await.unwrap().unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    assert_eq!(log.len(), 60);
+    let first_image = log.iter().position(|(l, _)| *l == "image").unwrap();
+    assert!(first_image <= 2, "the image lane waited behind {first_image} text batches: {log:?}");
+    // While both lanes have work, neither runs more than one batch in a row (one more for the
+    // batch that may already have been running when the images arrived).
+    let both = &log[..40];
+    let longest_run = both.chunk_by(|a, b| a.0 == b.0).map(<[_]>::len).max().unwrap();
+    assert!(longest_run <= 2, "a lane ran {longest_run} batches in a row while the other waited: {both:?}");
+    // Each lane's inputs still run in their own order.
+    for lane in ["text", "image"] {
+        let seen: Vec<u32> = log.iter().filter(|(l, _)| *l == lane).map(|(_, x)| *x).collect();
+        assert_eq!(seen, (0..30).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_one_lane_down_leaves_the_others_serving() {
+    let (device, text, image, tm, im, _log) = two_lanes(1);
+    let queued = image.submit(&im, vec![1, 2, 3], None).unwrap();
+    image.shutdown();
+    for r in queued {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(image.submit(&im, vec![4], None).unwrap_err(), EngineError::ShuttingDown);
+    let r = text.submit(&tm, vec![5], None).unwrap();
+    assert_eq!(r.into_iter().next().unwrap().await.unwrap().unwrap(), 5);
+    // Stopping the device drains and closes every lane still on it.
+    let last = text.submit(&tm, vec![6, 7], None).unwrap();
+    device.shutdown();
+    for r in last {
+        r.await.unwrap().unwrap();
+    }
+    assert_eq!(text.submit(&tm, vec![8], None).unwrap_err(), EngineError::ShuttingDown);
+}
