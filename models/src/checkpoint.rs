@@ -63,6 +63,57 @@ impl ModelSource {
             ModelSource::Hub { repo, revision } => resolve_hub(repo, revision),
         }
     }
+
+    /// An image checkpoint: `config.json` (a ResNet config) and `model.safetensors`.
+    pub fn resolve_image(&self) -> Result<ImageCheckpoint> {
+        match self {
+            ModelSource::Dir(dir) => {
+                if !dir.is_dir() {
+                    return Err(ModelError::MissingFile {
+                        path: dir.to_owned(),
+                        expected: "an image model folder (did the set-up step that fetches the model run?)".into(),
+                    });
+                }
+                let [config, weights] = IMAGE_FILES.map(|(name, what)| {
+                    let p = dir.join(name);
+                    if p.is_file() { Ok(p) } else { Err(ModelError::MissingFile { path: p, expected: what.into() }) }
+                });
+                let (config, weights) = (config?, weights?);
+                let version = format!("sha256:{}", &files_sha256(&[&weights])?[..12]);
+                Ok(ImageCheckpoint { config, weights, id: folder_id(dir), version })
+            }
+            ModelSource::Hub { repo, revision } => resolve_image_hub_in(repo, revision, None),
+        }
+    }
+}
+
+/// The files an image checkpoint needs.
+const IMAGE_FILES: [(&str, &str); 2] = [
+    ("config.json", "a ResNet config (block, layers, input conventions)"),
+    ("model.safetensors", "the weights in safetensors format, named as torchvision names them"),
+];
+
+/// The local files of an image checkpoint.
+#[derive(Debug, Clone)]
+pub struct ImageCheckpoint {
+    pub config: PathBuf,
+    pub weights: PathBuf,
+    /// A display id: the repo id, or the folder's name.
+    pub id: String,
+    /// The Hub commit, or `sha256:<first 12 hex>` of the weights for a folder.
+    pub version: String,
+}
+
+fn resolve_image_hub_in(repo_id: &str, revision: &str, offline_cache: Option<hf_hub::Cache>) -> Result<ImageCheckpoint> {
+    let hub = HubFiles::new(repo_id, revision, offline_cache);
+    let config = hub.need(IMAGE_FILES[0].0, IMAGE_FILES[0].1)?;
+    let weights = hub.need(IMAGE_FILES[1].0, IMAGE_FILES[1].1)?;
+    let version = snapshot_commit(&weights).unwrap_or_else(|| revision.to_owned());
+    Ok(ImageCheckpoint { config, weights, id: repo_id.to_owned(), version })
+}
+
+fn folder_id(dir: &Path) -> String {
+    dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string())
 }
 
 fn resolve_dir(dir: &Path) -> Result<TextCheckpoint> {
@@ -120,10 +171,7 @@ fn resolve_dir(dir: &Path) -> Result<TextCheckpoint> {
         pooling,
         after_pooling,
         sentence_bert_config: optional("sentence_bert_config.json"),
-        id: dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| dir.display().to_string()),
+        id: folder_id(dir),
         version,
         weights,
     })
@@ -269,58 +317,71 @@ fn snapshot_commit(path: &Path) -> Option<String> {
     None
 }
 
-fn resolve_hub(repo_id: &str, revision: &str) -> Result<TextCheckpoint> {
-    let offline = std::env::var("HF_HUB_OFFLINE")
-        .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"))
-        .unwrap_or(false);
-    // Cache::from_env (and, online, ApiBuilder::from_env) follow HF_HOME.
-    let cache = if offline { Some(hf_hub::Cache::from_env()) } else { None };
-    resolve_hub_in(repo_id, revision, cache)
+/// Files of one Hub repository at a revision, from the network or only from a local cache.
+struct HubFiles {
+    repo_id: String,
+    revision: String,
+    repo: hf_hub::Repo,
+    offline_cache: Option<hf_hub::Cache>,
 }
 
-/// Resolves from the Hub, or only from `offline_cache` when given (so tests need not set
-/// process-wide environment variables).
-fn resolve_hub_in(repo_id: &str, revision: &str, offline_cache: Option<hf_hub::Cache>) -> Result<TextCheckpoint> {
-    use hf_hub::{Repo, RepoType};
-    let repo = Repo::with_revision(repo_id.to_owned(), RepoType::Model, revision.to_owned());
-    let offline = offline_cache.is_some();
-    let hub_err = |file: &str, reason: String| ModelError::Hub {
-        repo: repo_id.to_owned(),
-        revision: revision.to_owned(),
-        file: file.to_owned(),
-        reason,
-    };
-    let get = |file: &str| -> Result<Option<PathBuf>> {
-        if let Some(cache) = &offline_cache {
-            Ok(cache.repo(repo.clone()).get(file))
-        } else {
-            let api = hf_hub::api::sync::ApiBuilder::from_env()
-                .with_progress(false)
-                .build()
-                .map_err(|e| hub_err(file, e.to_string()))?;
-            match api.repo(repo.clone()).get(file) {
-                Ok(p) => Ok(Some(p)),
-                Err(hf_hub::api::sync::ApiError::RequestError(e))
-                    if e.to_string().contains("404") =>
-                {
-                    Ok(None)
-                }
-                Err(e) => Err(hub_err(file, e.to_string())),
-            }
+impl HubFiles {
+    /// `offline_cache`: resolve only from that cache (so tests need not set process-wide
+    /// environment variables); None: HF_HUB_OFFLINE decides.
+    fn new(repo_id: &str, revision: &str, offline_cache: Option<hf_hub::Cache>) -> Self {
+        let offline_cache = offline_cache.or_else(|| {
+            let offline = std::env::var("HF_HUB_OFFLINE")
+                .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "True" | "yes" | "ON" | "on"))
+                .unwrap_or(false);
+            // Cache::from_env (and, online, ApiBuilder::from_env) follow HF_HOME.
+            offline.then(hf_hub::Cache::from_env)
+        });
+        let repo = hf_hub::Repo::with_revision(repo_id.to_owned(), hf_hub::RepoType::Model, revision.to_owned());
+        Self { repo_id: repo_id.to_owned(), revision: revision.to_owned(), repo, offline_cache }
+    }
+
+    fn err(&self, file: &str, reason: String) -> ModelError {
+        ModelError::Hub { repo: self.repo_id.clone(), revision: self.revision.clone(), file: file.to_owned(), reason }
+    }
+
+    fn get(&self, file: &str) -> Result<Option<PathBuf>> {
+        if let Some(cache) = &self.offline_cache {
+            return Ok(cache.repo(self.repo.clone()).get(file));
         }
-    };
-    let need = |file: &str, what: &str| -> Result<PathBuf> {
-        get(file)?.ok_or_else(|| {
-            hub_err(
+        let api = hf_hub::api::sync::ApiBuilder::from_env()
+            .with_progress(false)
+            .build()
+            .map_err(|e| self.err(file, e.to_string()))?;
+        match api.repo(self.repo.clone()).get(file) {
+            Ok(p) => Ok(Some(p)),
+            Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => Ok(None),
+            Err(e) => Err(self.err(file, e.to_string())),
+        }
+    }
+
+    fn need(&self, file: &str, what: &str) -> Result<PathBuf> {
+        self.get(file)?.ok_or_else(|| {
+            self.err(
                 file,
-                if offline {
+                if self.offline_cache.is_some() {
                     format!("not in the local cache and HF_HUB_OFFLINE is set; expected {what}")
                 } else {
                     format!("not in the repository; expected {what}")
                 },
             )
         })
-    };
+    }
+}
+
+fn resolve_hub(repo_id: &str, revision: &str) -> Result<TextCheckpoint> {
+    resolve_hub_in(repo_id, revision, None)
+}
+
+/// Resolves from the Hub, or only from `offline_cache` when given.
+fn resolve_hub_in(repo_id: &str, revision: &str, offline_cache: Option<hf_hub::Cache>) -> Result<TextCheckpoint> {
+    let hub = HubFiles::new(repo_id, revision, offline_cache);
+    let get = |file: &str| hub.get(file);
+    let need = |file: &str, what: &str| hub.need(file, what);
     let config = need(REQUIRED[0].0, REQUIRED[0].1)?;
     let tokenizer = need(REQUIRED[1].0, REQUIRED[1].1)?;
     let weights = need(REQUIRED[2].0, REQUIRED[2].1)?;
@@ -401,6 +462,28 @@ mod tests {
         );
         let local = resolve_dir(Path::new(FIXTURE)).unwrap();
         assert_eq!(local.after_pooling.len(), 2);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn image_checkpoints_resolve_from_a_folder_and_the_hub_cache() {
+        let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/resnet18-tiny");
+        let local = ModelSource::Dir(fixture.clone()).resolve_image().unwrap();
+        assert_eq!(local.id, "resnet18-tiny");
+        assert!(local.version.starts_with("sha256:"));
+        let root = std::env::temp_dir().join(format!("concierge-image-hub-{}", std::process::id()));
+        let commit = "fedcba9876543210fedcba9876543210fedcba98";
+        let snap = root.join("models--acme--resnet/snapshots").join(commit);
+        std::fs::create_dir_all(&snap).unwrap();
+        std::fs::create_dir_all(root.join("models--acme--resnet/refs")).unwrap();
+        std::fs::write(root.join("models--acme--resnet/refs/main"), commit).unwrap();
+        std::fs::copy(fixture.join("config.json"), snap.join("config.json")).unwrap();
+        let err = resolve_image_hub_in("acme/resnet", "main", Some(hf_hub::Cache::new(root.clone()))).unwrap_err();
+        assert!(err.to_string().contains("model.safetensors"), "{err}");
+        std::fs::copy(fixture.join("model.safetensors"), snap.join("model.safetensors")).unwrap();
+        let hub = resolve_image_hub_in("acme/resnet", "main", Some(hf_hub::Cache::new(root.clone()))).unwrap();
+        assert_eq!((hub.id.as_str(), hub.version.as_str()), ("acme/resnet", commit));
+        assert_eq!(hub.weights, snap.join("model.safetensors"));
         std::fs::remove_dir_all(&root).unwrap();
     }
 

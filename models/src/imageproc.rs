@@ -8,6 +8,8 @@ use std::io::Cursor;
 use image::imageops::FilterType;
 use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
+use crate::resnet::{ChannelOrder, ResNetConfig};
+
 /// Why an image was refused. The messages name the image by its index in the request.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum ImageError {
@@ -52,7 +54,10 @@ pub struct Preprocess {
     pub std: [f32; 3],
 }
 
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// In a checkpoint's `config.json` (ResNetConfig's `resize`): `{"shorter_side": 256}` or
+/// `{"exact": [256, 256]}`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum Resize {
     /// Shorter side to this many pixels, aspect ratio kept (torchvision `Resize(256)`).
     ShorterSide(u32),
@@ -71,6 +76,22 @@ impl Preprocess {
             scale: 1.0 / 255.0,
             mean: [0.485, 0.456, 0.406],
             std: [0.229, 0.224, 0.225],
+        }
+    }
+
+    /// The preprocessing a ResNet checkpoint declares in its `config.json`: its `resize` (by
+    /// default torchvision's shorter side to `input_size * 256 / 224`), a centre crop of
+    /// `input_size`, its channel order, and `(pixel / 255 * scale - mean) / std`.
+    pub fn from_config(cfg: &ResNetConfig) -> Self {
+        let side = cfg.input_size as u32;
+        let resize = cfg.resize.unwrap_or(Resize::ShorterSide(((side as u64 * 256 + 112) / 224) as u32));
+        Self {
+            resize,
+            crop: [side, side],
+            bgr: cfg.channel_order == ChannelOrder::Bgr,
+            scale: cfg.scale / 255.0,
+            mean: cfg.mean,
+            std: cfg.std,
         }
     }
 }
@@ -163,4 +184,40 @@ pub fn preprocess(img: &image::RgbImage, p: &Preprocess) -> Vec<f32> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn torchvision_config_gives_the_imagenet_transform() {
+        assert_eq!(Preprocess::from_config(&ResNetConfig::resnet50()), Preprocess::imagenet());
+        let small = ResNetConfig { input_size: 112, ..ResNetConfig::resnet18() };
+        let p = Preprocess::from_config(&small);
+        assert_eq!((p.resize, p.crop), (Resize::ShorterSide(128), [112, 112]));
+    }
+
+    #[test]
+    fn caffe_config_gives_exact_resize_bgr_and_0_to_255_pixels() {
+        let cfg: ResNetConfig = serde_json::from_str(
+            r#"{"block": "bottleneck", "layers": [3, 4, 6, 3], "resize": {"exact": [256, 256]},
+                "mean": [104, 117, 123], "std": [1, 1, 1], "channel_order": "bgr", "scale": 255,
+                "labels": ["safe", "unsafe"]}"#,
+        )
+        .unwrap();
+        let p = Preprocess::from_config(&cfg);
+        let want = Preprocess {
+            resize: Resize::Exact([256, 256]),
+            crop: [224, 224],
+            bgr: true,
+            scale: 1.0,
+            mean: [104.0, 117.0, 123.0],
+            std: [1.0; 3],
+        };
+        assert_eq!(p, want);
+        let shorter: ResNetConfig =
+            serde_json::from_str(r#"{"block": "basic", "layers": [2, 2, 2, 2], "resize": {"shorter_side": 300}}"#).unwrap();
+        assert_eq!(Preprocess::from_config(&shorter).resize, Resize::ShorterSide(300));
+    }
 }

@@ -6,13 +6,15 @@ pub mod checkpoint;
 pub mod dense;
 pub mod encoder;
 pub mod error;
+pub mod image_encoder;
 pub mod imageproc;
 pub mod pooling;
 pub mod resnet;
 pub mod tokenize;
 
-pub use checkpoint::ModelSource;
+pub use checkpoint::{ImageCheckpoint, ModelSource};
 pub use encoder::{ModelInfo, TextEncoder};
+pub use image_encoder::{ImageEmbedding, ImageEncoder};
 pub use error::{ModelError, Result};
 pub use resnet::{ResNet, ResNetConfig, ResNetOutput};
 pub use tokenize::TokenizedText;

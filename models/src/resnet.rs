@@ -13,6 +13,7 @@ use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
 use serde::Deserialize;
 
 use crate::error::{ModelError, Result};
+use crate::imageproc::Resize;
 
 /// The residual block: two 3x3 convs, or 1x1 -> 3x3 -> 1x1 with 4x expansion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -77,10 +78,16 @@ pub struct ResNetConfig {
 
     // Preprocessing, carried for the serving side (the model itself takes a ready tensor):
     // the input the model expects is `(pixel / 255 * scale - mean) / std` per channel, in
-    // `channel_order`, from an image resized to `input_size` x `input_size`.
-    /// Side of the square input the model was trained at.
+    // `channel_order`, from an image resized as `resize` says and centre-cropped to
+    // `input_size` x `input_size`. Fields not listed here (e.g. `labels`) are ignored.
+    /// Side of the square input the model was trained at (the centre crop).
     #[serde(default = "two_twenty_four")]
     pub input_size: usize,
+    /// How the image is resized before the crop: `{"shorter_side": 256}` or `{"exact": [256,
+    /// 256]}` (Caffe models, Open-NSFW among them, squash to 256x256). None: torchvision's
+    /// shorter side to `input_size * 256 / 224`. See `imageproc::Preprocess::from_config`.
+    #[serde(default)]
+    pub resize: Option<Resize>,
     /// Per-channel mean, in `channel_order` and in units of `scale`.
     #[serde(default = "imagenet_mean")]
     pub mean: [f32; 3],
@@ -130,6 +137,7 @@ impl ResNetConfig {
             num_classes: Some(1000),
             bn_eps: bn_eps(),
             input_size: 224,
+            resize: None,
             mean: imagenet_mean(),
             std: imagenet_std(),
             channel_order: ChannelOrder::Rgb,
@@ -400,6 +408,12 @@ impl ResNet {
                 return Err(ModelError::MissingFile { path: p.clone(), expected: what.into() });
             }
         }
+        Self::from_files(&config, &weights, device, dtype)
+    }
+
+    /// Loads a ResNet config file and its safetensors weights. Weight errors name the file.
+    pub fn from_files(config: &Path, weights: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let (config, weights) = (config.to_path_buf(), weights.to_path_buf());
         let cfg = ResNetConfig::from_file(&config)?;
         // SAFETY: memory-mapped read-only; checkpoint folders are replaced, never edited in place.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
@@ -412,7 +426,7 @@ impl ResNet {
             other => other,
         })?;
         let dim = cfg.feature_dim()?;
-        tracing::info!(dir = %dir.display(), ?cfg.block, ?cfg.layers, dim, ?device, ?dtype, "resnet loaded");
+        tracing::info!(weights = %weights.display(), ?cfg.block, ?cfg.layers, dim, ?device, ?dtype, "resnet loaded");
         Ok(model)
     }
 
