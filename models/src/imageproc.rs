@@ -115,6 +115,18 @@ pub fn decode(index: usize, bytes: &[u8], limits: &ImageLimits) -> Result<image:
         return Err(ImageError::Unsupported { index, what: format!("{format:?}") });
     }
     let name = format!("{format:?}");
+    // The JPEG decoder fills a cut-off scan with grey rather than failing, so a partial upload
+    // would be embedded as if it were whole: refuse a JPEG without its end-of-image marker.
+    if format == ImageFormat::Jpeg {
+        let end = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        if !bytes[..end].ends_with(&[0xFF, 0xD9]) {
+            return Err(ImageError::Corrupt {
+                index,
+                format: name,
+                reason: "it is truncated (no end-of-image marker); send the whole file".into(),
+            });
+        }
+    }
     // The declared size, from the header alone (no pixel is decoded yet).
     let mut header = ImageReader::with_format(Cursor::new(bytes), format);
     header.no_limits();

@@ -119,6 +119,17 @@ fn bad_files_are_named() {
     let e = decode(5, &jpeg[..jpeg.len() / 2], &ImageLimits::default()).unwrap_err();
     assert!(matches!(e, ImageError::Corrupt { index: 5, .. }), "{e}");
     assert!(e.to_string().starts_with("image 5 could not be decoded (Jpeg)"), "{e}");
+    // Cut inside the scan data: the decoder alone would fill the rest with grey.
+    let photo = encode(
+        image::DynamicImage::ImageRgb8(RgbImage::from_fn(200, 150, |x, y| Rgb([(x * 7 ^ y * 3) as u8, y as u8, x as u8]))),
+        ImageFormat::Jpeg,
+    );
+    let e = decode(6, &photo[..photo.len() * 2 / 3], &ImageLimits::default()).unwrap_err();
+    assert!(e.to_string().contains("image 6") && e.to_string().contains("truncated"), "{e}");
+    // Trailing zero padding after the end-of-image marker is fine.
+    let mut padded = photo.clone();
+    padded.extend([0u8; 16]);
+    assert_eq!(decode(7, &padded, &ImageLimits::default()).unwrap().dimensions(), (200, 150));
 }
 
 #[test]

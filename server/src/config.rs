@@ -65,8 +65,9 @@ pub struct Config {
     #[arg(long, env = "CONCIERGE_MAX_INPUT_TOKENS")]
     pub max_input_tokens: Option<usize>,
 
-    /// Largest request message accepted, in bytes; larger ones get RESOURCE_EXHAUSTED.
-    #[arg(long, env = "CONCIERGE_MAX_MESSAGE_BYTES", default_value_t = 4 * 1024 * 1024)]
+    /// Largest request message accepted, in bytes (room for a few photos); larger ones get
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CONCIERGE_MAX_MESSAGE_BYTES", default_value_t = 32 * 1024 * 1024)]
     pub max_message_bytes: usize,
 
     /// Folder of the knowledge base: its write-ahead log and snapshots (created if missing).
@@ -100,6 +101,57 @@ pub struct Config {
     /// tower.
     #[arg(long, env = "CONCIERGE_DOCUMENT_MODEL_DIR")]
     pub document_model_dir: Option<PathBuf>,
+
+    /// Image model folder: a ResNet `config.json` + `model.safetensors` with torchvision names.
+    /// The default, Open-NSFW, is written by scripts/fetch-default-model.sh.
+    #[arg(long, env = "CONCIERGE_IMAGE_MODEL_DIR", default_value = "model-store/open-nsfw")]
+    pub image_model_dir: PathBuf,
+
+    /// Hugging Face Hub repo of the image model (overrides --image-model-dir).
+    #[arg(long, env = "CONCIERGE_IMAGE_MODEL_ID")]
+    pub image_model_id: Option<String>,
+
+    /// Hub revision (branch, tag or commit) of --image-model-id.
+    #[arg(long, env = "CONCIERGE_IMAGE_REVISION", default_value = "main")]
+    pub image_revision: String,
+
+    /// Serve text only: load no image model; EmbedImage answers UNIMPLEMENTED.
+    #[arg(long, env = "CONCIERGE_NO_IMAGE_MODEL")]
+    pub no_image_model: bool,
+
+    /// Most images in one device batch.
+    #[arg(long, env = "CONCIERGE_MAX_IMAGE_BATCH_SIZE", default_value_t = 32)]
+    pub max_image_batch_size: usize,
+
+    /// Milliseconds the oldest waiting image may wait for its batch to fill (0: run what is
+    /// there as soon as the device is free).
+    #[arg(long, env = "CONCIERGE_MAX_IMAGE_WAIT_MS", default_value_t = 0)]
+    pub max_image_wait_ms: u64,
+
+    /// Most images admitted and not yet answered; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "CONCIERGE_MAX_QUEUED_IMAGES", default_value_t = 512)]
+    pub max_queued_images: usize,
+
+    /// Most images in one EmbedImage request.
+    #[arg(long, env = "CONCIERGE_MAX_CLIENT_IMAGES", default_value_t = 16)]
+    pub max_client_images: usize,
+
+    /// Most bytes in one encoded image.
+    #[arg(long, env = "CONCIERGE_MAX_IMAGE_BYTES", default_value_t = 10 * 1024 * 1024)]
+    pub max_image_bytes: usize,
+
+    /// Most pixels (width x height, read from the header before decoding) in one image.
+    #[arg(long, env = "CONCIERGE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
+    pub max_image_pixels: u64,
+
+    /// Images decoded at once (each holds up to --max-image-pixels x 3 bytes while it
+    /// decodes). Default: the number of CPUs.
+    #[arg(long, env = "CONCIERGE_IMAGE_DECODE_THREADS")]
+    pub image_decode_threads: Option<usize>,
+
+    /// unsafe_score at or above which an image is `flagged`.
+    #[arg(long, env = "CONCIERGE_IMAGE_MODERATION_THRESHOLD", default_value_t = 0.8)]
+    pub image_moderation_threshold: f32,
 
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "CONCIERGE_SHUTDOWN_GRACE_SECS", default_value_t = 30)]
@@ -142,6 +194,19 @@ impl Config {
         }
     }
 
+    /// Where the image model comes from.
+    pub fn image_model_source(&self) -> concierge_models::ModelSource {
+        match &self.image_model_id {
+            Some(repo) => concierge_models::ModelSource::Hub { repo: repo.clone(), revision: self.image_revision.clone() },
+            None => concierge_models::ModelSource::Dir(self.image_model_dir.clone()),
+        }
+    }
+
+    pub fn image_decode_threads(&self) -> usize {
+        self.image_decode_threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))
+    }
+
     pub fn max_wait(&self) -> Duration {
         Duration::from_millis(self.max_wait_ms)
     }
@@ -174,6 +239,15 @@ impl Config {
         anyhow::ensure!(self.kb_max_top_k > 0, "--kb-max-top-k must be at least 1");
         anyhow::ensure!(self.kb_max_search_batch > 0, "--kb-max-search-batch must be at least 1");
         anyhow::ensure!(self.kb_max_upsert_documents > 0, "--kb-max-upsert-documents must be at least 1");
+        anyhow::ensure!(self.max_image_batch_size > 0, "--max-image-batch-size must be at least 1");
+        anyhow::ensure!(self.max_client_images > 0, "--max-client-images must be at least 1");
+        anyhow::ensure!(self.max_queued_images >= self.max_client_images,
+            "--max-queued-images ({}) must be at least --max-client-images ({}), or no full request could ever be admitted",
+            self.max_queued_images, self.max_client_images);
+        anyhow::ensure!(self.max_image_bytes > 0 && self.max_image_pixels > 0, "--max-image-bytes and --max-image-pixels must be at least 1");
+        anyhow::ensure!(self.image_decode_threads() > 0, "--image-decode-threads must be at least 1");
+        anyhow::ensure!((0.0..=1.0).contains(&self.image_moderation_threshold),
+            "--image-moderation-threshold must be a probability in [0, 1], got {}", self.image_moderation_threshold);
         if let Some(m) = self.max_input_tokens {
             anyhow::ensure!(m >= 2, "--max-input-tokens must leave room for the special tokens (at least 2)");
         }

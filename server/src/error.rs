@@ -21,6 +21,9 @@ pub enum ServiceError {
     /// Not ready (model loading) or shutting down: retry elsewhere or later.
     #[error("{0}")]
     Unavailable(String),
+    /// A feature this server was started without (e.g. --no-image-model).
+    #[error("{0}")]
+    Unimplemented(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -54,6 +57,7 @@ impl ServiceError {
             ServiceError::NotFound(_) => Code::NotFound,
             ServiceError::AlreadyExists(_) => Code::AlreadyExists,
             ServiceError::Unavailable(_) => Code::Unavailable,
+            ServiceError::Unimplemented(_) => Code::Unimplemented,
             ServiceError::Internal(_) => Code::Internal,
         }
     }

@@ -3,6 +3,7 @@
 pub mod config;
 pub mod error;
 pub mod grpc;
+pub mod image;
 pub mod kb;
 pub mod registry;
 pub mod server;

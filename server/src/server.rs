@@ -5,9 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use concierge_engine::{BatchLimits, Engine};
+use concierge_engine::{BatchLimits, Device as EngineDevice, Engine};
 use concierge_kb::store::{Store, StoreOptions};
-use concierge_models::{ModelSource, TextEncoder};
+use concierge_models::{ImageEncoder, ModelSource, TextEncoder};
 use concierge_proto::v1::embeddings_server::EmbeddingsServer;
 use concierge_proto::v1::knowledge_base_server::KnowledgeBaseServer;
 use tokio::net::TcpListener;
@@ -23,6 +23,7 @@ use crate::state::AppState;
 use crate::telemetry;
 use crate::grpc::knowledge_base::KnowledgeBaseService;
 use crate::kb::{LocalStore, VectorStore};
+use crate::image::{ImageLane, ImageModel};
 use crate::text::{TextLane, TextModel};
 
 /// A started server. [`Running::shutdown`] stops it and waits; dropping it starts the same
@@ -80,17 +81,37 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         max_wait: config.max_wait(),
         max_queued: config.max_queued_inputs,
     };
-    let text = Arc::new(TextLane { slot: ModelSlot::empty("the text model"), engine: Engine::start("text", limits.clone())? });
+    // One device thread runs every model's batches, the lanes taking turns.
+    let gpu = EngineDevice::start("model")?;
+    let text = Arc::new(TextLane { slot: ModelSlot::empty("the text model"), engine: Engine::on(&gpu, "text", limits.clone())? });
     let tower = |dir: &Option<std::path::PathBuf>, name: &'static str, lane: &'static str| -> anyhow::Result<Arc<TextLane>> {
         Ok(match dir {
-            Some(_) => Arc::new(TextLane { slot: ModelSlot::empty(name), engine: Engine::start(lane, limits.clone())? }),
+            Some(_) => Arc::new(TextLane { slot: ModelSlot::empty(name), engine: Engine::on(&gpu, lane, limits.clone())? }),
             None => text.clone(),
         })
+    };
+    let image = match config.no_image_model {
+        true => None,
+        false => {
+            let image_limits = BatchLimits {
+                max_batch_size: config.max_image_batch_size,
+                max_batch_cost: config.max_image_batch_size,
+                max_wait: Duration::from_millis(config.max_image_wait_ms),
+                max_queued: config.max_queued_images,
+            };
+            Some(Arc::new(ImageLane {
+                slot: ModelSlot::empty("the image model"),
+                engine: Engine::on(&gpu, "image", image_limits)?,
+                decoders: Arc::new(tokio::sync::Semaphore::new(config.image_decode_threads())),
+                limits: crate::image::limits_of(&config),
+            }))
+        }
     };
     let state = Arc::new(AppState {
         query_tower: tower(&config.query_model_dir, "the query tower", "query")?,
         document_tower: tower(&config.document_model_dir, "the document tower", "document")?,
         text,
+        image,
         kb: ModelSlot::empty("the knowledge base"),
         config,
     });
@@ -197,6 +218,9 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             for lane in [&s.text, &s.query_tower, &s.document_tower] {
                 lane.engine.shutdown();
             }
+            if let Some(image) = &s.image {
+                image.engine.shutdown();
+            }
             // Writes already queued are committed before the store stops.
             if let Ok(kb) = s.kb.get() {
                 kb.shutdown();
@@ -228,6 +252,16 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
             lane.slot.replace(Arc::new(TextModel { encoder: enc }));
             metrics::gauge!("concierge_model_ready", "slot" => what).set(1.0);
         }
+    }
+    if let Some(lane) = &state.image {
+        let source = cfg.image_model_source();
+        let enc = ImageEncoder::load(&source, device, cfg.dtype.to_candle()).with_context(|| {
+            format!("cannot load the image model (run scripts/fetch-default-model.sh for the default, or start with --no-image-model to serve text only)")
+        })?;
+        tracing::info!(id = %enc.info().id, version = %enc.info().version, dim = enc.info().dimension,
+            moderation = enc.has_moderation(), "image model loaded");
+        lane.slot.replace(Arc::new(ImageModel { encoder: enc }));
+        metrics::gauge!("concierge_model_ready", "slot" => "image").set(1.0);
     }
 
     let t0 = std::time::Instant::now();

@@ -2,6 +2,7 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::image::ImageLane;
 use crate::kb::VectorStore;
 use crate::registry::ModelSlot;
 use crate::text::TextLane;
@@ -10,6 +11,8 @@ pub struct AppState {
     pub config: Config,
     /// The text encoder behind `Embeddings`.
     pub text: Arc<TextLane>,
+    /// The image encoder behind `EmbedImage`; None when started with --no-image-model.
+    pub image: Option<Arc<ImageLane>>,
     /// The knowledge base's towers: the same lane as `text` unless their own checkpoints are set.
     pub query_tower: Arc<TextLane>,
     pub document_tower: Arc<TextLane>,

@@ -37,9 +37,10 @@ fn describe() {
     describe_counter!("concierge_requests_total", "gRPC requests by rpc and status code");
     describe_histogram!("concierge_request_duration_seconds", Unit::Seconds, "end-to-end latency of a gRPC request");
     describe_histogram!("concierge_tokenization_seconds", Unit::Seconds, "time to tokenise one request's inputs");
+    describe_histogram!("concierge_image_decode_seconds", Unit::Seconds, "time to decode and preprocess one image");
     describe_gauge!("concierge_queue_depth", "inputs admitted and not yet answered, by lane");
     describe_histogram!("concierge_queue_wait_seconds", Unit::Seconds, "time an input waited before its batch started");
-    describe_histogram!("concierge_batch_size", "inputs per batch");
+    describe_histogram!("concierge_batch_size", "inputs per batch, by lane (text, image, ...)");
     describe_histogram!("concierge_batch_tokens", "tokens per text batch");
     describe_histogram!("concierge_inference_seconds", Unit::Seconds, "model time per batch");
     describe_counter!("concierge_dropped_total", "inputs dropped before compute (reason: deadline, cancelled)");

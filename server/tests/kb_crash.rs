@@ -45,6 +45,7 @@ fn start(dir: &Path) -> (Child, String) {
             format!("--kb-dir={}", dir.display()),
             "--kb-snapshot-mb=1".to_string(),
             "--log-format=json".to_string(),
+            "--no-image-model".to_string(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -3,7 +3,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use concierge_proto::v1::embeddings_server::Embeddings;
-use concierge_proto::v1::{EmbedTextRequest, EmbedTextResponse, Embedding, ModelInfo};
+use concierge_proto::v1::{
+    EmbedImageRequest, EmbedImageResponse, EmbedTextRequest, EmbedTextResponse, Embedding, ImageModeration, ModelInfo,
+};
 use tonic::{Request, Response, Status};
 
 use super::{deadline_of, observe};
@@ -53,6 +55,43 @@ impl EmbeddingsService {
             dimension: out.model.dimension as u32,
         })
     }
+
+    async fn embed_images(&self, req: Request<EmbedImageRequest>) -> Result<EmbedImageResponse, ServiceError> {
+        let deadline = deadline_of(&req)?;
+        let Some(lane) = &self.state.image else {
+            return Err(ServiceError::Unimplemented(
+                "this server was started with --no-image-model; it embeds text only".into(),
+            ));
+        };
+        let msg = req.into_inner();
+        let cfg = &self.state.config;
+        if msg.images.is_empty() {
+            return Err(ServiceError::InvalidArgument("images is empty; send at least one encoded image".into()));
+        }
+        if msg.images.len() > cfg.max_client_images {
+            return Err(ServiceError::InvalidArgument(format!(
+                "{} images in one request; the limit is {}; split them over several calls",
+                msg.images.len(),
+                cfg.max_client_images
+            )));
+        }
+        let normalize = msg.normalize.unwrap_or(true);
+        let out = lane.embed(msg.images, normalize, deadline).await?;
+        let threshold = cfg.image_moderation_threshold;
+        let moderation = out
+            .outputs
+            .iter()
+            .filter_map(|o| o.unsafe_score)
+            .map(|unsafe_score| ImageModeration { unsafe_score, flagged: unsafe_score >= threshold })
+            .collect();
+        Ok(EmbedImageResponse {
+            embeddings: out.outputs.into_iter().map(|o| Embedding { values: o.vector }).collect(),
+            model: Some(ModelInfo { id: out.model.id.clone(), version: out.model.version.clone() }),
+            dimension: out.model.dimension as u32,
+            moderation,
+            moderation_threshold: threshold,
+        })
+    }
 }
 
 #[tonic::async_trait]
@@ -61,6 +100,13 @@ impl Embeddings for EmbeddingsService {
         let start = Instant::now();
         let result = self.embed(req).await.map(Response::new).map_err(Status::from);
         observe("EmbedText", start, &result);
+        result
+    }
+
+    async fn embed_image(&self, req: Request<EmbedImageRequest>) -> Result<Response<EmbedImageResponse>, Status> {
+        let start = Instant::now();
+        let result = self.embed_images(req).await.map(Response::new).map_err(Status::from);
+        observe("EmbedImage", start, &result);
         result
     }
 }

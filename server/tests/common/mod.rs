@@ -21,11 +21,42 @@ pub fn config(extra: &[&str]) -> Config {
     if !extra.iter().any(|a| a.starts_with("--model-dir")) {
         args.push(format!("--model-dir={}", dir.display()));
     }
+    if !extra.iter().any(|a| a.starts_with("--image-model") || a.starts_with("--no-image-model")) {
+        args.push(format!("--image-model-dir={}", tiny_image_model().display()));
+    }
     if !extra.iter().any(|a| a.starts_with("--kb-dir")) {
         args.push(format!("--kb-dir={}", fresh_dir("kb").display()));
     }
     args.extend(extra.iter().map(|s| s.to_string()));
     Config::try_parse_from(args).expect("valid test flags")
+}
+
+/// A tiny Caffe-style ResNet with a safe/unsafe head (the models crate's parity fixture plus
+/// labels): the image model of the server tests, fast on any machine. Written once per process.
+pub fn tiny_image_model() -> std::path::PathBuf {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../models/tests/fixtures/resnet-caffe-tiny");
+        let dir = fresh_dir("tiny-moderation");
+        std::fs::copy(src.join("model.safetensors"), dir.join("model.safetensors")).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(src.join("config.json")).unwrap()).unwrap();
+        cfg["labels"] = serde_json::json!(["safe", "unsafe"]);
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        dir
+    })
+    .clone()
+}
+
+/// An image of `w` x `h` in `format`, its pixels a pattern seeded by `seed`.
+pub fn encoded_image(w: u32, h: u32, seed: u32, format: image::ImageFormat) -> Vec<u8> {
+    let img = image::RgbImage::from_fn(w, h, |x, y| {
+        let v = x.wrapping_mul(7 + seed) ^ y.wrapping_mul(13 + 3 * seed) ^ seed.wrapping_mul(97);
+        image::Rgb([(v % 251) as u8, (v / 3 % 241) as u8, ((x + y + seed) % 256) as u8])
+    });
+    let mut out = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut out, format).unwrap();
+    out.into_inner()
 }
 
 /// An empty folder of its own under cargo's scratch space for integration tests.
