@@ -3,9 +3,13 @@
 //! A [`Device`] is one thread that owns the accelerator (or the CPU's compute). Lanes
 //! ([`Engine`]s: "text", "image", ...) are attached to a device; each has its own queue and
 //! [`BatchLimits`]. The device thread runs one batch at a time, from the lanes whose next batch
-//! is due (full, or its oldest input has waited `max_wait`), taking due lanes in turn
-//! (round-robin), so under mixed load neither text nor images starve: a lane with a due batch
-//! waits for at most one batch of every other lane.
+//! is due (full, or its oldest input has waited `max_wait`). Among those it picks the lane that
+//! has had the least device time (start-time fair queuing: each lane's clock advances by the
+//! seconds its batches ran, and a lane that was idle rejoins at the busy lanes' clock, so idling
+//! banks no credit). Under mixed load each backlogged lane gets an equal share of device time,
+//! whatever its batches cost: a 300 ms image batch is followed by 300 ms of text batches, not
+//! by one 10 ms text batch. Neither starves: a lane with a due batch waits at most until every
+//! other lane has run about one batch more than it.
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -50,9 +54,17 @@ trait LaneOps: Send + Sync {
     fn close(&self);
 }
 
+struct LaneEntry {
+    ops: Arc<dyn LaneOps>,
+    /// Device seconds this lane's batches have used (its fair-queuing clock).
+    clock: f64,
+    /// It had work at the last scan.
+    backlogged: bool,
+}
+
 struct DeviceState {
-    lanes: Vec<Arc<dyn LaneOps>>,
-    /// Where the round-robin scan starts next.
+    lanes: Vec<LaneEntry>,
+    /// Where the scan starts next (ties between equal clocks go round-robin).
     next: usize,
     closing: bool,
 }
@@ -81,7 +93,7 @@ impl DeviceCore {
             let mut st = lock(&self.shared.state);
             st.closing = true;
             for lane in &st.lanes {
-                lane.close();
+                lane.ops.close();
             }
             self.shared.wake.notify_one();
         }
@@ -132,26 +144,49 @@ fn device_loop(shared: &DeviceShared) {
     loop {
         let now = Instant::now();
         let n = st.lanes.len();
-        let mut pick = None;
+        let dues: Vec<Option<Instant>> = st.lanes.iter().map(|l| l.ops.due()).collect();
+        // A lane that had no work rejoins at the clock of the lanes that kept busy.
+        let floor = st
+            .lanes
+            .iter()
+            .zip(&dues)
+            .filter(|(l, d)| l.backlogged && d.is_some())
+            .map(|(l, _)| l.clock)
+            .fold(f64::INFINITY, f64::min);
+        for (l, d) in st.lanes.iter_mut().zip(&dues) {
+            if d.is_some() && !l.backlogged && floor.is_finite() {
+                l.clock = l.clock.max(floor);
+            }
+            l.backlogged = d.is_some();
+        }
+        let mut pick: Option<usize> = None;
         let mut earliest: Option<Instant> = None;
         for k in 0..n {
             let i = (st.next + k) % n;
-            if let Some(due) = st.lanes[i].due() {
-                if due <= now {
-                    pick = Some(i);
-                    break;
+            match dues[i] {
+                Some(due) if due <= now => {
+                    if pick.is_none_or(|p| st.lanes[i].clock < st.lanes[p].clock) {
+                        pick = Some(i);
+                    }
                 }
-                earliest = Some(earliest.map_or(due, |e| e.min(due)));
+                Some(due) => earliest = Some(earliest.map_or(due, |e| e.min(due))),
+                None => {}
             }
         }
         if let Some(i) = pick {
             st.next = (i + 1) % n;
-            let lane = st.lanes[i].clone();
+            let lane = st.lanes[i].ops.clone();
             drop(st);
-            if let Some(work) = lane.take() {
+            let t0 = Instant::now();
+            if let Some(work) = lane.clone().take() {
                 work();
             }
+            let ran = t0.elapsed().as_secs_f64();
             st = lock(&shared.state);
+            // The lane may have been detached while its batch ran.
+            if let Some(l) = st.lanes.iter_mut().find(|l| Arc::ptr_eq(&l.ops, &lane)) {
+                l.clock += ran;
+            }
             continue;
         }
         if st.closing && earliest.is_none() {
@@ -269,7 +304,7 @@ impl<B: Backend> Engine<B> {
         Ok(engine)
     }
 
-    /// Attaches `lane` to `device`, which runs its batches in turn with its other lanes'.
+    /// Attaches `lane` to `device`, which shares its time fairly among its lanes.
     pub fn on(device: &Device, lane: &'static str, limits: BatchLimits) -> std::io::Result<Self> {
         check_limits(lane, &limits)?;
         let l = Arc::new(Lane {
@@ -283,7 +318,9 @@ impl<B: Backend> Engine<B> {
             if st.closing {
                 return Err(std::io::Error::other(format!("device {} is shutting down", device.name())));
             }
-            st.lanes.push(l.clone());
+            // A new lane starts at the busiest-so-far clock floor, as a lane coming back from idle.
+            let clock = st.lanes.iter().map(|l| l.clock).fold(f64::INFINITY, f64::min);
+            st.lanes.push(LaneEntry { ops: l.clone(), clock: if clock.is_finite() { clock } else { 0.0 }, backlogged: false });
         }
         Ok(Self { lane: l, device: device.clone(), queued: Arc::new(AtomicUsize::new(0)), owns_device: false })
     }
@@ -357,7 +394,7 @@ impl<B: Backend> Engine<B> {
         {
             let mut st = lock(&self.device.0.shared.state);
             let me: Arc<dyn LaneOps> = self.lane.clone();
-            st.lanes.retain(|l| !Arc::ptr_eq(l, &me));
+            st.lanes.retain(|l| !Arc::ptr_eq(&l.ops, &me));
             st.next = 0;
         }
         if self.owns_device {

@@ -182,14 +182,21 @@ impl Backend for Logger {
     }
 }
 
-fn two_lanes(delay_ms: u64) -> (concierge_engine::Device, Engine<Logger>, Engine<Logger>, Arc<Logger>, Arc<Logger>, Arc<Mutex<Vec<(&'static str, u32)>>>) {
+type TwoLanes = (concierge_engine::Device, Engine<Logger>, Engine<Logger>, Arc<Logger>, Arc<Logger>, Arc<Mutex<Vec<(&'static str, u32)>>>);
+
+fn two_lanes(delay_ms: u64) -> TwoLanes {
+    two_lanes_costing(delay_ms, delay_ms)
+}
+
+/// A "text" and an "image" lane on one device, with these batch times.
+fn two_lanes_costing(text_ms: u64, image_ms: u64) -> TwoLanes {
     let device = concierge_engine::Device::start("shared").unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     let busy = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mk = |lane| Arc::new(Logger { lane, log: log.clone(), busy: busy.clone(), delay: Duration::from_millis(delay_ms) });
+    let mk = |lane, ms| Arc::new(Logger { lane, log: log.clone(), busy: busy.clone(), delay: Duration::from_millis(ms) });
     let text = Engine::on(&device, "text", limits(1, 0, 1000)).unwrap();
     let image = Engine::on(&device, "image", limits(1, 0, 1000)).unwrap();
-    let (t, i) = (mk("text"), mk("image"));
+    let (t, i) = (mk("text", text_ms), mk("image", image_ms));
     (device, text, image, t, i, log)
 }
 
@@ -236,4 +243,25 @@ async fn shutting_one_lane_down_leaves_the_others_serving() {
         r.await.unwrap().unwrap();
     }
     assert_eq!(text.submit(&tm, vec![8], None).unwrap_err(), EngineError::ShuttingDown);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backlogged_lanes_get_equal_device_time_not_equal_turns() {
+    // Image batches cost 10x text batches: with both lanes backlogged, text must get about ten
+    // batches per image batch (equal time), not one (equal turns).
+    let (_device, text, image, tm, im, log) = two_lanes_costing(2, 20);
+    let i = image.submit(&im, (0..12).collect(), None).unwrap();
+    let t = text.submit(&tm, (0..400).collect(), None).unwrap();
+    for r in i {
+        r.await.unwrap().unwrap();
+    }
+    let log_at_images_done = log.lock().unwrap().clone();
+    let texts = log_at_images_done.iter().filter(|(l, _)| *l == "text").count();
+    assert!(
+        (60..=200).contains(&texts),
+        "while 12 image batches (240 ms) ran, {texts} text batches (2 ms each) ran; equal time is about 120"
+    );
+    for r in t {
+        r.await.unwrap().unwrap();
+    }
 }
