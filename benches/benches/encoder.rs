@@ -88,6 +88,8 @@ fn synthetic(enc: &TextEncoder, len: usize, salt: usize) -> TokenizedText {
             t.ids.truncate(len - 1);
             t.ids.push(102);
             t.type_ids.truncate(len);
+            t.words.truncate(len);
+            t.offsets.truncate(len);
             return t;
         }
         text.push_str(words[k % words.len()]);

@@ -23,6 +23,22 @@ pub struct ModelInfo {
     pub max_input_tokens: usize,
 }
 
+/// Packed token states of one batch (see [`TextEncoder::token_states`]).
+#[derive(Debug, Clone)]
+pub struct TokenStates {
+    /// `[sum of lens, hidden]`, f32.
+    pub hidden: Tensor,
+    pub lens: Vec<usize>,
+}
+
+impl TokenStates {
+    /// Input `i`'s rows `[lens[i], hidden]`.
+    pub fn of(&self, i: usize) -> Result<Tensor> {
+        let start: usize = self.lens[..i].iter().sum();
+        Ok(self.hidden.narrow(0, start, self.lens[i])?)
+    }
+}
+
 pub struct TextEncoder {
     bert: BertEncoder,
     tokenizer: TextTokenizer,
@@ -124,12 +140,30 @@ impl TextEncoder {
     /// checkpoint's Dense modules (and any Normalize between them); not normalised at the end,
     /// even when the checkpoint ends with Normalize (see [`Self::normalizes`]).
     pub fn embed_tensor(&self, inputs: &[&TokenizedText]) -> Result<Tensor> {
+        let states = self.token_states(inputs)?;
+        self.embed_states(&states)
+    }
+
+    /// The encoder's last hidden states for a batch, packed: `[sum of lengths, hidden]` (f32),
+    /// input `i` owning rows `offsets[i]..offsets[i] + lens[i]`. One encoder pass that every
+    /// head (pooling for embeddings, the entity tagger, ...) can read.
+    pub fn token_states(&self, inputs: &[&TokenizedText]) -> Result<TokenStates> {
         let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
         let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
         let type_ids: Vec<u32> = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
         let hidden = self.bert.forward(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens })?;
-        let pooled = self.pooling.pool(&hidden.to_dtype(DType::F32)?, &lens)?;
+        Ok(TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens })
+    }
+
+    /// Embeddings `[B, D]` from token states (see [`Self::embed_tensor`]).
+    pub fn embed_states(&self, states: &TokenStates) -> Result<Tensor> {
+        let pooled = self.pooling.pool(&states.hidden, &states.lens)?;
         self.head.forward(&pooled)
+    }
+
+    /// Hidden size of the token states.
+    pub fn hidden_size(&self) -> usize {
+        self.bert.hidden_size()
     }
 
     /// One vector per input, L2-normalised where `normalize[i]` (which is what a checkpoint's

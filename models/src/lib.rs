@@ -13,7 +13,7 @@ pub mod resnet;
 pub mod tokenize;
 
 pub use checkpoint::{ImageCheckpoint, ModelSource};
-pub use encoder::{ModelInfo, TextEncoder};
+pub use encoder::{ModelInfo, TextEncoder, TokenStates};
 pub use image_encoder::{ImageEmbedding, ImageEncoder};
 pub use error::{ModelError, Result};
 pub use resnet::{ResNet, ResNetConfig, ResNetOutput};

@@ -16,6 +16,11 @@ pub struct TokenizedText {
     pub type_ids: Vec<u32>,
     /// Tokens the untruncated text had (equal to `ids.len()` unless truncated).
     pub original_len: usize,
+    /// Per token, the word it belongs to (the tokenizer's pre-tokenisation: whitespace and
+    /// punctuation for BERT); None for special tokens. For word-level heads (entity tagging).
+    pub words: Vec<Option<u32>>,
+    /// Per token, its `[start, end)` byte range in the input text (`(0, 0)` for special tokens).
+    pub offsets: Vec<(usize, usize)>,
 }
 
 impl TokenizedText {
@@ -80,6 +85,8 @@ impl TextTokenizer {
             ids: enc.get_ids().to_vec(),
             type_ids: enc.get_type_ids().to_vec(),
             original_len,
+            words: enc.get_word_ids().to_vec(),
+            offsets: enc.get_offsets().to_vec(),
         })
     }
 }
