@@ -16,7 +16,7 @@ fn main() {
         let res = vec![0.2f32; m * n];
         let pb = PackedB::pack(&b, k, n);
         let mut out = vec![0f32; m * n];
-        let epi = Epilogue { bias: Some(&bias), act, residual: if n == 384 { Some(&res) } else { None } };
+        let epi = Epilogue { bias: Some(&bias), act, residual: if n == 384 { Some(&res) } else { None }, act_after_residual: false };
         let mut best = f64::MAX;
         for _ in 0..5 {
             let t = Instant::now();

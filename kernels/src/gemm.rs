@@ -1,5 +1,6 @@
 //! f32 matrix products `C = A @ B` (`A: [m, k]` row-major, `B: [k, n]` packed once) with a
-//! fused epilogue: `+ bias`, then an activation, then `+ residual`. Row-major throughout.
+//! fused epilogue: `+ bias`, then an activation, then `+ residual` (or, for ResNet's block end,
+//! `+ residual` before the activation). Row-major throughout.
 //!
 //! `B` (a layer's `W^T`) is packed at load into column panels of `NR` columns, each panel
 //! `[k][NR]` contiguous and 64-byte aligned, zero-padded past `n`. The microkernel keeps an
@@ -73,8 +74,18 @@ pub enum Act {
 pub struct Epilogue<'a> {
     pub bias: Option<&'a [f32]>,
     pub act: Act,
-    /// `[m, n]`, added last.
+    /// `[m, n]`, added last (after the activation), unless `act_after_residual`.
     pub residual: Option<&'a [f32]>,
+    /// `act(x + bias + residual)` instead of `act(x + bias) + residual`: a residual block that
+    /// ends in `relu(conv(x) + skip)` (ResNet) rather than a pre-norm-style `f(x) + skip` (BERT).
+    pub act_after_residual: bool,
+}
+
+impl<'a> Epilogue<'a> {
+    /// Nothing after the product.
+    pub fn none() -> Self {
+        Self { bias: None, act: Act::None, residual: None, act_after_residual: false }
+    }
 }
 
 /// Instruction set of the microkernel.
@@ -215,16 +226,16 @@ macro_rules! block_fn {
                                 *x += b;
                             }
                         }
-                        match epi.act {
-                            Act::None => {}
-                            Act::GeluErf => activation::gelu_erf_slice(acc),
-                            Act::GeluTanh => activation::gelu_tanh_slice(acc),
-                            Act::Relu => acc.iter_mut().for_each(|x| *x = x.max(0.0)),
+                        if !epi.act_after_residual {
+                            apply_act(epi.act, acc);
                         }
                         if let Some(res) = epi.residual {
                             for (x, &r) in acc.iter_mut().zip(&res[row * n + c0..row * n + c0 + w]) {
                                 *x += r;
                             }
+                        }
+                        if epi.act_after_residual {
+                            apply_act(epi.act, acc);
                         }
                         if w == NR {
                             std::ptr::copy_nonoverlapping(acc.as_ptr() as *const [f32; NR], out.add(row * n + c0) as *mut [f32; NR], 1);
@@ -236,6 +247,16 @@ macro_rules! block_fn {
             }
         }
     };
+}
+
+#[inline(always)]
+fn apply_act(act: Act, acc: &mut [f32]) {
+    match act {
+        Act::None => {}
+        Act::GeluErf => activation::gelu_erf_slice(acc),
+        Act::GeluTanh => activation::gelu_tanh_slice(acc),
+        Act::Relu => acc.iter_mut().for_each(|x| *x = x.max(0.0)),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -2,6 +2,7 @@
 //! Every op has a CPU implementation (the reference a CUDA one is tested against).
 pub mod activation;
 pub mod attention;
+pub mod conv;
 pub mod dot;
 pub mod embedding;
 pub mod gemm;

@@ -76,7 +76,7 @@ impl LinearOp {
     fn run(&self, x: &[f32], xl: &Layout, residual: Option<&[f32]>) -> Result<(CpuStorage, Shape)> {
         let (m, _) = xl.shape().dims2()?;
         let n = self.lin.w.n();
-        let epi = Epilogue { bias: self.lin.bias.as_deref().map(|b| b.as_slice()), act: self.act, residual };
+        let epi = Epilogue { bias: self.lin.bias.as_deref().map(|b| b.as_slice()), act: self.act, residual, act_after_residual: false };
         let out = gemm_alloc(x, m, &self.lin.w, &epi);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }

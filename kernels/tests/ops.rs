@@ -147,13 +147,20 @@ fn every_gemm_microkernel_matches_candle() -> Result<()> {
     for &(m, k, n) in &[(1, 16, 32), (13, 384, 70), (100, 96, 384), (29, 1536, 64)] {
         let (x, wt, b, r) = (rand(&[m, k])?, (rand(&[k, n])? * 0.1)?, rand(&[n])?, rand(&[m, n])?);
         let want = (x.matmul(&wt)?.broadcast_add(&b)?.gelu_erf()? + &r)?;
+        // ResNet's block end: the activation after the residual.
+        let want_after = (x.matmul(&wt)?.broadcast_add(&b)? + &r)?.relu()?;
         let packed = PackedB::pack(&wt.flatten_all()?.to_vec1::<f32>()?, k, n);
         let (xs, bs, rs) = (x.flatten_all()?.to_vec1::<f32>()?, b.to_vec1::<f32>()?, r.flatten_all()?.to_vec1::<f32>()?);
         for &isa in &isas {
             let mut out = vec![f32::NAN; m * n];
-            let epi = Epilogue { bias: Some(&bs), act: Act::GeluErf, residual: Some(&rs) };
+            let epi = Epilogue { bias: Some(&bs), act: Act::GeluErf, residual: Some(&rs), act_after_residual: false };
             gemm_with_isa(&xs, m, &packed, &epi, &mut out, isa);
             check(&format!("gemm {isa:?} {m}x{k}x{n}"), &Tensor::from_vec(out, (m, n), &Device::Cpu)?, &want, 2e-5)?;
+            let mut out = vec![f32::NAN; m * n];
+            let epi = Epilogue { bias: Some(&bs), act: Act::Relu, residual: Some(&rs), act_after_residual: true };
+            gemm_with_isa(&xs, m, &packed, &epi, &mut out, isa);
+            let got = Tensor::from_vec(out, (m, n), &Device::Cpu)?;
+            check(&format!("gemm {isa:?} {m}x{k}x{n} relu after residual"), &got, &want_after, 2e-5)?;
         }
     }
     Ok(())

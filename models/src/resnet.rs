@@ -5,10 +5,15 @@
 //! candle-transformers' `resnet` is not reused: it keeps batch-norm at run time, has fixed
 //! widths and paddings, and returns only logits. Here batch-norm is folded into the preceding
 //! conv at load time, so the forward pass is conv + bias, relu, add and max-pool only, in plain
-//! candle ops that run on every device.
+//! candle ops that run on every device (`forward_reference`). On the CPU in f32, `forward` runs
+//! the whole network channels-last on `concierge_kernels::conv` instead: every conv one packed
+//! GEMM with its bias, relu and residual fused, weights packed once at load.
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use concierge_kernels::conv::{self, Buffers, ConvSpec, Nhwc, PackedConv};
+use concierge_kernels::gemm::Act;
 use candle_nn::{Conv2d, Conv2dConfig, Linear, Module, VarBuilder};
 use serde::Deserialize;
 
@@ -207,12 +212,16 @@ struct ConvShape {
     k: usize,
     stride: usize,
     padding: usize,
+    /// The zero padding `[top, bottom, left, right]` of the channels-last conv, which also
+    /// takes over an explicit pad done before the candle conv (the stem's `stem_pad`).
+    fast_pad: [usize; 4],
 }
 
 impl ConvShape {
     /// A k x k conv padded (k - 1) / 2 on each side, as every conv in a block is.
     fn same(c_in: usize, c_out: usize, k: usize, stride: usize) -> Self {
-        Self { c_in, c_out, k, stride, padding: (k - 1) / 2 }
+        let padding = (k - 1) / 2;
+        Self { c_in, c_out, k, stride, padding, fast_pad: [padding; 4] }
     }
 }
 
@@ -220,13 +229,15 @@ impl ConvShape {
 #[derive(Debug, Clone)]
 struct ConvBias {
     conv: Conv2d,
+    /// The same weights packed for the channels-last CPU path (f32 on the CPU only).
+    packed: Option<Arc<PackedConv>>,
 }
 
 impl ConvBias {
     /// Loads `{conv}.weight` `[c_out, c_in, k, k]` and folds batch-norm `{bn}.*` into it; or,
     /// for an already-folded checkpoint (no `{bn}.*`), takes `{conv}.bias` as it is.
     fn load(vb: &VarBuilder, conv: &str, bn: &str, shape: ConvShape, eps: f64) -> Result<Self> {
-        let ConvShape { c_in, c_out, k, stride, padding } = shape;
+        let ConvShape { c_in, c_out, k, stride, padding, .. } = shape;
         let weight = tensor(vb, &format!("{conv}.weight"), &[c_out, c_in, k, k])?;
         let conv_bias = format!("{conv}.bias");
         let bias = if vb.contains_tensor(&conv_bias) { Some(tensor(vb, &conv_bias, &[c_out])?) } else { None };
@@ -257,11 +268,23 @@ impl ConvBias {
         };
         let cfg = Conv2dConfig { stride, padding, ..Default::default() };
         let dtype = vb.dtype();
-        Ok(Self { conv: Conv2d::new(weight.to_dtype(dtype)?, Some(bias.to_dtype(dtype)?), cfg) })
+        let packed = if vb.device().is_cpu() && dtype == DType::F32 {
+            let spec = ConvSpec { c_in, c_out, kh: k, kw: k, stride, pad: shape.fast_pad };
+            let w = weight.flatten_all()?.to_vec1::<f32>()?;
+            Some(Arc::new(PackedConv::new(spec, &w, &bias.to_vec1::<f32>()?)))
+        } else {
+            None
+        };
+        Ok(Self { conv: Conv2d::new(weight.to_dtype(dtype)?, Some(bias.to_dtype(dtype)?), cfg), packed })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.conv.forward(x)?)
+    }
+
+    /// The channels-last conv; `ResNet::fast` says every conv has one.
+    fn packed(&self) -> &PackedConv {
+        self.packed.as_deref().expect("a packed conv on the fast path")
     }
 }
 
@@ -341,6 +364,33 @@ impl Block {
         };
         Ok((y + skip)?.relu()?)
     }
+
+    /// `forward`, channels-last; the block's input and temporaries go back to `bufs`.
+    fn forward_fast(&self, x: Nhwc, bufs: &mut Buffers) -> Nhwc {
+        let _enter = self.span.enter();
+        let mut y = self.conv1.packed().forward(&x, Act::Relu, None, false, bufs);
+        let last = match &self.conv3 {
+            Some(c3) => {
+                let y2 = self.conv2.packed().forward(&y, Act::Relu, None, false, bufs);
+                bufs.give(std::mem::replace(&mut y, y2).data);
+                c3
+            }
+            None => &self.conv2,
+        };
+        let skip = match &self.downsample {
+            Some(d) => {
+                let s = d.packed().forward(&x, Act::None, None, false, bufs);
+                bufs.give(x.data);
+                s
+            }
+            None => x,
+        };
+        // relu(conv(y) + bias + skip) in the GEMM's write-out.
+        let out = last.packed().forward(&y, Act::Relu, Some(&skip), true, bufs);
+        bufs.give(y.data);
+        bufs.give(skip.data);
+        out
+    }
 }
 
 /// What the encoder returns for a batch.
@@ -363,6 +413,8 @@ pub struct ResNet {
     blocks: Vec<Block>,
     fc: Option<Linear>,
     cfg: ResNetConfig,
+    /// Every conv has its packed channels-last copy (weights f32 on the CPU).
+    fast: bool,
 }
 
 impl ResNet {
@@ -373,7 +425,8 @@ impl ResNet {
         let widths = cfg.stage_widths()?;
         // With an explicit stem_pad the conv pads nothing itself.
         let padding = if cfg.stem_pad.is_some() { 0 } else { 3 };
-        let stem_shape = ConvShape { c_in: 3, c_out: cfg.stem_channels, k: 7, stride: 2, padding };
+        let fast_pad = cfg.stem_pad.unwrap_or([3; 4]);
+        let stem_shape = ConvShape { c_in: 3, c_out: cfg.stem_channels, k: 7, stride: 2, padding, fast_pad };
         let stem = ConvBias::load(&vb, "conv1", "bn1", stem_shape, cfg.bn_eps)?;
         let mut blocks = Vec::new();
         let mut c_in = cfg.stem_channels;
@@ -393,7 +446,9 @@ impl ResNet {
             None => None,
         };
         let pool_pad = cfg.pool_pad.unwrap_or([1; 4]);
-        Ok(Self { stem, stem_pad: cfg.stem_pad, pool_pad, blocks, fc, cfg: cfg.clone() })
+        let convs = blocks.iter().flat_map(|b| [Some(&b.conv1), Some(&b.conv2), b.conv3.as_ref(), b.downsample.as_ref()]);
+        let fast = std::iter::once(&stem).chain(convs.flatten()).all(|c| c.packed.is_some());
+        Ok(Self { stem, stem_pad: cfg.stem_pad, pool_pad, blocks, fc, cfg: cfg.clone(), fast })
     }
 
     /// Loads `config.json` and `model.safetensors` from a folder. Weight errors name the file.
@@ -434,9 +489,24 @@ impl ResNet {
         &self.cfg
     }
 
+    /// Whether `forward` runs the channels-last CPU kernels (weights f32 on the CPU).
+    pub fn has_cpu_fast_path(&self) -> bool {
+        self.fast
+    }
+
     /// Runs NCHW `[B, 3, H, W]` images (already preprocessed as the config says) through the
-    /// network.
+    /// network: channels-last on the packed CPU kernels for f32 on the CPU, otherwise as
+    /// [`Self::forward_reference`].
     pub fn forward(&self, images: &Tensor) -> Result<ResNetOutput> {
+        if self.fast && images.device().is_cpu() && images.dtype() == DType::F32 {
+            return concierge_kernels::on_cpu_pool(|| self.forward_fast(images));
+        }
+        self.forward_reference(images)
+    }
+
+    /// `forward` in plain candle ops (NCHW), on any device and dtype: what the CPU fast path is
+    /// tested against.
+    pub fn forward_reference(&self, images: &Tensor) -> Result<ResNetOutput> {
         let x = match self.stem_pad {
             Some(p) => pad(images, p, 0.0)?,
             None => images.clone(),
@@ -452,6 +522,39 @@ impl ResNet {
             None => None,
         };
         Ok(ResNetOutput { pooled, features: x, logits })
+    }
+
+    fn forward_fast(&self, images: &Tensor) -> Result<ResNetOutput> {
+        let (b, c, h, w) = images.dims4()?;
+        let stem = self.stem.packed().spec();
+        let [t, bo, l, r] = stem.pad;
+        // Windows that do not fit are an error, as on the reference path (never a panic).
+        let fits = |h: usize, w: usize, k: usize, [t, b, l, r]: [usize; 4]| h + t + b >= k && w + l + r >= k;
+        if c != stem.c_in || !fits(h, w, stem.kh, stem.pad) {
+            return Err(ModelError::Unsupported(format!(
+                "images are {:?}; this ResNet takes [B, {}, H, W] with H + {} and W + {} at least {}",
+                images.dims(), stem.c_in, t + bo, l + r, stem.kh
+            )));
+        }
+        let (sh, sw) = stem.out_hw(h, w);
+        if !fits(sh, sw, 3, self.pool_pad) {
+            return Err(ModelError::Unsupported(format!("images of {h}x{w} are too small for the max-pool")));
+        }
+        let input = images.flatten_all()?.to_vec1::<f32>()?;
+        let mut bufs = Buffers::default();
+        let x = self.stem.packed().forward(&Nhwc::from_nchw(&input, b, c, h, w), Act::Relu, None, false, &mut bufs);
+        let mut x = conv::max_pool(&x, 3, 2, self.pool_pad, &mut bufs);
+        for block in &self.blocks {
+            x = block.forward_fast(x, &mut bufs);
+        }
+        let dev = images.device();
+        let pooled = Tensor::from_vec(conv::global_avg_pool(&x), (b, x.c), dev)?;
+        let features = Tensor::from_vec(x.to_nchw(), (b, x.c, x.h, x.w), dev)?;
+        let logits = match &self.fc {
+            Some(fc) => Some(fc.forward(&pooled)?),
+            None => None,
+        };
+        Ok(ResNetOutput { pooled, features, logits })
     }
 }
 

@@ -3,7 +3,9 @@
 //! bottleneck ResNet with asymmetric stem/pool padding saved with batch-norm pre-folded).
 //! Tolerance: max abs error of pooled, feature map and logits within 1e-4 of the largest
 //! reference value of that output (the references run unfolded batch-norm in float64; measured
-//! errors are around 1e-6 relative).
+//! errors are around 1e-6 relative), on both the CPU fast path (`forward`: channels-last packed
+//! GEMM convs) and the plain-candle one (`forward_reference`). The two paths also agree with
+//! each other within `FAST_REL_TOL` on every fixture and on Open-NSFW when it is fetched.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +15,8 @@ use concierge_models::resnet::{BlockKind, ChannelOrder};
 use concierge_models::{ModelError, ResNet, ResNetConfig};
 
 const REL_TOL: f32 = 1e-4;
+/// Fast path vs the candle path: both f32, summing in different orders.
+const FAST_REL_TOL: f32 = 1e-5;
 
 fn fixture_dir(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
@@ -31,14 +35,16 @@ fn check_parity(name: &str) -> ResNet {
     let dev = Device::Cpu;
     let model = ResNet::from_dir(&dir, &dev, DType::F32).unwrap();
     let reference = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev).unwrap();
-    let out = model.forward(&reference["input"]).unwrap();
-    let logits = out.logits.as_ref().expect("the fixture has an fc head");
-    for (what, got) in [("pooled", &out.pooled), ("features", &out.features), ("logits", logits)] {
-        let err = rel_err(got, &reference[what]);
-        println!("{name} {what}: max abs error {err:.2e} of the output's scale");
-        assert!(err < REL_TOL, "{name} {what}: max abs error {err} of the output's scale");
+    for (path, out) in [("fast", model.forward(&reference["input"])), ("candle", model.forward_reference(&reference["input"]))] {
+        let out = out.unwrap();
+        let logits = out.logits.as_ref().expect("the fixture has an fc head");
+        for (what, got) in [("pooled", &out.pooled), ("features", &out.features), ("logits", logits)] {
+            let err = rel_err(got, &reference[what]);
+            println!("{name} {path} {what}: max abs error {err:.2e} of the output's scale");
+            assert!(err < REL_TOL, "{name} {path} {what}: max abs error {err} of the output's scale");
+        }
+        assert_eq!(out.pooled.dims()[1], model.config().feature_dim().unwrap());
     }
-    assert_eq!(out.pooled.dims()[1], model.config().feature_dim().unwrap());
     model
 }
 
@@ -108,6 +114,60 @@ fn loader_folding_equals_prefolded_weights() {
     let b = ResNet::load(VarBuilder::from_tensors(unfolded, DType::F32, &dev), &cfg).unwrap().forward(&x).unwrap();
     let err = rel_err(&b.features, &a.features);
     assert!(err < 1e-5, "folded vs unfolded: {err}");
+}
+
+/// The fast path against the candle path on the same input: every output within
+/// `FAST_REL_TOL` of its largest value. Returns the worst error.
+fn fast_equals_reference(name: &str, model: &ResNet, x: &Tensor) -> f32 {
+    assert!(model.has_cpu_fast_path(), "{name}: f32 on the CPU has the fast path");
+    let (fast, slow) = (model.forward(x).unwrap(), model.forward_reference(x).unwrap());
+    let mut outputs = vec![("pooled", &fast.pooled, &slow.pooled), ("features", &fast.features, &slow.features)];
+    if let (Some(a), Some(b)) = (&fast.logits, &slow.logits) {
+        outputs.push(("logits", a, b));
+    }
+    let mut worst = 0f32;
+    for (what, a, b) in outputs {
+        let err = rel_err(a, b);
+        println!("{name} fast vs candle {what} {:?}: {err:.2e} of the output's scale", a.dims());
+        assert!(err < FAST_REL_TOL, "{name} {what}: fast path differs from the candle path by {err}");
+        worst = worst.max(err);
+    }
+    worst
+}
+
+#[test]
+fn fast_path_equals_candle_path() {
+    let dev = Device::Cpu;
+    for name in ["resnet18-tiny", "resnet50-tiny", "resnet-caffe-tiny"] {
+        let dir = fixture_dir(name);
+        let model = ResNet::from_dir(&dir, &dev, DType::F32).unwrap();
+        let x = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev).unwrap().remove("input").unwrap();
+        fast_equals_reference(name, &model, &x);
+        // Another batch size and an odd, non-square size (borders and padding differ).
+        let (b, c, h, w) = x.dims4().unwrap();
+        let odd = Tensor::randn(0f32, 1.0, (b + 2, c, h + 5, w - 3), &dev).unwrap();
+        fast_equals_reference(&format!("{name} {:?}", odd.dims()), &model, &odd);
+    }
+    let open_nsfw = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-store/open-nsfw");
+    if !open_nsfw.join("model.safetensors").is_file() {
+        eprintln!("SKIPPED Open-NSFW: no {} (scripts/fetch-image-model.sh fetches it)", open_nsfw.display());
+        return;
+    }
+    let model = ResNet::from_dir(&open_nsfw, &dev, DType::F32).unwrap();
+    // Preprocessed Caffe-style inputs are pixel values minus the mean: tens, not units.
+    let x = (Tensor::randn(0f32, 1.0, (3, 3, 224, 224), &dev).unwrap() * 60.0).unwrap();
+    fast_equals_reference("open-nsfw", &model, &x);
+}
+
+#[test]
+fn both_paths_refuse_the_wrong_channel_count() {
+    let dir = fixture_dir("resnet18-tiny");
+    let model = ResNet::from_dir(&dir, &Device::Cpu, DType::F32).unwrap();
+    for dims in [(1, 4, 32, 32), (2, 1, 64, 64)] {
+        let x = Tensor::zeros(dims, DType::F32, &Device::Cpu).unwrap();
+        assert!(model.forward(&x).is_err(), "{dims:?}");
+        assert!(model.forward_reference(&x).is_err(), "{dims:?}");
+    }
 }
 
 fn load_with(edit: impl FnOnce(&mut HashMap<String, Tensor>)) -> ModelError {
