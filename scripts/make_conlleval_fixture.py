@@ -127,7 +127,7 @@ def expected(gold, pred):
         "correct": len(g_all & p_all),
     }
     if out["tokens"]:
-        out["accuracy"] = accuracy_score(sg, sp)
+        out["accuracy"] = accuracy_score(gold, pred)  # whole tags as written, M- included
     if counts:
         p, r, f, s = precision_recall_fscore_support(sg, sp, average="micro", zero_division=0)
         out.update(precision=float(p), recall=float(r), f1=float(f))
