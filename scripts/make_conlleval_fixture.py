@@ -6,8 +6,9 @@ that seqeval 1.2.2 gives in its default mode, which follows conlleval's chunk ru
 concierge_models::sequence to them: counts and spans exactly, ratios within 1e-9.
 
 seqeval has no M-: BMES tags go to it with M- read as I- (the same letter in IOBES).
-seqeval is needed only to rerun this, never to build or test:
-    python3 -m pip install --target /tmp/seqeval-py seqeval==1.2.2
+seqeval is needed only to rerun this, never to build or test; where the PyPI port `conlleval`
+0.2 is importable too, its chunk counts are asserted to agree:
+    python3 -m pip install --target /tmp/seqeval-py seqeval==1.2.2 conlleval==0.2
     PYTHONPATH=/tmp/seqeval-py python3 scripts/make_conlleval_fixture.py
 """
 import json
@@ -107,6 +108,30 @@ def tricky(scheme):
     return [(g.split(), p.split()) for g, p in common + extra]
 
 
+def cross_check(gold, pred, out, counts):
+    """Where the PyPI port `conlleval` 0.2 is importable, its streaming count (conlleval.pl's
+    in-chunk state machine, not span sets) must give the same chunk counts."""
+    try:
+        import conlleval
+    except ImportError:
+        return
+    lines = []
+    for gs, ps in zip(gold, pred):
+        if gs:  # the port takes the number of fields from its first line: no empty ones
+            lines += [f"w {g} {p}" for g, p in zip(for_seqeval(gs), for_seqeval(ps))] + [""]
+    r = conlleval.evaluate(lines)
+    s = r["overall"]["chunks"]["stats"]
+    assert (s["gold"], s["pred"], s["correct"]) == (out["gold"], out["found"], out["correct"]), (s, out)
+    for label, c in r["slots"]["chunks"].items():
+        c = c["stats"]
+        mine = counts.get(label, {"gold": 0, "found": 0, "correct": 0})
+        assert (c["gold"], c["pred"], c["correct"]) == tuple(mine.values()), (label, c, mine)
+    CROSS_CHECKED[0] += 1
+
+
+CROSS_CHECKED = [0]
+
+
 def expected(gold, pred):
     sg, sp = [for_seqeval(s) for s in gold], [for_seqeval(s) for s in pred]
     spans = lambda seqs: [[[t, s, e + 1] for t, s, e in get_entities(x)] for x in seqs]
@@ -126,6 +151,7 @@ def expected(gold, pred):
         "found": len(p_all),
         "correct": len(g_all & p_all),
     }
+    cross_check(gold, pred, out, counts)
     if out["tokens"]:
         out["accuracy"] = accuracy_score(gold, pred)  # whole tags as written, M- included
     if counts:
@@ -175,3 +201,5 @@ for seed, scheme in enumerate(["bio", "bioes", "bmes"]):
         lines = [json.dumps(c, ensure_ascii=False, separators=(",", ":")) for c in doc["cases"]]
         f.write(head + ', "cases": [\n' + ",\n".join(lines) + "\n]}\n")
     print(f"{path}: {len(doc['cases'])} cases")
+print(f"chunk counts cross-checked with the conlleval 0.2 port on {CROSS_CHECKED[0]} cases"
+      if CROSS_CHECKED[0] else "conlleval 0.2 port not installed: no cross-check")
