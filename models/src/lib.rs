@@ -1,6 +1,7 @@
 //! Model code for concierge, on candle only (no async runtime, no gRPC): the BERT text encoder
 //! over packed batches, sentence-transformers pooling and Dense/Normalize modules, tokenisation
-//! and checkpoint loading, image decoding and preprocessing, and the ResNet image encoder.
+//! and checkpoint loading, image decoding and preprocessing, the ResNet image encoder, and the
+//! BiLSTM-CRF sequence tagger.
 pub mod bert;
 pub mod checkpoint;
 pub mod dense;
@@ -10,6 +11,7 @@ pub mod image_encoder;
 pub mod imageproc;
 pub mod pooling;
 pub mod resnet;
+pub mod tagger;
 pub mod tokenize;
 
 pub use checkpoint::{ImageCheckpoint, ModelSource};
@@ -17,6 +19,7 @@ pub use encoder::{ModelInfo, TextEncoder};
 pub use image_encoder::{ImageEmbedding, ImageEncoder};
 pub use error::{ModelError, Result};
 pub use resnet::{ResNet, ResNetConfig, ResNetOutput};
+pub use tagger::{BiLstmCrf, TaggerConfig};
 pub use tokenize::TokenizedText;
 
 /// The default model's folder in this repository (`model-store/all-MiniLM-L6-v2`, written by
