@@ -18,6 +18,11 @@ pub enum ModelError {
     #[error("input {index} has {tokens} tokens; the limit is {limit}; set truncate=true or shorten it")]
     InputTooLong { index: usize, tokens: usize, limit: usize },
 
+    /// A caller's input the model cannot take (e.g. a sequence length of zero or past the
+    /// batch's padded length); the message says which.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
     #[error("unsupported model: {0}")]
     Unsupported(String),
 

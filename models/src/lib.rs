@@ -1,7 +1,7 @@
 //! Model code for concierge, on candle only (no async runtime, no gRPC): the BERT text encoder
 //! over packed batches, sentence-transformers pooling and Dense/Normalize modules, tokenisation
 //! and checkpoint loading, image decoding and preprocessing, the ResNet image encoder, and the
-//! sequence-labelling data, spans and conlleval scores around the entity tagger.
+//! BiLSTM-CRF sequence tagger with its data, spans and conlleval scores, and entity extraction.
 pub mod bert;
 pub mod checkpoint;
 pub mod dense;
@@ -12,6 +12,7 @@ pub mod imageproc;
 pub mod pooling;
 pub mod resnet;
 pub mod sequence;
+pub mod tagger;
 pub mod tokenize;
 
 pub use checkpoint::{ImageCheckpoint, ModelSource};
@@ -19,6 +20,7 @@ pub use encoder::{ModelInfo, TextEncoder, TokenStates};
 pub use image_encoder::{ImageEmbedding, ImageEncoder};
 pub use error::{ModelError, Result};
 pub use resnet::{ResNet, ResNetConfig, ResNetOutput};
+pub use tagger::{BiLstmCrf, TaggerConfig};
 pub use tokenize::TokenizedText;
 
 /// The default model's folder in this repository (`model-store/all-MiniLM-L6-v2`, written by

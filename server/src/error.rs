@@ -42,7 +42,7 @@ impl From<EngineError> for ServiceError {
 impl From<ModelError> for ServiceError {
     fn from(e: ModelError) -> Self {
         match e {
-            ModelError::InputTooLong { .. } | ModelError::Tokenizer(_) => ServiceError::InvalidArgument(e.to_string()),
+            ModelError::InputTooLong { .. } | ModelError::Tokenizer(_) | ModelError::InvalidInput(_) => ServiceError::InvalidArgument(e.to_string()),
             other => ServiceError::Internal(other.to_string()),
         }
     }

@@ -1,0 +1,456 @@
+//! The BiLSTM-CRF sequence tagger (Huang, Xu and Yu, 2015, "Bidirectional LSTM-CRF Models for
+//! Sequence Tagging"; Lample et al., 2016, "Neural Architectures for Named Entity Recognition"):
+//! token features -> bidirectional LSTM -> linear emission scores per tag -> linear-chain CRF.
+//!
+//! Features are either the text encoder's token states (`input: "encoder"`) or the tagger's own
+//! embedding table over a `vocab.json` (`input: "embeddings"`, e.g. Chinese characters). Weights
+//! carry PyTorch's names, so a checkpoint of the usual PyTorch model (`nn.LSTM(bidirectional=True,
+//! batch_first=True)` as `lstm`, `nn.Linear` as `hidden2tag`, pytorch-crf's `CRF` as `crf`)
+//! loads as saved. A checkpoint folder is `config.json`, `model.safetensors`, `tags.json` (the
+//! tag names in id order) and, for embeddings input, `vocab.json`.
+pub mod crf;
+pub mod lstm;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Embedding, Init, Linear, Module, VarBuilder};
+use serde::{Deserialize, Serialize};
+
+pub use crf::{Crf, Reduction, TagPath};
+pub use lstm::BiLstm;
+
+use crate::error::{ModelError, Result};
+
+/// Where the tagger's token features come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum InputKind {
+    /// The text encoder's token states, `[B, L, input_dim]` floats.
+    Encoder,
+    /// Token ids `[B, L]` (u32) into the tagger's own `embedding.weight` `[vocab_size, input_dim]`.
+    Embeddings,
+}
+
+/// A tagger's `config.json`. Fields it does not name are kept and written back by `save`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaggerConfig {
+    pub input: InputKind,
+    /// Width of a token's features: the encoder's hidden size, or the embedding width.
+    pub input_dim: usize,
+    /// Rows of the embedding table (embeddings input only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vocab_size: Option<usize>,
+    /// LSTM hidden size per direction; the emission layer sees twice this.
+    pub hidden_size: usize,
+    #[serde(default = "one")]
+    pub num_layers: usize,
+    /// Dropout probability between LSTM layers and before the emission layer; training only.
+    #[serde(default)]
+    pub dropout: f32,
+    pub num_tags: usize,
+    /// Prefix of the emission layer's `weight`/`bias`. None: the first of `hidden2tag`,
+    /// `emission`, `fc`, `classifier` that the checkpoint has (`hidden2tag` for a fresh model).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub emission_name: Option<String>,
+    /// The `vocab.json` key whose id stands for unknown tokens (embeddings input). None: `<unk>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unk_token: Option<String>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+fn one() -> usize {
+    1
+}
+
+const EMISSION_NAMES: [&str; 4] = ["hidden2tag", "emission", "fc", "classifier"];
+const DEFAULT_UNK: &str = "<unk>";
+
+impl TaggerConfig {
+    /// A config for encoder features with the defaults (one layer, no dropout).
+    pub fn encoder(input_dim: usize, hidden_size: usize, num_tags: usize) -> Self {
+        Self {
+            input: InputKind::Encoder,
+            input_dim,
+            vocab_size: None,
+            hidden_size,
+            num_layers: 1,
+            dropout: 0.0,
+            num_tags,
+            emission_name: None,
+            unk_token: None,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// A config for the tagger's own embedding table of `vocab_size` rows of `dim`.
+    pub fn embeddings(vocab_size: usize, dim: usize, hidden_size: usize, num_tags: usize) -> Self {
+        Self { input: InputKind::Embeddings, vocab_size: Some(vocab_size), ..Self::encoder(dim, hidden_size, num_tags) }
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let cfg: Self = serde_json::from_str(&text)
+            .map_err(|e| bad(format!("expected a tagger config (input, input_dim, hidden_size, num_tags, ...): {e}")))?;
+        cfg.validate().map_err(|e| bad(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |s: &str| Err(ModelError::Unsupported(format!("tagger config: {s}")));
+        if self.input_dim == 0 || self.hidden_size == 0 || self.num_layers == 0 || self.num_tags == 0 {
+            return bad("input_dim, hidden_size, num_layers and num_tags must be positive");
+        }
+        if !(0.0..1.0).contains(&self.dropout) {
+            return bad("dropout must be in [0, 1)");
+        }
+        match (self.input, self.vocab_size) {
+            (InputKind::Embeddings, None | Some(0)) => bad("embeddings input needs a positive vocab_size"),
+            _ => Ok(()),
+        }
+    }
+
+    /// The unknown token's `vocab.json` key.
+    pub fn unk_token(&self) -> &str {
+        self.unk_token.as_deref().unwrap_or(DEFAULT_UNK)
+    }
+}
+
+/// Token (or character) -> id for embeddings input, with an id for unknown tokens.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Vocab {
+    ids: HashMap<String, u32>,
+    unk: u32,
+}
+
+impl Vocab {
+    /// `unk_token` must be one of the keys.
+    pub fn new(ids: HashMap<String, u32>, unk_token: &str) -> Result<Self> {
+        let unk = *ids
+            .get(unk_token)
+            .ok_or_else(|| ModelError::Unsupported(format!("the vocabulary has no unknown token {unk_token:?}")))?;
+        Ok(Self { ids, unk })
+    }
+
+    /// A `vocab.json`: one JSON object mapping each token to its id.
+    pub fn from_file(path: &Path, unk_token: &str) -> Result<Self> {
+        let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
+        let text = std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?;
+        let ids: HashMap<String, u32> =
+            serde_json::from_str(&text).map_err(|e| bad(format!("expected an object of token -> id: {e}")))?;
+        Self::new(ids, unk_token).map_err(|e| bad(e.to_string()))
+    }
+
+    pub fn id(&self, token: &str) -> u32 {
+        self.ids.get(token).copied().unwrap_or(self.unk)
+    }
+
+    pub fn unk_id(&self) -> u32 {
+        self.unk
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    /// The largest id plus one: the embedding rows the vocabulary needs.
+    pub fn id_bound(&self) -> usize {
+        self.ids.values().map(|&i| i as usize + 1).max().unwrap_or(0)
+    }
+
+    /// One id per character (Unicode scalar value) of `text`.
+    pub fn encode_chars(&self, text: &str) -> Vec<u32> {
+        let mut buf = [0u8; 4];
+        text.chars().map(|c| self.id(c.encode_utf8(&mut buf))).collect()
+    }
+
+    /// Writes the token -> id object (keys sorted, so the file is reproducible).
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let sorted: BTreeMap<&str, u32> = self.ids.iter().map(|(k, &v)| (k.as_str(), v)).collect();
+        write_json(path, &sorted)
+    }
+}
+
+/// Every weight fetched while building a model, under its full checkpoint name, for `save`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Params {
+    named: Vec<(String, Tensor)>,
+}
+
+impl Params {
+    /// `vb`'s tensor `name` of `shape` (created with `init` when `vb` is a fresh `VarMap`).
+    pub(crate) fn get(&mut self, vb: &VarBuilder, shape: &[usize], name: &str, init: Init) -> Result<Tensor> {
+        self.record(vb, name, vb.get_with_hints(shape, name, init)?)
+    }
+
+    fn record(&mut self, vb: &VarBuilder, name: &str, t: Tensor) -> Result<Tensor> {
+        let prefix = vb.prefix();
+        let full = if prefix.is_empty() { name.to_owned() } else { format!("{prefix}.{name}") };
+        self.named.push((full, t.clone()));
+        Ok(t)
+    }
+}
+
+/// The BiLSTM-CRF tagger. See the module header for the layout.
+#[derive(Debug, Clone)]
+pub struct BiLstmCrf {
+    cfg: TaggerConfig,
+    tags: Vec<String>,
+    vocab: Option<Vocab>,
+    embedding: Option<Embedding>,
+    lstm: BiLstm,
+    emission: Linear,
+    /// The prefix the emission layer was found under.
+    emission_name: String,
+    crf: Crf,
+    params: Params,
+}
+
+impl BiLstmCrf {
+    /// Builds the tagger from `vb`: a checkpoint's tensors (names as in the module header; a
+    /// missing or mis-shaped one is an error naming it) or a `VarMap` builder, which creates
+    /// every parameter with PyTorch's initialisation for training. `tags` are the tag names in
+    /// id order. The CRF is always f32; the rest is in `vb`'s dtype.
+    pub fn new(vb: VarBuilder, cfg: &TaggerConfig, tags: Vec<String>) -> Result<Self> {
+        cfg.validate()?;
+        if tags.len() != cfg.num_tags {
+            return Err(ModelError::Unsupported(format!("{} tag names for num_tags {}", tags.len(), cfg.num_tags)));
+        }
+        let mut seen = HashSet::new();
+        if let Some(dup) = tags.iter().find(|t| !seen.insert(t.as_str())) {
+            return Err(ModelError::Unsupported(format!("tag {dup:?} appears twice in the tag set")));
+        }
+        let mut params = Params::default();
+        let embedding = match cfg.input {
+            InputKind::Encoder => None,
+            InputKind::Embeddings => {
+                let rows = cfg.vocab_size.expect("validated");
+                let init = Init::Randn { mean: 0.0, stdev: 1.0 };
+                let w = params.get(&vb.pp("embedding"), &[rows, cfg.input_dim], "weight", init)?;
+                Some(Embedding::new(w, cfg.input_dim))
+            }
+        };
+        let lstm =
+            BiLstm::new(&mut params, &vb.pp("lstm"), cfg.input_dim, cfg.hidden_size, cfg.num_layers, cfg.dropout)?;
+        let emission_name = match &cfg.emission_name {
+            Some(name) => name.clone(),
+            None => EMISSION_NAMES
+                .into_iter()
+                .find(|n| vb.contains_tensor(&format!("{n}.weight")))
+                .unwrap_or(EMISSION_NAMES[0])
+                .to_owned(),
+        };
+        let in_dim = lstm.output_dim();
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let init = Init::Uniform { lo: -bound, up: bound };
+        let evb = vb.pp(&emission_name);
+        let w = params.get(&evb, &[cfg.num_tags, in_dim], "weight", init)?;
+        let b = params.get(&evb, &[cfg.num_tags], "bias", init)?;
+        let emission = Linear::new(w, Some(b));
+        let cvb = vb.pp("crf");
+        let crf = Crf::load(&cvb, cfg.num_tags)?;
+        for (name, t) in [
+            ("transitions", crf.transitions()),
+            ("start_transitions", crf.start_transitions()),
+            ("end_transitions", crf.end_transitions()),
+        ] {
+            params.record(&cvb, name, t.clone())?;
+        }
+        Ok(Self { cfg: cfg.clone(), tags, vocab: None, embedding, lstm, emission, emission_name, crf, params })
+    }
+
+    /// Loads a checkpoint folder: `config.json`, `model.safetensors`, `tags.json`, and
+    /// `vocab.json` for embeddings input. Errors name the file at fault.
+    pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
+        let file = |name: &str, expected: &str| {
+            let p = dir.join(name);
+            if p.is_file() {
+                Ok(p)
+            } else {
+                Err(ModelError::MissingFile { path: p, expected: expected.into() })
+            }
+        };
+        let config = file("config.json", "a tagger config (input, input_dim, hidden_size, num_tags, ...)")?;
+        let weights = file("model.safetensors", "the weights, with PyTorch's names (lstm.*, hidden2tag.*, crf.*)")?;
+        let tags_path = file("tags.json", "the tag names in id order, a JSON list")?;
+        let cfg = TaggerConfig::from_file(&config)?;
+        let tags: Vec<String> = std::fs::read_to_string(&tags_path)
+            .map_err(|e| e.to_string())
+            .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("expected a JSON list of tag names: {e}")))
+            .map_err(|reason| ModelError::BadFile { path: tags_path.clone(), reason })?;
+        if tags.len() != cfg.num_tags {
+            let reason = format!("has {} tags; {} says num_tags {}", tags.len(), config.display(), cfg.num_tags);
+            return Err(ModelError::BadFile { path: tags_path, reason });
+        }
+        // SAFETY: memory-mapped read-only; checkpoint folders are replaced, never edited in place.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
+            .map_err(|e| ModelError::BadFile { path: weights.clone(), reason: e.to_string() })?;
+        let model = Self::new(vb, &cfg, tags).map_err(|e| match e {
+            ModelError::Candle(c) => ModelError::BadFile {
+                path: weights.clone(),
+                reason: format!("does not match {}: {c}", config.display()),
+            },
+            ModelError::Unsupported(reason) => ModelError::BadFile { path: tags_path.clone(), reason },
+            other => other,
+        })?;
+        let model = match cfg.input {
+            InputKind::Encoder => model,
+            InputKind::Embeddings => {
+                let path = file("vocab.json", "the token -> id object of the embedding table")?;
+                let vocab = Vocab::from_file(&path, cfg.unk_token())?;
+                model.with_vocab(vocab).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })?
+            }
+        };
+        tracing::info!(dir = %dir.display(), input = ?cfg.input, cfg.num_layers, cfg.hidden_size, cfg.num_tags,
+            ?device, ?dtype, "tagger loaded");
+        Ok(model)
+    }
+
+    /// Writes the checkpoint folder `load` reads (creating `dir`): the weights in their dtype
+    /// under the names they were loaded by, the config, the tags and the vocabulary if any.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path, e: std::io::Error| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        // The config as loaded: without an emission_name the layer was found under one of the
+        // fallback names, and is saved (and found again) under the same one.
+        write_json(&dir.join("config.json"), &self.cfg)?;
+        write_json(&dir.join("tags.json"), &self.tags)?;
+        if let Some(vocab) = &self.vocab {
+            vocab.save(&dir.join("vocab.json"))?;
+        }
+        let ts: HashMap<String, Tensor> = self.params.named.iter().cloned().collect();
+        let weights = dir.join("model.safetensors");
+        candle_core::safetensors::save(&ts, &weights)
+            .map_err(|e| ModelError::BadFile { path: weights.clone(), reason: e.to_string() })
+    }
+
+    /// Attaches the vocabulary of an embeddings-input tagger; its ids must fit the table.
+    pub fn with_vocab(mut self, vocab: Vocab) -> Result<Self> {
+        let rows = self.cfg.vocab_size.unwrap_or(0);
+        if self.cfg.input != InputKind::Embeddings || vocab.id_bound() > rows {
+            return Err(ModelError::Unsupported(format!(
+                "a vocabulary with ids up to {} does not fit this tagger ({:?} input, {rows} embedding rows)",
+                vocab.id_bound().saturating_sub(1),
+                self.cfg.input
+            )));
+        }
+        self.vocab = Some(vocab);
+        Ok(self)
+    }
+
+    pub fn config(&self) -> &TaggerConfig {
+        &self.cfg
+    }
+    pub fn tags(&self) -> &[String] {
+        &self.tags
+    }
+    pub fn vocab(&self) -> Option<&Vocab> {
+        self.vocab.as_ref()
+    }
+    pub fn crf(&self) -> &Crf {
+        &self.crf
+    }
+    pub fn lstm(&self) -> &BiLstm {
+        &self.lstm
+    }
+    /// The prefix of the emission layer's tensors (`hidden2tag`, or what the checkpoint has).
+    pub fn emission_name(&self) -> &str {
+        &self.emission_name
+    }
+
+    /// A tag path's names.
+    pub fn tag_names(&self, path: &[u32]) -> Vec<&str> {
+        path.iter().map(|&t| self.tags[t as usize].as_str()).collect()
+    }
+
+    /// Character ids of `texts`, padded with the unknown id to the longest: (`[B, L]` u32, lengths),
+    /// ready for [`Self::forward_emissions`]. Embeddings input with a vocabulary only.
+    pub fn char_ids(&self, texts: &[&str], device: &Device) -> Result<(Tensor, Vec<usize>)> {
+        let vocab = self
+            .vocab
+            .as_ref()
+            .ok_or_else(|| ModelError::InvalidInput("this tagger has no vocabulary: it takes encoder features".into()))?;
+        let seqs: Vec<Vec<u32>> = texts.iter().map(|t| vocab.encode_chars(t)).collect();
+        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
+        let l = lengths.iter().copied().max().unwrap_or(0);
+        let flat: Vec<u32> =
+            seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(vocab.unk_id()).take(l - s.len()))).collect();
+        Ok((Tensor::from_vec(flat, (texts.len(), l), device)?, lengths))
+    }
+
+    /// Emission scores `[B, L, num_tags]` (zero LSTM state at padding: the emission bias) for
+    /// encoder features `[B, L, input_dim]` or token ids `[B, L]` (u32), as the config says.
+    pub fn forward_emissions(&self, input: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        self.emissions(input, lengths, false)
+    }
+
+    /// As [`Self::forward_emissions`], with dropout when `train` (between LSTM layers and
+    /// before the emission layer).
+    pub fn emissions(&self, input: &Tensor, lengths: &[usize], train: bool) -> Result<Tensor> {
+        let x = match (&self.embedding, self.cfg.input) {
+            (Some(emb), InputKind::Embeddings) => {
+                if input.rank() != 2 || input.dtype().is_float() {
+                    return Err(ModelError::InvalidInput(format!(
+                        "this tagger takes token ids [batch, length]; got {:?} {:?}",
+                        input.dtype(),
+                        input.dims()
+                    )));
+                }
+                emb.forward(input)?
+            }
+            _ => {
+                if input.rank() != 3 || input.dim(2)? != self.cfg.input_dim || !input.dtype().is_float() {
+                    return Err(ModelError::InvalidInput(format!(
+                        "this tagger takes features [batch, length, {}]; got {:?} {:?}",
+                        self.cfg.input_dim,
+                        input.dtype(),
+                        input.dims()
+                    )));
+                }
+                input.to_dtype(self.emission.weight().dtype())?
+            }
+        };
+        let mut h = self.lstm.forward(&x, lengths, train)?;
+        if train && self.cfg.dropout > 0.0 {
+            h = candle_nn::ops::dropout(&h, self.cfg.dropout)?;
+        }
+        Ok(self.emission.forward(&h)?)
+    }
+
+    /// The best tag path per sequence and its score.
+    pub fn decode(&self, input: &Tensor, lengths: &[usize]) -> Result<Vec<TagPath>> {
+        self.crf.decode(&self.forward_emissions(input, lengths)?, lengths)
+    }
+
+    /// p(tag at t) per position, `[B, L, num_tags]` f32, zero at padding.
+    pub fn marginals(&self, input: &Tensor, lengths: &[usize]) -> Result<Tensor> {
+        self.crf.marginals(&self.forward_emissions(input, lengths)?, lengths)
+    }
+
+    /// Negative log-likelihood of the gold `tags` (each as long as its sequence), reduced as
+    /// `reduction` says; no dropout. A differentiable scalar.
+    pub fn nll(&self, input: &Tensor, tags: &[Vec<u32>], reduction: Reduction) -> Result<Tensor> {
+        let lengths: Vec<usize> = tags.iter().map(Vec::len).collect();
+        self.crf.nll(&self.forward_emissions(input, &lengths)?, tags, reduction)
+    }
+
+    /// The training loss: [`Self::nll`] with dropout on.
+    pub fn training_loss(&self, input: &Tensor, tags: &[Vec<u32>], reduction: Reduction) -> Result<Tensor> {
+        let lengths: Vec<usize> = tags.iter().map(Vec::len).collect();
+        self.crf.nll(&self.emissions(input, &lengths, true)?, tags, reduction)
+    }
+}
+
+fn write_json<T: Serialize + ?Sized>(path: &Path, value: &T) -> Result<()> {
+    let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| bad(e.to_string()))?;
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| bad(e.to_string()))
+}

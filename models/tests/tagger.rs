@@ -1,0 +1,538 @@
+//! The BiLSTM-CRF tagger: against PyTorch (fixtures made by scripts/make_tagger_fixture.py:
+//! nn.LSTM over packed sequences and pytorch-crf's CRF, in float64), against brute-force
+//! enumeration of every tag path, padded batches against each sequence alone, training through
+//! autograd, and the checkpoint round trip.
+//!
+//! Tolerances: an f32 value v against its reference r passes when |v - r| <= TOL * max(1, |r|),
+//! TOL = 1e-5 (emissions reach ~9 and log-partitions ~40 in the fixtures; measured errors are
+//! printed, around 1e-6 relative). Viterbi paths must be equal.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use concierge_models::tagger::{Crf, InputKind, Reduction, TagPath};
+use concierge_models::{BiLstmCrf, ModelError, TaggerConfig};
+
+const TOL: f32 = 1e-5;
+
+fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+}
+
+/// CPU, and the GPU when this build has one: the same test body runs on each.
+fn devices() -> Vec<Device> {
+    let mut devs = vec![Device::Cpu];
+    if candle_core::utils::cuda_is_available() {
+        devs.push(Device::new_cuda(0).unwrap());
+    }
+    devs
+}
+
+fn tmp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("concierge-tagger-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+fn floats(t: &Tensor) -> Vec<f32> {
+    t.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+}
+
+/// The largest |got - want| / max(1, |want|), asserted within TOL.
+fn check_close(what: &str, got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims(), "{what}");
+    let err = floats(got)
+        .iter()
+        .zip(floats(want))
+        .map(|(g, w)| (g - w).abs() / w.abs().max(1.0))
+        .fold(0f32, f32::max);
+    println!("{what}: max error {err:.2e}");
+    assert!(err <= TOL, "{what}: max error {err}");
+    err
+}
+
+struct Reference {
+    t: HashMap<String, Tensor>,
+    lengths: Vec<usize>,
+}
+
+impl Reference {
+    fn load(dir: &Path, dev: &Device) -> Self {
+        let t = candle_core::safetensors::load(dir.join("reference.safetensors"), dev).unwrap();
+        let lengths = t["lengths"].to_vec1::<i64>().unwrap().into_iter().map(|n| n as usize).collect();
+        Self { t, lengths }
+    }
+
+    /// Rows of an i64 [B, L] tensor, cut at each length.
+    fn rows(&self, name: &str) -> Vec<Vec<u32>> {
+        let all = self.t[name].to_vec2::<i64>().unwrap();
+        all.iter().zip(&self.lengths).map(|(r, &n)| r[..n].iter().map(|&v| v as u32).collect()).collect()
+    }
+
+    fn input(&self) -> Tensor {
+        match self.t.get("input") {
+            Some(x) => x.clone(),
+            None => self.t["ids"].to_dtype(DType::U32).unwrap(),
+        }
+    }
+}
+
+/// Every output of the model, and of its CRF on the reference emissions alone, against PyTorch.
+fn check_parity(name: &str, dev: &Device) -> BiLstmCrf {
+    let dir = fixture_dir(name);
+    let model = BiLstmCrf::load(&dir, dev, DType::F32).unwrap();
+    let r = Reference::load(&dir, dev);
+    let (x, lengths, gold) = (r.input(), r.lengths.clone(), r.rows("gold"));
+    let emissions = model.forward_emissions(&x, &lengths).unwrap();
+    check_close(&format!("{name} emissions"), &emissions, &r.t["emissions"]);
+
+    let want_paths = r.rows("paths");
+    let crf = model.crf();
+    // Our emissions through the whole model, then the reference emissions through the CRF.
+    for (which, em) in [("model", &emissions), ("crf", &r.t["emissions"])] {
+        let what = format!("{name} {which}");
+        let decoded = crf.decode(em, &lengths).unwrap();
+        let paths: Vec<Vec<u32>> = decoded.iter().map(|p| p.tags.clone()).collect();
+        assert_eq!(paths, want_paths, "{what} viterbi paths");
+        let scores = Tensor::new(decoded.iter().map(|p| p.score).collect::<Vec<_>>(), dev).unwrap();
+        check_close(&format!("{what} viterbi scores"), &scores, &r.t["path_scores"]);
+        check_close(&format!("{what} log partition"), &crf.log_partition(em, &lengths).unwrap(), &r.t["log_partition"]);
+        check_close(&format!("{what} gold scores"), &crf.path_score(em, &gold).unwrap(), &r.t["gold_scores"]);
+        check_close(&format!("{what} nll"), &crf.nll_per_sequence(em, &gold).unwrap(), &r.t["nll"]);
+        check_close(&format!("{what} nll mean"), &crf.nll(em, &gold, Reduction::Mean).unwrap(), &r.t["nll_mean"]);
+        check_close(&format!("{what} marginals"), &crf.marginals(em, &lengths).unwrap(), &r.t["marginals"]);
+    }
+    // The model's own entry points agree with the CRF's.
+    let via_model: Vec<Vec<u32>> = model.decode(&x, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
+    assert_eq!(via_model, want_paths);
+    check_close(&format!("{name} model nll"), &model.nll(&x, &gold, Reduction::Mean).unwrap(), &r.t["nll_mean"]);
+    check_close(&format!("{name} model marginals"), &model.marginals(&x, &lengths).unwrap(), &r.t["marginals"]);
+    model
+}
+
+#[test]
+fn encoder_feature_tagger_matches_pytorch() {
+    for dev in devices() {
+        let model = check_parity("tagger-tiny", &dev);
+        let cfg = model.config();
+        assert_eq!((cfg.input, cfg.input_dim, cfg.hidden_size, cfg.num_layers), (InputKind::Encoder, 12, 8, 2));
+        assert_eq!(model.tags()[..3], ["O", "B-PER", "I-PER"]);
+        assert!(model.vocab().is_none());
+    }
+}
+
+#[test]
+fn character_embedding_tagger_matches_pytorch() {
+    for dev in devices() {
+        let model = check_parity("tagger-chars-tiny", &dev);
+        // Found under `fc` by the fallback names; the unknown config field is kept.
+        assert_eq!((model.config().emission_name.as_deref(), model.emission_name()), (None, "fc"));
+        assert_eq!(model.config().extra["scheme"], "bmes");
+        // The vocabulary maps the reference texts to the reference ids, 烤鸭 to <unk>.
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(fixture_dir("tagger-chars-tiny/reference.json")).unwrap())
+                .unwrap();
+        let texts: Vec<&str> = json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let want: Vec<Vec<u32>> = serde_json::from_value(json["ids"].clone()).unwrap();
+        let (ids, lengths) = model.char_ids(&texts, &dev).unwrap();
+        let got = ids.to_vec2::<u32>().unwrap();
+        for ((row, n), want) in got.iter().zip(&lengths).zip(&want) {
+            assert_eq!(&row[..*n], &want[..]);
+        }
+        let vocab = model.vocab().unwrap();
+        assert_eq!((vocab.unk_id(), vocab.id("烤"), vocab.len()), (1, 1, 24));
+        // Tagging text end to end gives the reference paths.
+        let r = Reference::load(&fixture_dir("tagger-chars-tiny"), &dev);
+        let paths: Vec<Vec<u32>> = model.decode(&ids, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
+        assert_eq!(paths, r.rows("paths"));
+        assert_eq!(model.tag_names(&paths[0])[..2], ["M-PER", "E-PER"]);
+    }
+}
+
+/// A small deterministic generator (xorshift64*), so the brute-force cases are reproducible.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    /// Uniform in [-scale, scale).
+    fn float(&mut self, scale: f32) -> f32 {
+        ((self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+    }
+    fn floats(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.float(scale)).collect()
+    }
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+}
+
+fn random_crf(rng: &mut Rng, t: usize, dev: &Device) -> Crf {
+    let trans = Tensor::from_vec(rng.floats(t * t, 2.0), (t, t), dev).unwrap();
+    let start = Tensor::from_vec(rng.floats(t, 2.0), t, dev).unwrap();
+    let end = Tensor::from_vec(rng.floats(t, 2.0), t, dev).unwrap();
+    Crf::new(trans, start, end).unwrap()
+}
+
+/// Every tag path of length `l` over `t` tags.
+fn all_paths(t: usize, l: usize) -> Vec<Vec<u32>> {
+    (0..t.pow(l as u32))
+        .map(|mut k| {
+            (0..l)
+                .map(|_| {
+                    let tag = (k % t) as u32;
+                    k /= t;
+                    tag
+                })
+                .collect()
+        })
+        .collect()
+}
+
+/// A path's score in f64 from the CRF's parameters and one sequence's emissions `[L][T]`.
+fn score(crf: &Crf, em: &[Vec<f32>], path: &[u32]) -> f64 {
+    let trans = crf.transitions().to_vec2::<f32>().unwrap();
+    let start = crf.start_transitions().to_vec1::<f32>().unwrap();
+    let end = crf.end_transitions().to_vec1::<f32>().unwrap();
+    let p = |i: usize| path[i] as usize;
+    let mut s = start[p(0)] as f64 + end[p(path.len() - 1)] as f64;
+    for i in 0..path.len() {
+        s += em[i][p(i)] as f64;
+        if i > 0 {
+            s += trans[p(i - 1)][p(i)] as f64;
+        }
+    }
+    s
+}
+
+/// Viterbi, log Z, path scores, NLL and marginals against enumeration of every path, on
+/// random CRFs with 3-4 tags and padded batches of lengths 1-5.
+#[test]
+fn crf_equals_brute_force_enumeration() {
+    for dev in devices() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut worst = [0f64; 3];
+        for case in 0..40 {
+            let t = 3 + case % 2;
+            let crf = random_crf(&mut rng, t, &dev);
+            let b = 1 + rng.below(4);
+            let mut lengths: Vec<usize> = (0..b).map(|_| 1 + rng.below(5)).collect();
+            if case % 3 == 0 {
+                lengths[0] = 5;
+            }
+            let l = *lengths.iter().max().unwrap() + case % 2; // sometimes a fully padded column too
+            let em_flat = rng.floats(b * l * t, 3.0);
+            let em = Tensor::from_vec(em_flat.clone(), (b, l, t), &dev).unwrap();
+            let decoded = crf.decode(&em, &lengths).unwrap();
+            let log_z = crf.log_partition(&em, &lengths).unwrap().to_vec1::<f32>().unwrap();
+            let marg = crf.marginals(&em, &lengths).unwrap().to_vec3::<f32>().unwrap();
+            let gold: Vec<Vec<u32>> = lengths.iter().map(|&n| (0..n).map(|_| rng.below(t) as u32).collect()).collect();
+            let gold_scores = crf.path_score(&em, &gold).unwrap().to_vec1::<f32>().unwrap();
+            let nll = crf.nll_per_sequence(&em, &gold).unwrap().to_vec1::<f32>().unwrap();
+            for s in 0..b {
+                let n = lengths[s];
+                let seq: Vec<Vec<f32>> = (0..n).map(|i| em_flat[(s * l + i) * t..(s * l + i + 1) * t].to_vec()).collect();
+                let paths = all_paths(t, n);
+                let scores: Vec<f64> = paths.iter().map(|p| score(&crf, &seq, p)).collect();
+                let (best, best_score) =
+                    scores.iter().enumerate().fold((0, f64::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
+                assert_eq!(decoded[s].tags, paths[best], "case {case} seq {s}");
+                let max = best_score;
+                let brute_z = max + scores.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                let errs = [
+                    (decoded[s].score as f64 - best_score).abs(),
+                    (log_z[s] as f64 - brute_z).abs(),
+                    (gold_scores[s] as f64 - score(&crf, &seq, &gold[s])).abs(),
+                ];
+                assert!(errs.iter().all(|&e| e < 1e-4), "case {case} seq {s}: {errs:?}");
+                assert!((nll[s] as f64 - (brute_z - score(&crf, &seq, &gold[s]))).abs() < 1e-4);
+                // Marginals: the probability mass of the paths through each (position, tag).
+                for i in 0..l {
+                    for j in 0..t {
+                        let want: f64 = if i >= n {
+                            0.0
+                        } else {
+                            paths.iter().zip(&scores).filter(|(p, _)| p[i] == j as u32).map(|(_, v)| (v - brute_z).exp()).sum()
+                        };
+                        let err = (marg[s][i][j] as f64 - want).abs();
+                        worst[2] = worst[2].max(err);
+                        assert!(err < 1e-5, "case {case} seq {s} marginal ({i}, {j}): {} vs {want}", marg[s][i][j]);
+                    }
+                }
+                worst[0] = worst[0].max(errs[0]);
+                worst[1] = worst[1].max(errs[1]);
+            }
+        }
+        println!("{dev:?}: max abs error viterbi score {:.1e}, log Z {:.1e}, marginals {:.1e}", worst[0], worst[1], worst[2]);
+    }
+}
+
+#[test]
+fn crf_nll_reductions_follow_pytorch_crf() {
+    let dev = Device::Cpu;
+    let mut rng = Rng(7);
+    let crf = random_crf(&mut rng, 4, &dev);
+    let em = Tensor::from_vec(rng.floats(3 * 5 * 4, 2.0), (3, 5, 4), &dev).unwrap();
+    let gold = vec![vec![0, 1, 2, 3, 0], vec![1, 1], vec![3, 2, 1]];
+    let per = crf.nll_per_sequence(&em, &gold).unwrap().to_vec1::<f32>().unwrap();
+    let sum: f32 = per.iter().sum();
+    let get = |r| crf.nll(&em, &gold, r).unwrap().to_scalar::<f32>().unwrap();
+    assert!((get(Reduction::Sum) - sum).abs() < 1e-5);
+    assert!((get(Reduction::Mean) - sum / 3.0).abs() < 1e-5);
+    assert!((get(Reduction::TokenMean) - sum / 10.0).abs() < 1e-5);
+    assert!(per.iter().all(|&v| v >= 0.0), "{per:?}");
+}
+
+/// Padded batches give each sequence what it gets alone, whatever the padding holds: the CRF
+/// on emissions, and the whole model (the backward LSTM must start at each sequence's end).
+#[test]
+fn a_padded_batch_equals_each_sequence_alone() {
+    for dev in devices() {
+        for name in ["tagger-tiny", "tagger-chars-tiny"] {
+            let model = BiLstmCrf::load(&fixture_dir(name), &dev, DType::F32).unwrap();
+            let r = Reference::load(&fixture_dir(name), &dev);
+            let x = r.input();
+            let emissions = model.forward_emissions(&x, &r.lengths).unwrap();
+            let batch = model.decode(&x, &r.lengths).unwrap();
+            let batch_z = model.crf().log_partition(&emissions, &r.lengths).unwrap().to_vec1::<f32>().unwrap();
+            let batch_m = model.marginals(&x, &r.lengths).unwrap();
+            for (s, &n) in r.lengths.iter().enumerate() {
+                let alone_x = x.narrow(0, s, 1).unwrap().narrow(1, 0, n).unwrap();
+                let alone_em = model.forward_emissions(&alone_x, &[n]).unwrap();
+                let in_batch = emissions.narrow(0, s, 1).unwrap().narrow(1, 0, n).unwrap();
+                let err = (&alone_em - &in_batch).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < 1e-5, "{name} seq {s}: emissions alone vs in the batch differ by {err}");
+                let alone: Vec<TagPath> = model.decode(&alone_x, &[n]).unwrap();
+                assert_eq!(alone[0].tags, batch[s].tags, "{name} seq {s}");
+                assert!((alone[0].score - batch[s].score).abs() < 1e-4);
+                let z = model.crf().log_partition(&alone_em, &[n]).unwrap().to_vec1::<f32>().unwrap()[0];
+                assert!((z - batch_z[s]).abs() < 1e-4, "{name} seq {s}: {z} vs {}", batch_z[s]);
+                let m = model.marginals(&alone_x, &[n]).unwrap();
+                let mb = batch_m.narrow(0, s, 1).unwrap().narrow(1, 0, n).unwrap();
+                let err = (&m - &mb).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(err < 1e-5, "{name} seq {s}: marginals differ by {err}");
+            }
+            // Changing what the padding holds changes nothing real.
+            let noisy = match model.config().input {
+                InputKind::Encoder => (x.clone() + 5.0).unwrap(),
+                InputKind::Embeddings => Tensor::full(3u32, x.shape(), &dev).unwrap(),
+            };
+            let mask = concierge_mask(&r.lengths, x.dim(1).unwrap(), &dev, x.rank());
+            let mixed = if x.rank() == 3 {
+                (x.broadcast_mul(&mask).unwrap() + noisy.broadcast_mul(&(1.0 - &mask).unwrap()).unwrap()).unwrap()
+            } else {
+                let m = mask.to_dtype(DType::U8).unwrap();
+                m.where_cond(&x, &noisy).unwrap()
+            };
+            let again = model.decode(&mixed, &r.lengths).unwrap();
+            assert_eq!(again, batch, "{name}: padding contents changed the result");
+        }
+    }
+}
+
+/// `[B, L]` (or `[B, L, 1]` for features) 0/1 f32 mask of the lengths.
+fn concierge_mask(lengths: &[usize], l: usize, dev: &Device, rank: usize) -> Tensor {
+    let v: Vec<f32> = lengths.iter().flat_map(|&n| (0..l).map(move |t| if t < n { 1.0 } else { 0.0 })).collect();
+    let m = Tensor::from_vec(v, (lengths.len(), l), dev).unwrap();
+    if rank == 3 {
+        m.unsqueeze(2).unwrap()
+    } else {
+        m
+    }
+}
+
+fn tag_set(n: usize) -> Vec<String> {
+    (0..n).map(|i| format!("T{i}")).collect()
+}
+
+/// A toy task only the context can solve: the tag of a token is 1 + the sign pattern of its
+/// own and its left neighbour's first feature (4 cases), tag 0 at the start. A fresh model
+/// trained with AdamW on it lowers its loss, and every parameter gets a gradient.
+#[test]
+fn the_nll_trains_the_whole_model_with_adamw() {
+    let dev = Device::Cpu;
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let mut cfg = TaggerConfig::encoder(4, 8, 5);
+    cfg.num_layers = 2;
+    cfg.dropout = 0.1;
+    let model = BiLstmCrf::new(vb, &cfg, tag_set(5)).unwrap();
+    let vars = varmap.all_vars();
+    // lstm: 2 layers x 2 directions x 4 tensors; emission weight + bias; the crf's 3.
+    assert_eq!(vars.len(), 16 + 2 + 3);
+
+    let mut rng = Rng(11);
+    let lengths = [6usize, 3, 5, 1, 6, 4, 2, 6];
+    let (b, l) = (lengths.len(), 6);
+    let x = rng.floats(b * l * 4, 1.0);
+    let gold: Vec<Vec<u32>> = lengths
+        .iter()
+        .enumerate()
+        .map(|(s, &n)| {
+            let f = |i: usize| x[(s * l + i) * 4] > 0.0;
+            (0..n).map(|i| if i == 0 { 0 } else { 1 + 2 * f(i) as u32 + f(i - 1) as u32 }).collect()
+        })
+        .collect();
+    let x = Tensor::from_vec(x, (b, l, 4), &dev).unwrap();
+
+    let grads = model.training_loss(&x, &gold, Reduction::Mean).unwrap().backward().unwrap();
+    let no_grad: Vec<&Var> = vars.iter().filter(|v| grads.get(v.as_tensor()).is_none()).collect();
+    assert!(no_grad.is_empty(), "{} parameters got no gradient", no_grad.len());
+
+    let mut opt = AdamW::new(vars, ParamsAdamW { lr: 0.03, weight_decay: 0.0, ..Default::default() }).unwrap();
+    let loss = |m: &BiLstmCrf| m.nll(&x, &gold, Reduction::Mean).unwrap().to_scalar::<f32>().unwrap();
+    let first = loss(&model);
+    for _ in 0..60 {
+        opt.backward_step(&model.training_loss(&x, &gold, Reduction::Mean).unwrap()).unwrap();
+    }
+    let last = loss(&model);
+    println!("toy task nll: {first:.3} -> {last:.3}");
+    assert!(last < 0.3 * first, "the loss went from {first} to only {last}");
+    let lengths: Vec<usize> = gold.iter().map(Vec::len).collect();
+    let right: usize = model
+        .decode(&x, &lengths)
+        .unwrap()
+        .iter()
+        .zip(&gold)
+        .map(|(p, g)| p.tags.iter().zip(g).filter(|(a, b)| a == b).count())
+        .sum();
+    let total: usize = lengths.iter().sum();
+    assert!(right * 10 >= total * 9, "{right} of {total} tags right after training");
+}
+
+/// save writes what load reads: same config, tags, vocabulary and outputs; a fresh model too.
+#[test]
+fn save_and_load_round_trip() {
+    let dev = Device::Cpu;
+    for name in ["tagger-tiny", "tagger-chars-tiny"] {
+        let model = BiLstmCrf::load(&fixture_dir(name), &dev, DType::F32).unwrap();
+        let out = tmp_dir(name);
+        model.save(&out).unwrap();
+        let again = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
+        assert_eq!(again.config(), model.config());
+        assert_eq!(again.tags(), model.tags());
+        assert_eq!(again.vocab(), model.vocab());
+        let r = Reference::load(&fixture_dir(name), &dev);
+        let a = model.forward_emissions(&r.input(), &r.lengths).unwrap();
+        let b = again.forward_emissions(&r.input(), &r.lengths).unwrap();
+        assert_eq!(floats(&a), floats(&b), "{name}");
+        // The same tensor names as the PyTorch checkpoint.
+        let mut want: Vec<String> = candle_core::safetensors::load(fixture_dir(name).join("model.safetensors"), &dev)
+            .unwrap()
+            .into_keys()
+            .collect();
+        let mut got: Vec<String> =
+            candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap().into_keys().collect();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{name}");
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let cfg = TaggerConfig::embeddings(30, 6, 5, 3);
+    let vocab = concierge_models::tagger::Vocab::new(
+        [("<unk>", 0), ("a", 1), ("b", 2), ("中", 29)].into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
+        "<unk>",
+    )
+    .unwrap();
+    let model = BiLstmCrf::new(vb, &cfg, tag_set(3)).unwrap().with_vocab(vocab).unwrap();
+    let out = tmp_dir("fresh");
+    model.save(&out).unwrap();
+    let again = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
+    let (ids, lengths) = again.char_ids(&["ab中x", "b"], &dev).unwrap();
+    assert_eq!(ids.to_vec2::<u32>().unwrap(), [[1, 2, 29, 0], [2, 0, 0, 0]]);
+    assert_eq!(again.decode(&ids, &lengths).unwrap(), model.decode(&ids, &lengths).unwrap());
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["input"], "embeddings");
+    assert!(config.get("emission_name").is_none());
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// The same model in bf16 decodes as in f32 (the CRF runs in f32 either way).
+#[test]
+fn a_half_precision_model_runs_its_crf_in_f32() {
+    let dev = Device::Cpu;
+    let dir = fixture_dir("tagger-chars-tiny");
+    let model = BiLstmCrf::load(&dir, &dev, DType::BF16).unwrap();
+    let r = Reference::load(&dir, &dev);
+    let em = model.forward_emissions(&r.input(), &r.lengths).unwrap();
+    assert_eq!(em.dtype(), DType::BF16);
+    assert_eq!(model.crf().log_partition(&em, &r.lengths).unwrap().dtype(), DType::F32);
+    let m = model.marginals(&r.input(), &r.lengths).unwrap();
+    let sums = m.sum(2).unwrap().to_vec2::<f32>().unwrap();
+    for (row, &n) in sums.iter().zip(&r.lengths) {
+        assert!(row[..n].iter().all(|s| (s - 1.0).abs() < 1e-5) && row[n..].iter().all(|&s| s == 0.0), "{row:?}");
+    }
+}
+
+fn copy_fixture(name: &str, tag: &str) -> PathBuf {
+    let out = tmp_dir(tag);
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(fixture_dir(name)).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, out.join(p.file_name().unwrap())).unwrap();
+    }
+    out
+}
+
+#[test]
+fn checkpoint_errors_name_the_file_and_tensor() {
+    let dev = Device::Cpu;
+    let dir = copy_fixture("tagger-tiny", "errors");
+    std::fs::remove_file(dir.join("tags.json")).unwrap();
+    let err = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap_err();
+    assert!(matches!(&err, ModelError::MissingFile { path, .. } if path.ends_with("tags.json")), "{err}");
+
+    std::fs::write(dir.join("tags.json"), r#"["O", "B-PER"]"#).unwrap();
+    let err = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap_err().to_string();
+    assert!(err.contains("tags.json") && err.contains("has 2 tags") && err.contains("num_tags 7"), "{err}");
+
+    std::fs::write(dir.join("tags.json"), r#"["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "O"]"#).unwrap();
+    let err = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap_err().to_string();
+    assert!(err.contains("tags.json") && err.contains("\"O\" appears twice"), "{err}");
+    std::fs::copy(fixture_dir("tagger-tiny/tags.json"), dir.join("tags.json")).unwrap();
+
+    let mut ts = candle_core::safetensors::load(dir.join("model.safetensors"), &dev).unwrap();
+    ts.remove("lstm.weight_hh_l1_reverse");
+    candle_core::safetensors::save(&ts, dir.join("model.safetensors")).unwrap();
+    let err = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap_err().to_string();
+    assert!(err.contains("model.safetensors") && err.contains("lstm.weight_hh_l1_reverse"), "{err}");
+
+    let cfg = r#"{"input": "embeddings", "input_dim": 12, "hidden_size": 8, "num_tags": 7}"#;
+    std::fs::write(dir.join("config.json"), cfg).unwrap();
+    let err = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap_err().to_string();
+    assert!(err.contains("config.json") && err.contains("vocab_size"), "{err}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_inputs_are_refused_clearly() {
+    let dev = Device::Cpu;
+    let model = BiLstmCrf::load(&fixture_dir("tagger-tiny"), &dev, DType::F32).unwrap();
+    let x = Tensor::zeros((2, 4, 12), DType::F32, &dev).unwrap();
+    for lengths in [&[4usize, 0][..], &[5, 1], &[1]] {
+        let err = model.decode(&x, lengths).unwrap_err();
+        assert!(matches!(err, ModelError::InvalidInput(_)), "{lengths:?}: {err}");
+    }
+    let err = model.decode(&Tensor::zeros((2, 4, 10), DType::F32, &dev).unwrap(), &[4, 4]).unwrap_err();
+    assert!(err.to_string().contains("features [batch, length, 12]"), "{err}");
+    let err = model.nll(&x, &[vec![0, 1, 2, 7], vec![0]], Reduction::Mean).unwrap_err();
+    assert!(err.to_string().contains("tag id 7"), "{err}");
+    let err = model.char_ids(&["abc"], &dev).unwrap_err();
+    assert!(matches!(err, ModelError::InvalidInput(_)), "{err}");
+}
+
+#[test]
+fn a_minimal_config_takes_the_defaults() {
+    let cfg: TaggerConfig =
+        serde_json::from_str(r#"{"input": "encoder", "input_dim": 384, "hidden_size": 128, "num_tags": 9}"#).unwrap();
+    assert_eq!(cfg, TaggerConfig::encoder(384, 128, 9));
+    assert_eq!((cfg.num_layers, cfg.dropout, cfg.unk_token()), (1, 0.0, "<unk>"));
+}
