@@ -288,6 +288,9 @@ impl ConvBias {
     }
 }
 
+/// See `ResNet::forward_fast`: 512 puts the 56x56 and 28x28 stages of a 224x224 input there.
+const PER_IMAGE_PIXELS: usize = 512;
+
 /// A weight in f32 (folding is done at full precision), checked against the shape the
 /// config implies; the error names the tensor.
 fn tensor(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -363,6 +366,12 @@ impl Block {
             None => x.clone(),
         };
         Ok((y + skip)?.relu()?)
+    }
+
+    /// Output height and width for an input of `(h, w)`.
+    fn out_hw(&self, (h, w): (usize, usize)) -> (usize, usize) {
+        let (h, w) = self.conv1.packed().spec().out_hw(h, w);
+        self.conv2.packed().spec().out_hw(h, w)
     }
 
     /// `forward`, channels-last; the block's input and temporaries go back to `bufs`.
@@ -540,11 +549,43 @@ impl ResNet {
         if !fits(sh, sw, 3, self.pool_pad) {
             return Err(ModelError::Unsupported(format!("images of {h}x{w} are too small for the max-pool")));
         }
-        let input = images.flatten_all()?.to_vec1::<f32>()?;
-        let mut bufs = Buffers::default();
-        let x = self.stem.packed().forward(&Nhwc::from_nchw(&input, b, c, h, w), Act::Relu, None, false, &mut bufs);
-        let mut x = conv::max_pool(&x, 3, 2, self.pool_pad, &mut bufs);
+        // The front of the network (stem, pool, and the blocks whose output has at least
+        // PER_IMAGE_PIXELS pixels) runs image by image: those GEMMs have rows enough, and one
+        // image's activations stay in cache where a batch's would stream through memory every
+        // layer. The rest, small maps and big weights, runs on the whole batch.
+        let [pt, pb, pl, pr] = self.pool_pad;
+        let mut size = ((sh + pt + pb - 3) / 2 + 1, (sw + pl + pr - 3) / 2 + 1);
+        let mut front = 0;
         for block in &self.blocks {
+            let next = block.out_hw(size);
+            if next.0 * next.1 < PER_IMAGE_PIXELS {
+                break;
+            }
+            (front, size) = (front + 1, next);
+        }
+        let input = images.flatten_all()?.to_vec1::<f32>()?;
+        let plane = c * h * w;
+        let mut bufs = Buffers::default();
+        let mut batch: Option<Nhwc> = None;
+        for i in 0..b {
+            let image = Nhwc::from_nchw(&input[i * plane..(i + 1) * plane], 1, c, h, w);
+            let y = self.stem.packed().forward(&image, Act::Relu, None, false, &mut bufs);
+            let mut x = conv::max_pool(&y, 3, 2, self.pool_pad, &mut bufs);
+            bufs.give(y.data);
+            for block in &self.blocks[..front] {
+                x = block.forward_fast(x, &mut bufs);
+            }
+            if b == 1 {
+                batch = Some(x);
+                break;
+            }
+            let len = x.data.len();
+            let all = batch.get_or_insert_with(|| Nhwc::new(b, x.h, x.w, x.c, bufs.take(b * len)));
+            all.data[i * len..(i + 1) * len].copy_from_slice(&x.data);
+            bufs.give(x.data);
+        }
+        let mut x = batch.expect("a batch of at least one image");
+        for block in &self.blocks[front..] {
             x = block.forward_fast(x, &mut bufs);
         }
         let dev = images.device();

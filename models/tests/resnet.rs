@@ -143,10 +143,13 @@ fn fast_path_equals_candle_path() {
         let model = ResNet::from_dir(&dir, &dev, DType::F32).unwrap();
         let x = candle_core::safetensors::load(dir.join("reference.safetensors"), &dev).unwrap().remove("input").unwrap();
         fast_equals_reference(name, &model, &x);
-        // Another batch size and an odd, non-square size (borders and padding differ).
+        // Another batch size and an odd, non-square size (borders and padding differ), and one
+        // big enough that the first stage runs image by image.
         let (b, c, h, w) = x.dims4().unwrap();
-        let odd = Tensor::randn(0f32, 1.0, (b + 2, c, h + 5, w - 3), &dev).unwrap();
-        fast_equals_reference(&format!("{name} {:?}", odd.dims()), &model, &odd);
+        for dims in [(b + 2, c, h + 5, w - 3), (3, c, 2 * h - 9, 2 * w - 7)] {
+            let odd = Tensor::randn(0f32, 1.0, dims, &dev).unwrap();
+            fast_equals_reference(&format!("{name} {dims:?}"), &model, &odd);
+        }
     }
     let open_nsfw = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-store/open-nsfw");
     if !open_nsfw.join("model.safetensors").is_file() {
