@@ -7,13 +7,16 @@
 //! `MR x NR` tile of `C` in registers (AVX-512 where the CPU has it, else AVX2+FMA, else plain
 //! code), walking the full `k`. Work is split over rayon in blocks of rows x panel groups; each
 //! task sweeps its rows under one panel at a time, so the panel stays in L2 while A's block
-//! (at most a few hundred KiB) is re-read from L2.
+//! (at most a few hundred KiB) is re-read from L2. A `B` at most `NR / 2` wide (a thin conv's
+//! output channels) is packed in half-width panels instead, so no lane multiplies padding.
 use rayon::prelude::*;
 
 use crate::activation;
 
 /// Panel width (four AVX-512 registers).
 pub const NR: usize = 64;
+/// Panel width of a narrow `B`.
+const NR_NARROW: usize = NR / 2;
 /// Rows per register tile.
 const MR: usize = 6;
 
@@ -25,6 +28,8 @@ struct Line([f32; 16]);
 pub struct PackedB {
     k: usize,
     n: usize,
+    /// Panel width: `NR`, or `NR_NARROW` when `n` fits in one.
+    nr: usize,
     panels: usize,
     data: Vec<Line>,
 }
@@ -33,18 +38,19 @@ impl PackedB {
     /// Packs a row-major `[k, n]` matrix.
     pub fn pack(b: &[f32], k: usize, n: usize) -> Self {
         assert_eq!(b.len(), k * n, "pack: b is not [k, n]");
-        let panels = n.div_ceil(NR);
-        let mut data = vec![Line([0f32; 16]); panels * k * NR / 16];
-        let flat = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut f32, panels * k * NR) };
+        let nr = if n <= NR_NARROW { NR_NARROW } else { NR };
+        let panels = n.div_ceil(nr);
+        let mut data = vec![Line([0f32; 16]); panels * k * nr / 16];
+        let flat = unsafe { std::slice::from_raw_parts_mut(data.as_mut_ptr() as *mut f32, panels * k * nr) };
         for p in 0..panels {
-            let c0 = p * NR;
-            let w = NR.min(n - c0);
+            let c0 = p * nr;
+            let w = nr.min(n - c0);
             for kk in 0..k {
-                let dst = &mut flat[(p * k + kk) * NR..(p * k + kk) * NR + w];
+                let dst = &mut flat[(p * k + kk) * nr..(p * k + kk) * nr + w];
                 dst.copy_from_slice(&b[kk * n + c0..kk * n + c0 + w]);
             }
         }
-        Self { k, n, panels, data }
+        Self { k, n, nr, panels, data }
     }
 
     pub fn k(&self) -> usize {
@@ -56,7 +62,7 @@ impl PackedB {
     }
 
     fn panel(&self, p: usize) -> *const f32 {
-        unsafe { (self.data.as_ptr() as *const f32).add(p * self.k * NR) }
+        unsafe { (self.data.as_ptr() as *const f32).add(p * self.k * self.nr) }
     }
 }
 
@@ -204,19 +210,25 @@ macro_rules! block_fn {
             let mut tile = [[0f32; NR]; MR];
             for p in p0..p1 {
                 let bp = b.panel(p);
-                let c0 = p * NR;
-                let w = NR.min(n - c0);
+                let c0 = p * b.nr;
+                let w = b.nr.min(n - c0);
                 for t in t0..t1 {
                     let r0 = t * MR;
                     let rows = MR.min(m - r0);
                     let ap = a.as_ptr().add(r0 * k);
-                    match rows {
-                        6 => $kernel::<6>(k, ap, bp, &mut tile),
-                        5 => $kernel::<5>(k, ap, bp, &mut tile),
-                        4 => $kernel::<4>(k, ap, bp, &mut tile),
-                        3 => $kernel::<3>(k, ap, bp, &mut tile),
-                        2 => $kernel::<2>(k, ap, bp, &mut tile),
-                        _ => $kernel::<1>(k, ap, bp, &mut tile),
+                    match (rows, b.nr == NR) {
+                        (6, true) => $kernel::<6, NR>(k, ap, bp, &mut tile),
+                        (5, true) => $kernel::<5, NR>(k, ap, bp, &mut tile),
+                        (4, true) => $kernel::<4, NR>(k, ap, bp, &mut tile),
+                        (3, true) => $kernel::<3, NR>(k, ap, bp, &mut tile),
+                        (2, true) => $kernel::<2, NR>(k, ap, bp, &mut tile),
+                        (_, true) => $kernel::<1, NR>(k, ap, bp, &mut tile),
+                        (6, false) => $kernel::<6, NR_NARROW>(k, ap, bp, &mut tile),
+                        (5, false) => $kernel::<5, NR_NARROW>(k, ap, bp, &mut tile),
+                        (4, false) => $kernel::<4, NR_NARROW>(k, ap, bp, &mut tile),
+                        (3, false) => $kernel::<3, NR_NARROW>(k, ap, bp, &mut tile),
+                        (2, false) => $kernel::<2, NR_NARROW>(k, ap, bp, &mut tile),
+                        (_, false) => $kernel::<1, NR_NARROW>(k, ap, bp, &mut tile),
                     }
                     for (i, acc) in tile.iter_mut().enumerate().take(rows) {
                         let row = r0 + i;
@@ -265,25 +277,26 @@ block_fn!(block_avx512, kernel_avx512, "avx512f");
 block_fn!(block_avx2, kernel_avx2, "avx2,fma");
 block_fn!(block_plain, kernel_plain);
 
-/// `tile[0..R] = a[R rows, stride k] @ panel[k][NR]`.
+/// `tile[0..R][..W] = a[R rows, stride k] @ panel[k][W]` (`W`: the panel width, NR or
+/// NR_NARROW; the register arrays are sized for NR and only `W / 16` of them used).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
 #[inline]
-unsafe fn kernel_avx512<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
+unsafe fn kernel_avx512<const R: usize, const W: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
     use std::arch::x86_64::*;
-    const NV: usize = NR / 16;
-    let mut c = [[_mm512_setzero_ps(); NV]; R];
+    let nv = W / 16;
+    let mut c = [[_mm512_setzero_ps(); NR / 16]; R];
     for p in 0..k {
-        let bv: [__m512; NV] = std::array::from_fn(|j| _mm512_load_ps(b.add(p * NR + 16 * j)));
+        let bv: [__m512; NR / 16] = std::array::from_fn(|j| if j < nv { _mm512_load_ps(b.add(p * W + 16 * j)) } else { _mm512_setzero_ps() });
         for r in 0..R {
             let av = _mm512_set1_ps(*a.add(r * k + p));
-            for j in 0..NV {
+            for j in 0..nv {
                 c[r][j] = _mm512_fmadd_ps(av, bv[j], c[r][j]);
             }
         }
     }
     for r in 0..R {
-        for j in 0..NV {
+        for j in 0..nv {
             _mm512_storeu_ps(tile[r].as_mut_ptr().add(16 * j), c[r][j]);
         }
     }
@@ -293,10 +306,10 @@ unsafe fn kernel_avx512<const R: usize>(k: usize, a: *const f32, b: *const f32, 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn kernel_avx2<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
+unsafe fn kernel_avx2<const R: usize, const W: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
     let mut r0 = 0;
     while r0 < R {
-        kernel_avx2_rows::<1>(k, a.add(r0 * k), b, &mut tile[r0..]);
+        kernel_avx2_rows::<1, W>(k, a.add(r0 * k), b, &mut tile[r0..]);
         r0 += 1;
     }
 }
@@ -304,33 +317,33 @@ unsafe fn kernel_avx2<const R: usize>(k: usize, a: *const f32, b: *const f32, ti
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 #[inline]
-unsafe fn kernel_avx2_rows<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]]) {
+unsafe fn kernel_avx2_rows<const R: usize, const W: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]]) {
     use std::arch::x86_64::*;
-    const NV: usize = NR / 8;
-    let mut c = [[_mm256_setzero_ps(); NV]; R];
+    let nv = W / 8;
+    let mut c = [[_mm256_setzero_ps(); NR / 8]; R];
     for p in 0..k {
-        let bv: [__m256; NV] = std::array::from_fn(|j| _mm256_load_ps(b.add(p * NR + 8 * j)));
+        let bv: [__m256; NR / 8] = std::array::from_fn(|j| if j < nv { _mm256_load_ps(b.add(p * W + 8 * j)) } else { _mm256_setzero_ps() });
         for r in 0..R {
             let av = _mm256_set1_ps(*a.add(r * k + p));
-            for j in 0..NV {
+            for j in 0..nv {
                 c[r][j] = _mm256_fmadd_ps(av, bv[j], c[r][j]);
             }
         }
     }
     for r in 0..R {
-        for j in 0..NV {
+        for j in 0..nv {
             _mm256_storeu_ps(tile[r].as_mut_ptr().add(8 * j), c[r][j]);
         }
     }
 }
 
 #[inline]
-unsafe fn kernel_plain<const R: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
+unsafe fn kernel_plain<const R: usize, const W: usize>(k: usize, a: *const f32, b: *const f32, tile: &mut [[f32; NR]; MR]) {
     for r in 0..R {
         tile[r] = [0f32; NR];
     }
     for p in 0..k {
-        let bv = std::slice::from_raw_parts(b.add(p * NR), NR);
+        let bv = std::slice::from_raw_parts(b.add(p * W), W);
         for r in 0..R {
             let av = *a.add(r * k + p);
             for (c, &b) in tile[r].iter_mut().zip(bv) {
