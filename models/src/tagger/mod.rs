@@ -381,7 +381,7 @@ impl BiLstmCrf {
         let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
         let l = lengths.iter().copied().max().unwrap_or(0);
         let flat: Vec<u32> =
-            seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat(vocab.unk_id()).take(l - s.len()))).collect();
+            seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(vocab.unk_id(), l - s.len()))).collect();
         Ok((Tensor::from_vec(flat, (texts.len(), l), device)?, lengths))
     }
 
