@@ -6,6 +6,7 @@ pub mod bert;
 pub mod checkpoint;
 pub mod dense;
 pub mod encoder;
+pub mod entities;
 pub mod error;
 pub mod image_encoder;
 pub mod imageproc;

@@ -1,12 +1,49 @@
 //! `concierge`: parse the configuration, start the server, stop it cleanly on SIGTERM/SIGINT.
 //! Exits 0 after a clean stop, 1 when start-up fails (the log says why).
+//!
+//! `concierge train-tagger …` / `concierge eval-tagger …` train and score the entity tagger
+//! instead (see `concierge train-tagger --help`).
 use std::process::ExitCode;
 
 use clap::Parser;
 use concierge_server::{config::Config, start};
 
+/// The offline commands beside serving.
+#[derive(clap::Parser)]
+#[command(name = "concierge")]
+enum Command {
+    /// Train a BiLSTM-CRF entity tagger (ATIS slots over the text encoder, or MSRA NER over characters).
+    TrainTagger(concierge_train::tagger::TrainTagger),
+    /// Score a tagger checkpoint on a test file (conlleval: entity-level P/R/F1, per label).
+    EvalTagger(concierge_train::tagger::EvalTagger),
+}
+
+fn offline(cmd: Command) -> ExitCode {
+    let result = match cmd {
+        Command::TrainTagger(args) => concierge_train::tagger::train(&args),
+        Command::EvalTagger(args) => concierge_train::tagger::eval(&args).map(|_| ()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    if std::env::args().nth(1).is_some_and(|a| matches!(a.as_str(), "train-tagger" | "eval-tagger")) {
+        tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        ).init();
+        return offline(Command::parse());
+    }
+    serve()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn serve() -> ExitCode {
     let config = Config::parse();
     concierge_server::telemetry::init_logging(config.log_format);
     tracing::info!(?config, "starting concierge");

