@@ -106,7 +106,9 @@ fn layouts_round_trip() {
     let (n, c, h, w) = (2, 5, 3, 4);
     let x = values(n * c * h * w, 7);
     let t = Nhwc::from_nchw(&x, n, c, h, w);
-    assert_eq!(t.data[((1 * h + 2) * w + 3) * c + 4], x[((1 * c + 4) * h + 2) * w + 3]);
+    // Image 1, row 2, column 3, channel 4.
+    let (b, y, xx, ch) = (1, 2, 3, 4);
+    assert_eq!(t.data[((b * h + y) * w + xx) * c + ch], x[((b * c + ch) * h + y) * w + xx]);
     assert_eq!(t.to_nchw(), x);
 }
 
