@@ -75,6 +75,8 @@ async fn main() -> anyhow::Result<()> {
             &format!("--max-batch-size={batch}"),
             &format!("--max-wait-ms={}", args.max_wait_ms),
             "--max-queued-inputs=100000",
+            "--no-image-model",
+            "--no-entity-model",
         ])?;
         let mut server = concierge_server::start(cfg).await?;
         server.ready(Duration::from_secs(120)).await?;

@@ -78,6 +78,8 @@ async fn main() -> anyhow::Result<()> {
         &format!("--model-dir={}", model_dir.display()),
         &format!("--kb-dir={}", kb_dir.path().display()),
         "--max-queued-inputs=100000",
+        "--no-image-model",
+        "--no-entity-model",
     ])?;
     let mut server = concierge_server::start(cfg).await?;
     server.ready(Duration::from_secs(120)).await?;

@@ -291,6 +291,12 @@ fn plan_modules(path: &Path) -> Result<ModulePlan> {
     Ok(plan)
 }
 
+/// The version string of a folder checkpoint: `sha256:` and the first 12 hex digits of the
+/// hash of its weight files.
+pub fn weights_version(paths: &[&Path]) -> Result<String> {
+    Ok(format!("sha256:{}", &files_sha256(paths)?[..12]))
+}
+
 /// sha256 of the files' bytes, one after the other.
 fn files_sha256(paths: &[&Path]) -> Result<String> {
     let mut h = Sha256::new();

@@ -102,6 +102,20 @@ pub struct Config {
     #[arg(long, env = "CONCIERGE_DOCUMENT_MODEL_DIR")]
     pub document_model_dir: Option<PathBuf>,
 
+    /// Entity tagger folder (BiLSTM-CRF: config.json, model.safetensors, tags.json [, vocab.json]).
+    /// The default, an English ATIS slot tagger over the default text model, is committed in
+    /// checkpoints/; `checkpoints/entities-zh-msra` is the Chinese one.
+    #[arg(long, env = "CONCIERGE_ENTITY_MODEL_DIR", default_value = "checkpoints/entities-en-atis")]
+    pub entity_model_dir: PathBuf,
+
+    /// Serve no entity tagger; Extract answers UNIMPLEMENTED.
+    #[arg(long, env = "CONCIERGE_NO_ENTITY_MODEL")]
+    pub no_entity_model: bool,
+
+    /// Most characters in one text for a character-level tagger.
+    #[arg(long, env = "CONCIERGE_MAX_ENTITY_CHARS", default_value_t = 1000)]
+    pub max_entity_chars: usize,
+
     /// Image model folder: a ResNet `config.json` + `model.safetensors` with torchvision names.
     /// The default, Open-NSFW, is written by scripts/fetch-default-model.sh.
     #[arg(long, env = "CONCIERGE_IMAGE_MODEL_DIR", default_value = "model-store/open-nsfw")]

@@ -1,6 +1,7 @@
 //! The concierge gRPC server: configuration, the gRPC edge, model slots, metrics and the
 //! start/stop sequence. The only crate that knows tokio and tonic.
 pub mod config;
+pub mod entities;
 pub mod error;
 pub mod grpc;
 pub mod image;

@@ -7,8 +7,10 @@ use std::time::Duration;
 use anyhow::Context;
 use concierge_engine::{BatchLimits, Device as EngineDevice, Engine};
 use concierge_kb::store::{Store, StoreOptions};
-use concierge_models::{ImageEncoder, ModelSource, TextEncoder};
+use concierge_models::tagger::InputKind;
+use concierge_models::{BiLstmCrf, ImageEncoder, ModelInfo, ModelSource, TextEncoder};
 use concierge_proto::v1::embeddings_server::EmbeddingsServer;
+use concierge_proto::v1::entities_server::EntitiesServer;
 use concierge_proto::v1::knowledge_base_server::KnowledgeBaseServer;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -23,6 +25,8 @@ use crate::state::AppState;
 use crate::telemetry;
 use crate::grpc::knowledge_base::KnowledgeBaseService;
 use crate::kb::{LocalStore, VectorStore};
+use crate::entities::{CharTagger, CharTaggerLane, Route};
+use crate::grpc::entities::EntitiesService;
 use crate::image::{ImageLane, ImageModel};
 use crate::text::{TextLane, TextModel};
 
@@ -107,7 +111,13 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             }))
         }
     };
+    let char_tagger = Arc::new(CharTaggerLane {
+        slot: ModelSlot::empty("the entity tagger"),
+        engine: Engine::on(&gpu, "entities", limits.clone())?,
+    });
     let state = Arc::new(AppState {
+        entity_route: ModelSlot::empty("the entity tagger"),
+        char_tagger,
         query_tower: tower(&config.query_model_dir, "the query tower", "query")?,
         document_tower: tower(&config.document_model_dir, "the document tower", "document")?,
         text,
@@ -120,6 +130,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     health.set_service_status("", ServingStatus::NotServing).await;
     health.set_not_serving::<EmbeddingsServer<EmbeddingsService>>().await;
     health.set_not_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
+    health.set_not_serving::<EntitiesServer<EntitiesService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(concierge_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -131,6 +142,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let embeddings = EmbeddingsServer::new(EmbeddingsService::new(state.clone()))
         .max_decoding_message_size(state.config.max_message_bytes);
     let knowledge_base = KnowledgeBaseServer::new(KnowledgeBaseService::new(state.clone()))
+        .max_decoding_message_size(state.config.max_message_bytes);
+    let entities = EntitiesServer::new(EntitiesService::new(state.clone()))
         .max_decoding_message_size(state.config.max_message_bytes);
 
     // Model loading runs beside the server; a failure ends the server with the loader's message.
@@ -145,6 +158,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 Ok(Ok(())) => {
                     health.set_serving::<EmbeddingsServer<EmbeddingsService>>().await;
                     health.set_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
+                    health.set_serving::<EntitiesServer<EntitiesService>>().await;
                     health.set_service_status("", ServingStatus::Serving).await;
                     let _ = ready_tx.send(true);
                     tracing::info!("models loaded; serving");
@@ -173,6 +187,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             health.set_service_status("", ServingStatus::NotServing).await;
             health.set_not_serving::<EmbeddingsServer<EmbeddingsService>>().await;
             health.set_not_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
+            health.set_not_serving::<EntitiesServer<EntitiesService>>().await;
             tracing::info!("shutting down: no new calls; draining in-flight work");
             stopping.notify_one();
         }
@@ -184,6 +199,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .add_service(reflection_alpha)
         .add_service(embeddings)
         .add_service(knowledge_base)
+        .add_service(entities)
         .serve_with_incoming_shutdown(
             // Small unary messages must not wait on Nagle + delayed ACK (~40 ms a call).
             tonic::transport::server::TcpIncoming::from(listener)
@@ -221,6 +237,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             if let Some(image) = &s.image {
                 image.engine.shutdown();
             }
+            s.char_tagger.engine.shutdown();
             // Writes already queued are committed before the store stops.
             if let Ok(kb) = s.kb.get() {
                 kb.shutdown();
@@ -241,7 +258,25 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
     let cfg = &state.config;
     let encoder = |source: ModelSource| TextEncoder::load(&source, device, cfg.dtype.to_candle(), cfg.max_input_tokens);
     let text = encoder(cfg.model_source()).context("cannot load the text model")?;
-    state.text.slot.replace(Arc::new(TextModel { encoder: text }));
+    let tagger = match cfg.no_entity_model {
+        true => None,
+        false => Some(load_tagger(cfg, device, text.info())?),
+    };
+    let route = match &tagger {
+        None => Route::Off,
+        Some((t, info)) if t.config().input == InputKind::Encoder => Route::Encoder(info.clone()),
+        Some(_) => Route::Chars,
+    };
+    let (text_tagger, char_tagger) = match tagger {
+        Some((t, _)) if route != Route::Chars => (Some(t), None),
+        Some((t, info)) => (None, Some(CharTagger { tagger: t, device: device.clone(), info })),
+        None => (None, None),
+    };
+    state.text.slot.replace(Arc::new(TextModel { encoder: text, tagger: text_tagger }));
+    if let Some(c) = char_tagger {
+        state.char_tagger.slot.replace(Arc::new(c));
+    }
+    state.entity_route.replace(Arc::new(route));
     metrics::gauge!("concierge_model_ready", "slot" => "text").set(1.0);
     for (lane, dir, what) in [
         (&state.query_tower, &cfg.query_model_dir, "query"),
@@ -249,7 +284,7 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
     ] {
         if let Some(dir) = dir {
             let enc = encoder(ModelSource::Dir(dir.clone())).with_context(|| format!("cannot load the {what} tower"))?;
-            lane.slot.replace(Arc::new(TextModel { encoder: enc }));
+            lane.slot.replace(Arc::new(TextModel { encoder: enc, tagger: None }));
             metrics::gauge!("concierge_model_ready", "slot" => what).set(1.0);
         }
     }
@@ -279,4 +314,31 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
     let kb: Arc<dyn VectorStore> = Arc::new(LocalStore::new(store, limits)?);
     state.kb.replace(kb);
     Ok(())
+}
+
+/// Loads the entity tagger; one that reads encoder states must have been trained on the text
+/// model now loaded (its config names the encoder's id and version).
+fn load_tagger(cfg: &crate::config::Config, device: &candle_core::Device, text: &ModelInfo) -> anyhow::Result<(BiLstmCrf, ModelInfo)> {
+    let dir = &cfg.entity_model_dir;
+    let tagger = BiLstmCrf::load(dir, device, candle_core::DType::F32).with_context(|| {
+        format!("cannot load the entity tagger from {} (start with --no-entity-model to serve without one)", dir.display())
+    })?;
+    let weights = dir.join("model.safetensors");
+    let version = concierge_models::checkpoint::weights_version(&[&weights])?;
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
+    if tagger.config().input == InputKind::Encoder {
+        let trained_on = tagger.config().extra.get("encoder").and_then(|e| e.get("version")).and_then(|v| v.as_str());
+        match trained_on {
+            Some(v) if v == text.version => {}
+            Some(v) => anyhow::bail!(
+                "the entity tagger in {} was trained on the states of text model version {v}, but the text model loaded is {} {}; \
+                 retrain it on this model (concierge train-tagger --encoder-dir ...) or start with --no-entity-model",
+                dir.display(), text.id, text.version
+            ),
+            None => tracing::warn!(dir = %dir.display(), "the entity tagger does not say which text model it was trained on"),
+        }
+    }
+    let dim = tagger.config().input_dim;
+    tracing::info!(dir = %dir.display(), %version, input = ?tagger.config().input, tags = tagger.tags().len(), "entity tagger loaded");
+    Ok((tagger, ModelInfo { id, version, dimension: dim, max_input_tokens: 0 }))
 }

@@ -2,6 +2,7 @@
 use std::sync::Arc;
 
 use crate::config::Config;
+use crate::entities::{CharTaggerLane, Route};
 use crate::image::ImageLane;
 use crate::kb::VectorStore;
 use crate::registry::ModelSlot;
@@ -17,4 +18,8 @@ pub struct AppState {
     pub query_tower: Arc<TextLane>,
     pub document_tower: Arc<TextLane>,
     pub kb: ModelSlot<dyn VectorStore>,
+    /// Which tagger answers `Entities/Extract` (set when the models load).
+    pub entity_route: ModelSlot<Route>,
+    /// The lane of a character-level tagger (unused when the tagger reads encoder states).
+    pub char_tagger: Arc<CharTaggerLane>,
 }

@@ -1,35 +1,101 @@
-//! The text encoder as a batching-engine backend, and the one path every service takes to embed
+//! The text encoder as a batching-engine backend, and the one path every service takes to run
 //! texts: tokenise off the async runtime, submit to the lane, await within the deadline.
+//!
+//! One encoder pass serves every head an input asks for: each input says which outputs it wants
+//! ([`Tasks`]: its embedding, its entities), the batch runs BERT once, and the heads read the
+//! same token states. A message that needs an embedding and its entities pays for one pass.
+use std::sync::Arc;
 use std::time::Instant;
 
 use concierge_engine::{Backend, Engine};
-use concierge_models::{ModelInfo, TextEncoder, TokenizedText};
+use concierge_models::entities::{extract_from_states, Entity};
+use concierge_models::{BiLstmCrf, ModelInfo, TextEncoder, TokenizedText};
 
 use crate::error::ServiceError;
 use crate::grpc::with_deadline;
 use crate::registry::ModelSlot;
 
+/// What one input wants from the encoder pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tasks {
+    pub embed: bool,
+    pub entities: bool,
+}
+
+impl Tasks {
+    pub const EMBED: Tasks = Tasks { embed: true, entities: false };
+    pub const ENTITIES: Tasks = Tasks { embed: false, entities: true };
+}
+
 pub struct TextInput {
     pub tokens: TokenizedText,
     pub normalize: bool,
+    pub tasks: Tasks,
 }
 
+/// One input's answers, as its [`Tasks`] asked.
+#[derive(Debug, Clone, Default)]
+pub struct TextOutput {
+    pub embedding: Option<Vec<f32>>,
+    pub entities: Option<Vec<Entity>>,
+}
+
+/// The text encoder and the heads that read its token states, loaded and swapped together (a
+/// tagger trained on one encoder's states is meaningless on another's).
 pub struct TextModel {
     pub encoder: TextEncoder,
+    /// An entity tagger over this encoder's states (`input: "encoder"`), if configured.
+    pub tagger: Option<BiLstmCrf>,
 }
 
 impl Backend for TextModel {
     type Input = TextInput;
-    type Output = Vec<f32>;
+    type Output = TextOutput;
 
     fn cost(&self, input: &TextInput) -> usize {
         input.tokens.len()
     }
 
-    fn run(&self, batch: &[&TextInput]) -> Result<Vec<Vec<f32>>, String> {
+    fn run(&self, batch: &[&TextInput]) -> Result<Vec<TextOutput>, String> {
         let tokens: Vec<&TokenizedText> = batch.iter().map(|i| &i.tokens).collect();
-        let normalize: Vec<bool> = batch.iter().map(|i| i.normalize).collect();
-        self.encoder.embed(&tokens, &normalize).map_err(|e| e.to_string())
+        let states = self.encoder.token_states(&tokens).map_err(|e| e.to_string())?;
+        let mut out = vec![TextOutput::default(); batch.len()];
+
+        let embed: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.embed).collect();
+        if !embed.is_empty() {
+            // Pooling reads only the rows of the inputs that want a vector.
+            let sub = if embed.len() == batch.len() {
+                states.clone()
+            } else {
+                let rows = embed.iter().map(|&i| states.of(i)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+                concierge_models::TokenStates {
+                    hidden: candle_core::Tensor::cat(&rows, 0).map_err(|e| e.to_string())?,
+                    lens: embed.iter().map(|&i| states.lens[i]).collect(),
+                }
+            };
+            let mut rows: Vec<Vec<f32>> = self
+                .encoder
+                .embed_states(&sub)
+                .and_then(|t| Ok(t.to_vec2::<f32>()?))
+                .map_err(|e| e.to_string())?;
+            for (&i, row) in embed.iter().zip(rows.iter_mut()) {
+                if batch[i].normalize {
+                    concierge_models::encoder::l2_normalize(row);
+                }
+                out[i].embedding = Some(std::mem::take(row));
+            }
+        }
+
+        let tag: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.entities).collect();
+        if !tag.is_empty() {
+            let tagger = self.tagger.as_ref().ok_or("this text model has no entity tagger")?;
+            let inputs: Vec<&TokenizedText> = tag.iter().map(|&i| tokens[i]).collect();
+            let found = extract_from_states(tagger, &inputs, |k| states.of(tag[k])).map_err(|e| e.to_string())?;
+            for (&i, ents) in tag.iter().zip(found) {
+                out[i].entities = Some(ents);
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -46,23 +112,34 @@ pub struct Embedded {
     pub model: ModelInfo,
 }
 
+/// All answers of one request, in input order.
+pub struct Ran {
+    pub outputs: Vec<TextOutput>,
+    pub tokens: usize,
+    pub model: Arc<TextModel>,
+}
+
 impl TextLane {
-    /// Embeds `texts`; each comes with the index its errors name ("input 3 has 302 tokens").
-    pub async fn embed(
+    /// Runs `texts` (each with the index its errors name: "input 3 has 302 tokens") for `tasks`.
+    pub async fn run(
         &self,
         texts: Vec<(usize, String)>,
+        tasks: Tasks,
         normalize: bool,
         truncate: bool,
         deadline: Option<Instant>,
-    ) -> Result<Embedded, ServiceError> {
+    ) -> Result<Ran, ServiceError> {
         let model = self.slot.get()?;
+        if tasks.entities && model.tagger.is_none() {
+            return Err(ServiceError::Unimplemented("no entity tagger runs on this text model".into()));
+        }
         // Tokenising is CPU work: keep it off the async runtime and off the device thread.
         let t0 = Instant::now();
         let m = model.clone();
         let inputs = tokio::task::spawn_blocking(move || {
             texts
                 .iter()
-                .map(|(i, text)| Ok(TextInput { tokens: m.encoder.tokenize(*i, text, truncate)?, normalize }))
+                .map(|(i, text)| Ok(TextInput { tokens: m.encoder.tokenize(*i, text, truncate)?, normalize, tasks }))
                 .collect::<Result<Vec<_>, ServiceError>>()
         })
         .await
@@ -71,7 +148,7 @@ impl TextLane {
         let tokens = inputs.iter().map(|i| i.tokens.len()).sum();
 
         let pending = self.engine.submit(&model, inputs, deadline)?;
-        let vectors = with_deadline(deadline, async move {
+        let outputs = with_deadline(deadline, async move {
             let mut out = Vec::with_capacity(pending.len());
             for p in pending {
                 out.push(p.await.map_err(|_| ServiceError::Internal("the engine dropped an input unanswered".into()))??);
@@ -79,6 +156,23 @@ impl TextLane {
             Ok(out)
         })
         .await?;
-        Ok(Embedded { vectors, tokens, model: model.encoder.info().clone() })
+        Ok(Ran { outputs, tokens, model })
+    }
+
+    /// Embeds `texts`; each comes with the index its errors name.
+    pub async fn embed(
+        &self,
+        texts: Vec<(usize, String)>,
+        normalize: bool,
+        truncate: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Embedded, ServiceError> {
+        let ran = self.run(texts, Tasks::EMBED, normalize, truncate, deadline).await?;
+        let vectors = ran
+            .outputs
+            .into_iter()
+            .map(|o| o.embedding.ok_or_else(|| ServiceError::Internal("the model returned no vector".into())))
+            .collect::<Result<_, _>>()?;
+        Ok(Embedded { vectors, tokens: ran.tokens, model: ran.model.encoder.info().clone() })
     }
 }

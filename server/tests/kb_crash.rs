@@ -46,6 +46,7 @@ fn start(dir: &Path) -> (Child, String) {
             "--kb-snapshot-mb=1".to_string(),
             "--log-format=json".to_string(),
             "--no-image-model".to_string(),
+            "--no-entity-model".to_string(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -89,6 +89,9 @@ pub struct TrainTagger {
     /// Stop training after this many minutes (the best checkpoint so far is kept).
     #[arg(long)]
     pub max_minutes: Option<f64>,
+    /// Batch sentences of similar length together (less padding; long, uneven data like MSRA).
+    #[arg(long)]
+    pub length_buckets: bool,
     /// No progress bar (logs only).
     #[arg(long)]
     pub quiet: bool,
@@ -398,13 +401,26 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     let steps_per_epoch = order.len().div_ceil(args.batch);
     for epoch in 1..=args.epochs {
         let t0 = Instant::now();
+        // With --length-buckets: shuffle, sort within pools of 50 batches by length so a batch
+        // holds sentences of similar length (little padding for the LSTM to step through), then
+        // shuffle the batches; the order is still random, and seeded.
         rng.shuffle(&mut order);
+        let batches: Vec<&[usize]> = if args.length_buckets {
+            for chunk in order.chunks_mut(args.batch * 50) {
+                chunk.sort_by_key(|&i| train_ex[i].len());
+            }
+            let mut b: Vec<&[usize]> = order.chunks(args.batch).collect();
+            rng.shuffle(&mut b);
+            b
+        } else {
+            order.chunks(args.batch).collect()
+        };
         let bar = crate::progress(steps_per_epoch as u64, &format!("epoch {epoch}/{}", args.epochs));
         if args.quiet {
             bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
         }
         let mut total = 0.0f64;
-        for (step, chunk) in order.chunks(args.batch).enumerate() {
+        for (step, chunk) in batches.into_iter().enumerate() {
             let batch: Vec<&Example> = chunk.iter().map(|&i| &train_ex[i]).collect();
             let x = fz.batch(&batch, dim, &device, Some((args.dropout, &mut rng)))?;
             let gold: Vec<Vec<u32>> = batch.iter().map(|e| e.tags.clone()).collect();

@@ -2,6 +2,7 @@
 //! convert back. Status codes are decided in `crate::error` alone.
 pub mod edge;
 pub mod embeddings;
+pub mod entities;
 pub mod knowledge_base;
 
 use std::time::{Duration, Instant};

@@ -24,6 +24,9 @@ pub fn config(extra: &[&str]) -> Config {
     if !extra.iter().any(|a| a.starts_with("--image-model") || a.starts_with("--no-image-model")) {
         args.push(format!("--image-model-dir={}", tiny_image_model().display()));
     }
+    if !extra.iter().any(|a| a.starts_with("--entity-model-dir") || a.starts_with("--no-entity-model")) {
+        args.push(format!("--entity-model-dir={}", repo_path("checkpoints/entities-en-atis").display()));
+    }
     if !extra.iter().any(|a| a.starts_with("--kb-dir")) {
         args.push(format!("--kb-dir={}", fresh_dir("kb").display()));
     }
@@ -57,6 +60,11 @@ pub fn encoded_image(w: u32, h: u32, seed: u32, format: image::ImageFormat) -> V
     let mut out = std::io::Cursor::new(Vec::new());
     img.write_to(&mut out, format).unwrap();
     out.into_inner()
+}
+
+/// A path inside the repository.
+pub fn repo_path(rel: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
 /// An empty folder of its own under cargo's scratch space for integration tests.
