@@ -9,7 +9,7 @@ use concierge_models::entities::{extract_from_chars, Entity};
 use concierge_models::{BiLstmCrf, ModelInfo};
 
 use crate::error::ServiceError;
-use crate::grpc::with_deadline;
+use crate::grpc::{answers, with_deadline};
 use crate::registry::ModelSlot;
 use crate::state::AppState;
 use crate::text::Tasks;
@@ -90,14 +90,7 @@ pub async fn extract(
                 }
             }
             let pending = lane.engine.submit(&model, inputs, deadline)?;
-            let found = with_deadline(deadline, async move {
-                let mut out = Vec::with_capacity(pending.len());
-                for p in pending {
-                    out.push(p.await.map_err(|_| ServiceError::Internal("the engine dropped an input unanswered".into()))??);
-                }
-                Ok(out)
-            })
-            .await?;
+            let found = with_deadline(deadline, answers(pending)).await?;
             Ok((found, model.info.clone()))
         }
     }

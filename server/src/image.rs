@@ -10,7 +10,7 @@ use concierge_models::{ImageEmbedding, ImageEncoder, ModelInfo};
 use tokio::sync::Semaphore;
 
 use crate::error::ServiceError;
-use crate::grpc::with_deadline;
+use crate::grpc::{answers, with_deadline};
 use crate::registry::ModelSlot;
 
 pub struct ImageInput {
@@ -93,11 +93,7 @@ impl ImageLane {
             let pixels = pixels.into_iter().map(|p| p.expect("every image decoded"));
             let inputs = pixels.into_iter().map(|pixels| ImageInput { pixels, normalize }).collect();
             let pending = self.engine.submit(&model, inputs, deadline)?;
-            let mut out = Vec::with_capacity(pending.len());
-            for p in pending {
-                out.push(p.await.map_err(|_| ServiceError::Internal("the engine dropped an input unanswered".into()))??);
-            }
-            Ok(out)
+            answers(pending).await
         };
         let outputs = with_deadline(deadline, work).await?;
         Ok(ImagesEmbedded { outputs, model: model.encoder.info().clone() })

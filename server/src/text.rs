@@ -12,7 +12,7 @@ use concierge_models::entities::{extract_from_states, Entity};
 use concierge_models::{BiLstmCrf, ModelInfo, TextEncoder, TokenizedText};
 
 use crate::error::ServiceError;
-use crate::grpc::with_deadline;
+use crate::grpc::{answers, with_deadline};
 use crate::registry::ModelSlot;
 
 /// What one input wants from the encoder pass.
@@ -148,14 +148,7 @@ impl TextLane {
         let tokens = inputs.iter().map(|i| i.tokens.len()).sum();
 
         let pending = self.engine.submit(&model, inputs, deadline)?;
-        let outputs = with_deadline(deadline, async move {
-            let mut out = Vec::with_capacity(pending.len());
-            for p in pending {
-                out.push(p.await.map_err(|_| ServiceError::Internal("the engine dropped an input unanswered".into()))??);
-            }
-            Ok(out)
-        })
-        .await?;
+        let outputs = with_deadline(deadline, answers(pending)).await?;
         Ok(Ran { outputs, tokens, model })
     }
 

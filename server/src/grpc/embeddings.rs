@@ -8,7 +8,7 @@ use concierge_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{deadline_of, observe};
+use super::{check_texts, deadline_of, observe};
 use crate::error::ServiceError;
 use crate::state::AppState;
 
@@ -22,22 +22,7 @@ impl EmbeddingsService {
     }
 
     fn validate(&self, msg: &EmbedTextRequest) -> Result<(), ServiceError> {
-        let limit = self.state.config.max_client_batch_size;
-        if msg.inputs.is_empty() {
-            return Err(ServiceError::InvalidArgument("inputs is empty; send at least one text to embed".into()));
-        }
-        if msg.inputs.len() > limit {
-            return Err(ServiceError::InvalidArgument(format!(
-                "{} inputs in one request; the limit is {limit}; split them over several calls",
-                msg.inputs.len()
-            )));
-        }
-        if let Some(i) = msg.inputs.iter().position(|t| t.trim().is_empty()) {
-            return Err(ServiceError::InvalidArgument(format!(
-                "input {i} is empty or only whitespace; every input needs some text"
-            )));
-        }
-        Ok(())
+        check_texts(&msg.inputs, self.state.config.max_client_batch_size, "inputs", "input")
     }
 
     async fn embed(&self, req: Request<EmbedTextRequest>) -> Result<EmbedTextResponse, ServiceError> {

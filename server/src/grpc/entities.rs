@@ -6,7 +6,7 @@ use concierge_proto::v1::entities_server::Entities;
 use concierge_proto::v1::{Entity, ExtractRequest, ExtractResponse, ModelInfo, TextEntities};
 use tonic::{Request, Response, Status};
 
-use super::{deadline_of, observe};
+use super::{check_texts, deadline_of, observe};
 use crate::error::ServiceError;
 use crate::state::AppState;
 
@@ -22,19 +22,7 @@ impl EntitiesService {
     async fn extract(&self, req: Request<ExtractRequest>) -> Result<ExtractResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
         let msg = req.into_inner();
-        let limit = self.state.config.max_client_batch_size;
-        if msg.texts.is_empty() {
-            return Err(ServiceError::InvalidArgument("texts is empty; send at least one text to tag".into()));
-        }
-        if msg.texts.len() > limit {
-            return Err(ServiceError::InvalidArgument(format!(
-                "{} texts in one request; the limit is {limit}; split them over several calls",
-                msg.texts.len()
-            )));
-        }
-        if let Some(i) = msg.texts.iter().position(|t| t.trim().is_empty()) {
-            return Err(ServiceError::InvalidArgument(format!("text {i} is empty or only whitespace; every text needs some words")));
-        }
+        check_texts(&msg.texts, self.state.config.max_client_batch_size, "texts", "text")?;
         let texts = msg.texts.clone();
         let (found, info) = crate::entities::extract(&self.state, msg.texts, msg.truncate.unwrap_or(false), deadline).await?;
         let results = texts

@@ -46,6 +46,33 @@ pub(crate) async fn with_deadline<T>(
     }
 }
 
+/// Waits for every submitted input's answer, in order.
+pub(crate) async fn answers<O>(pending: Vec<concierge_engine::Pending<O>>) -> Result<Vec<O>, ServiceError> {
+    let mut out = Vec::with_capacity(pending.len());
+    for p in pending {
+        out.push(p.await.map_err(|_| ServiceError::Internal("the engine dropped an input unanswered".into()))??);
+    }
+    Ok(out)
+}
+
+/// Checks a request's list of texts: at least one, at most `limit`, none blank. `what` names
+/// the field ("inputs", "texts") and `item` one entry ("input", "text").
+pub(crate) fn check_texts(texts: &[String], limit: usize, what: &str, item: &str) -> Result<(), ServiceError> {
+    if texts.is_empty() {
+        return Err(ServiceError::InvalidArgument(format!("{what} is empty; send at least one text")));
+    }
+    if texts.len() > limit {
+        return Err(ServiceError::InvalidArgument(format!(
+            "{} {what} in one request; the limit is {limit}; split them over several calls",
+            texts.len()
+        )));
+    }
+    if let Some(i) = texts.iter().position(|t| t.trim().is_empty()) {
+        return Err(ServiceError::InvalidArgument(format!("{item} {i} is empty or only whitespace; every {item} needs some text")));
+    }
+    Ok(())
+}
+
 /// Counts a finished request by rpc and status code, and records its latency.
 pub(crate) fn observe<T>(rpc: &'static str, start: Instant, result: &Result<T, Status>) {
     let code = match result {
