@@ -34,18 +34,15 @@ PY
 }
 fetch_text_model
 
-if [ "${CONCIERGE_SKIP_IMAGE_MODEL:-0}" = 1 ]; then
-  echo "image model skipped (CONCIERGE_SKIP_IMAGE_MODEL=1)"
-elif [ -f scripts/fetch-image-model.sh ]; then
-  scripts/fetch-image-model.sh
-else
-  echo "scripts/fetch-image-model.sh not here: image model not fetched"
-fi
-
-if [ "${CONCIERGE_SKIP_TAGGER_DATA:-0}" = 1 ]; then
-  echo "tagger data skipped (CONCIERGE_SKIP_TAGGER_DATA=1)"
-elif [ -f scripts/fetch-tagger-data.sh ]; then
-  scripts/fetch-tagger-data.sh
-else
-  echo "scripts/fetch-tagger-data.sh not here: tagger data not fetched"
-fi
+# Optional set-up steps: each runs its script unless its skip variable is 1.
+optional_step() { # what, script, skip variable
+  if [ "${!3:-0}" = 1 ]; then
+    echo "$1 skipped ($3=1)"
+  elif [ -f "$2" ]; then
+    "$2"
+  else
+    echo "$2 not here: $1 not fetched"
+  fi
+}
+optional_step "image model" scripts/fetch-image-model.sh CONCIERGE_SKIP_IMAGE_MODEL
+optional_step "tagger data" scripts/fetch-tagger-data.sh CONCIERGE_SKIP_TAGGER_DATA

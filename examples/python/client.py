@@ -19,15 +19,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 PROTO_DIR = os.path.join(ROOT, "proto", "proto")
 
 
-def load_stubs():
+def load_stubs(service="embeddings"):
+    """Generates the stubs of concierge/v1/<service>.proto; returns its (pb2, pb2_grpc) modules."""
     out = tempfile.mkdtemp(prefix="concierge-stubs-")
-    files = ["concierge/v1/common.proto", "concierge/v1/embeddings.proto"]
+    files = ["concierge/v1/common.proto", f"concierge/v1/{service}.proto"]
     args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--grpc_python_out={out}"] + files
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     sys.path.insert(0, out)
-    return (importlib.import_module("concierge.v1.embeddings_pb2"),
-            importlib.import_module("concierge.v1.embeddings_pb2_grpc"))
+    return (importlib.import_module(f"concierge.v1.{service}_pb2"),
+            importlib.import_module(f"concierge.v1.{service}_pb2_grpc"))
 
 
 def main():

@@ -7,26 +7,17 @@
 Calls Entities.Extract with a deadline and prints each entity's label, text, code point span
 and confidence; the span indexes the Python string directly (text[start:end]).
 """
-import importlib
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
 
-from client import PROTO_DIR
+from client import load_stubs
 
 
 def main():
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
-    out = tempfile.mkdtemp(prefix="concierge-stubs-")
-    files = ["concierge/v1/common.proto", "concierge/v1/entities.proto"]
-    if protoc.main(["protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--grpc_python_out={out}"] + files) != 0:
-        raise SystemExit("protoc failed")
-    sys.path.insert(0, out)
-    pb = importlib.import_module("concierge.v1.entities_pb2")
-    rpc = importlib.import_module("concierge.v1.entities_pb2_grpc")
+    pb, rpc = load_stubs("entities")
     texts = sys.argv[2:]
     with grpc.insecure_channel(sys.argv[1]) as channel:
         stub = rpc.EntitiesStub(channel)

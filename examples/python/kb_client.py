@@ -8,16 +8,11 @@ Generates the concierge.v1 stubs from proto/ into a temporary folder, creates th
 "faq-demo" if it is not there, upserts three entries (acknowledged once durable), then searches
 each question given on the command line and prints the hits, best first.
 """
-import importlib
-import os
 import sys
-import tempfile
 
 import grpc
-from grpc_tools import protoc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PROTO_DIR = os.path.join(ROOT, "proto", "proto")
+from client import load_stubs
 
 FAQ = [
     ("sensitive", "Is this face cream suitable for sensitive skin? Yes: fragrance-free and dermatologist tested.", "product"),
@@ -26,21 +21,10 @@ FAQ = [
 ]
 
 
-def load_stubs():
-    out = tempfile.mkdtemp(prefix="concierge-stubs-")
-    files = ["concierge/v1/common.proto", "concierge/v1/knowledge_base.proto"]
-    args = ["protoc", f"-I{PROTO_DIR}", f"--python_out={out}", f"--grpc_python_out={out}"] + files
-    if protoc.main(args) != 0:
-        raise SystemExit("protoc failed")
-    sys.path.insert(0, out)
-    return (importlib.import_module("concierge.v1.knowledge_base_pb2"),
-            importlib.import_module("concierge.v1.knowledge_base_pb2_grpc"))
-
-
 def main():
     if len(sys.argv) < 3:
         raise SystemExit(__doc__)
-    pb, rpc = load_stubs()
+    pb, rpc = load_stubs("knowledge_base")
     with grpc.insecure_channel(sys.argv[1]) as channel:
         kb = rpc.KnowledgeBaseStub(channel)
         try:
