@@ -1,13 +1,15 @@
 //! Model code for concierge, on candle only (no async runtime, no gRPC): the BERT text encoder
 //! over packed batches, sentence-transformers pooling and Dense/Normalize modules, tokenisation
-//! and checkpoint loading, image decoding and preprocessing, the ResNet image encoder, and the
-//! BiLSTM-CRF sequence tagger with its data, spans and conlleval scores, and entity extraction.
+//! and checkpoint loading, image decoding and preprocessing, the ResNet image encoder, the text x
+//! image cross-attention fusion block, and the BiLSTM-CRF sequence tagger with its data, spans
+//! and conlleval scores, and entity extraction.
 pub mod bert;
 pub mod checkpoint;
 pub mod dense;
 pub mod encoder;
 pub mod entities;
 pub mod error;
+pub mod fusion;
 pub mod image_encoder;
 pub mod imageproc;
 pub mod pooling;
@@ -20,6 +22,7 @@ pub use checkpoint::{ImageCheckpoint, ModelSource};
 pub use encoder::{ModelInfo, TextEncoder, TokenStates};
 pub use image_encoder::{ImageEmbedding, ImageEncoder};
 pub use error::{ModelError, Result};
+pub use fusion::{CrossAttentionFusion, FusionConfig};
 pub use resnet::{ResNet, ResNetConfig, ResNetOutput};
 pub use tagger::{BiLstmCrf, TaggerConfig};
 pub use tokenize::TokenizedText;
