@@ -98,14 +98,88 @@ struct Layer {
     out_ln: LayerNorm,
 }
 
+/// A run of transformer layers (`encoder.layer.N` for N in a range) over packed token states:
+/// the whole encoder's stack, or the top layers a task head fine-tuned for itself (a *branch*
+/// that continues from the shared encoder's states at some layer).
+pub struct BertLayers {
+    layers: Vec<Layer>,
+    first: usize,
+    act: HiddenAct,
+    heads: usize,
+}
+
+impl BertLayers {
+    /// Layers `range` of `cfg`, from a VarBuilder at the model root (`encoder.layer.N...`, with
+    /// or without the `bert.` prefix).
+    pub fn load(vb: VarBuilder, cfg: &Config, range: std::ops::Range<usize>) -> Result<Self> {
+        let probe = format!("encoder.layer.{}.attention.self.query.weight", range.start);
+        let vb = if vb.contains_tensor(&probe) { vb } else { vb.pp("bert") };
+        let h = cfg.hidden_size;
+        let first = range.start;
+        let layers = range
+            .map(|i| {
+                let l = vb.pp(format!("encoder.layer.{i}"));
+                let a = l.pp("attention");
+                Ok(Layer {
+                    qkv: Linear::load_fused(&[a.pp("self.query"), a.pp("self.key"), a.pp("self.value")], h, h)?,
+                    attn_out: Linear::load(a.pp("output.dense"), h, h)?,
+                    attn_ln: LayerNorm::load(a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                    inter: Linear::load(l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
+                    out: Linear::load(l.pp("output.dense"), cfg.intermediate_size, h)?,
+                    out_ln: LayerNorm::load(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { layers, first, act: cfg.hidden_act, heads: cfg.num_attention_heads })
+    }
+
+    /// Index of the first layer (what a branch continues from).
+    pub fn first(&self) -> usize {
+        self.first
+    }
+
+    pub fn len(&self) -> usize {
+        self.layers.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// Runs the layers over packed states `[T, H]` (`lens` sum to T).
+    pub fn forward(&self, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
+        if x.device().is_cpu() {
+            return concierge_kernels::on_cpu_pool(|| self.forward_inner(x.clone(), lens, None).map(|(x, _)| x));
+        }
+        self.forward_inner(x.clone(), lens, None).map(|(x, _)| x)
+    }
+
+    /// Runs the layers; with `tap = Some(n)` also returns the states after the first `n` of them.
+    fn forward_inner(&self, mut x: Tensor, lens: &[usize], tap: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
+        let attention = Attention::new(lens, self.heads, x.device(), x.dtype())?;
+        let mut tapped = (tap == Some(0)).then(|| x.clone());
+        for (n, layer) in self.layers.iter().enumerate() {
+            let qkv = layer.qkv.forward(&x, None, None)?;
+            let ctx = attention.forward(&qkv)?;
+            let a = layer.attn_out.forward(&ctx, None, Some(&x))?;
+            x = layer.attn_ln.forward(&a)?;
+            let i = layer.inter.forward(&x, Some(self.act), None)?;
+            let o = layer.out.forward(&i, None, Some(&x))?;
+            x = layer.out_ln.forward(&o)?;
+            if tap == Some(n + 1) {
+                tapped = Some(x.clone());
+            }
+        }
+        Ok((x, tapped))
+    }
+}
+
 pub struct BertEncoder {
     word: Tensor,
     position: Tensor,
     token_type: Tensor,
     emb_ln: LayerNorm,
-    layers: Vec<Layer>,
-    act: HiddenAct,
-    heads: usize,
+    layers: BertLayers,
     hidden: usize,
     max_positions: usize,
     span: tracing::Span,
@@ -133,32 +207,13 @@ impl BertEncoder {
         let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") { vb } else { vb.pp("bert") };
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");
-        let layers = (0..cfg.num_hidden_layers)
-            .map(|i| {
-                let l = vb.pp(format!("encoder.layer.{i}"));
-                let a = l.pp("attention");
-                Ok(Layer {
-                    qkv: Linear::load_fused(
-                        &[a.pp("self.query"), a.pp("self.key"), a.pp("self.value")],
-                        h,
-                        h,
-                    )?,
-                    attn_out: Linear::load(a.pp("output.dense"), h, h)?,
-                    attn_ln: LayerNorm::load(a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
-                    inter: Linear::load(l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
-                    out: Linear::load(l.pp("output.dense"), cfg.intermediate_size, h)?,
-                    out_ln: LayerNorm::load(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let layers = BertLayers::load(vb.clone(), cfg, 0..cfg.num_hidden_layers)?;
         Ok(Self {
             word: e.get((cfg.vocab_size, h), "word_embeddings.weight")?,
             position: e.get((cfg.max_position_embeddings, h), "position_embeddings.weight")?,
             token_type: e.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?,
             emb_ln: LayerNorm::load(e.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             layers,
-            act: cfg.hidden_act,
-            heads: cfg.num_attention_heads,
             hidden: h,
             max_positions: cfg.max_position_embeddings,
             span: tracing::span!(tracing::Level::TRACE, "bert"),
@@ -173,17 +228,28 @@ impl BertEncoder {
         self.word.device()
     }
 
+    /// Number of transformer layers.
+    pub fn num_layers(&self) -> usize {
+        self.layers.len()
+    }
+
     /// Hidden states of the last layer, packed: `[T, H]`.
     pub fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        self.forward_tapped(batch, None).map(|(x, _)| x)
+    }
+
+    /// The last layer's states and, with `tap = Some(n)`, also the states after layer `n`
+    /// (`0`: the embeddings), for a head that continues from there with its own top layers.
+    pub fn forward_tapped(&self, batch: &PackedBatch, tap: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
         let _enter = self.span.enter();
         if self.device().is_cpu() {
             // The CPU kernels split every op over rayon's pool: run the pass on it.
-            return concierge_kernels::on_cpu_pool(|| self.forward_inner(batch));
+            return concierge_kernels::on_cpu_pool(|| self.forward_inner(batch, tap));
         }
-        self.forward_inner(batch)
+        self.forward_inner(batch, tap)
     }
 
-    fn forward_inner(&self, batch: &PackedBatch) -> Result<Tensor> {
+    fn forward_inner(&self, batch: &PackedBatch, tap: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
         let dev = self.device();
         let total: usize = batch.lens.iter().sum();
         if total != batch.ids.len() || total != batch.type_ids.len() || batch.lens.contains(&0) {
@@ -191,6 +257,9 @@ impl BertEncoder {
         }
         if let Some(&l) = batch.lens.iter().max().filter(|&&l| l > self.max_positions) {
             return Err(ModelError::InputTooLong { index: 0, tokens: l, limit: self.max_positions });
+        }
+        if let Some(t) = tap.filter(|&t| t > self.layers.len()) {
+            return Err(ModelError::Unsupported(format!("tap after layer {t}: the encoder has {}", self.layers.len())));
         }
         let positions: Vec<u32> = batch.lens.iter().flat_map(|&l| 0..l as u32).collect();
         let x = if fast_cpu(&self.word) {
@@ -203,18 +272,8 @@ impl BertEncoder {
             (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
                 .add(&self.token_type.index_select(&types, 0)?)?
         };
-        let mut x = self.emb_ln.forward(&x)?;
-        let attention = Attention::new(batch.lens, self.heads, dev, x.dtype())?;
-        for layer in &self.layers {
-            let qkv = layer.qkv.forward(&x, None, None)?;
-            let ctx = attention.forward(&qkv)?;
-            let a = layer.attn_out.forward(&ctx, None, Some(&x))?;
-            x = layer.attn_ln.forward(&a)?;
-            let i = layer.inter.forward(&x, Some(self.act), None)?;
-            let o = layer.out.forward(&i, None, Some(&x))?;
-            x = layer.out_ln.forward(&o)?;
-        }
-        Ok(x)
+        let x = self.emb_ln.forward(&x)?;
+        self.layers.forward_inner(x, batch.lens, tap)
     }
 }
 

@@ -148,11 +148,23 @@ impl TextEncoder {
     /// input `i` owning rows `offsets[i]..offsets[i] + lens[i]`. One encoder pass that every
     /// head (pooling for embeddings, the entity tagger, ...) can read.
     pub fn token_states(&self, inputs: &[&TokenizedText]) -> Result<TokenStates> {
+        self.token_states_tapped(inputs, None).map(|(s, _)| s)
+    }
+
+    /// [`Self::token_states`], plus (with `tap = Some(n)`) the states after layer `n` in the
+    /// encoder's dtype, for heads that continue from there with their own fine-tuned top layers:
+    /// still one pass.
+    pub fn token_states_tapped(&self, inputs: &[&TokenizedText], tap: Option<usize>) -> Result<(TokenStates, Option<Tensor>)> {
         let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
         let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
         let type_ids: Vec<u32> = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
-        let hidden = self.bert.forward(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens })?;
-        Ok(TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens })
+        let (hidden, tapped) = self.bert.forward_tapped(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens }, tap)?;
+        Ok((TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens }, tapped))
+    }
+
+    /// Number of transformer layers (what a branch's `tap` counts).
+    pub fn num_layers(&self) -> usize {
+        self.bert.num_layers()
     }
 
     /// Embeddings `[B, D]` from token states (see [`Self::embed_tensor`]).

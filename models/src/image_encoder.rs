@@ -120,6 +120,18 @@ impl ImageEncoder {
         Ok(imageproc::preprocess(&img, &self.preprocess))
     }
 
+    /// The last feature map `[B, C, h, w]` (f32) of prepared images: what the fusion block
+    /// attends to.
+    pub fn features(&self, images: &[&[f32]]) -> Result<Tensor> {
+        let len = self.input_len();
+        if images.is_empty() || images.iter().any(|i| i.len() != len) {
+            return Err(ModelError::Unsupported(format!("features take prepared images of {len} floats each")));
+        }
+        let [h, w] = self.preprocess.crop;
+        let x = Tensor::from_vec(images.concat(), (images.len(), 3, h as usize, w as usize), &self.device)?.to_dtype(self.dtype)?;
+        Ok(self.net.forward(&x)?.features.to_dtype(DType::F32)?)
+    }
+
     /// Runs prepared images (each [`Self::input_len`] floats) as one batch.
     pub fn embed(&self, images: &[&[f32]], normalize: &[bool]) -> Result<Vec<ImageEmbedding>> {
         let n = images.len();

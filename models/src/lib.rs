@@ -12,6 +12,7 @@ pub mod error;
 pub mod fusion;
 pub mod image_encoder;
 pub mod imageproc;
+pub mod intent;
 pub mod pooling;
 pub mod resnet;
 pub mod sequence;

@@ -1,7 +1,8 @@
 //! `concierge`: parse the configuration, start the server, stop it cleanly on SIGTERM/SIGINT.
 //! Exits 0 after a clean stop, 1 when start-up fails (the log says why).
 //!
-//! `concierge train-tagger …` / `concierge eval-tagger …` train and score the entity tagger
+//! `concierge train-tagger …` / `concierge eval-tagger …` train and score the entity tagger,
+//! `concierge train-intent …` / `concierge eval-intent …` the intent classifier,
 //! instead (see `concierge train-tagger --help`).
 use std::process::ExitCode;
 
@@ -16,12 +17,18 @@ enum Command {
     TrainTagger(concierge_train::tagger::TrainTagger),
     /// Score a tagger checkpoint on a test file (conlleval: entity-level P/R/F1, per label).
     EvalTagger(concierge_train::tagger::EvalTagger),
+    /// Train an intent classifier (Banking77, CLINC150 or JSONL with images) over the text encoder.
+    TrainIntent(concierge_train::intent::TrainIntent),
+    /// Score an intent checkpoint: accuracy, macro-F1, handoff, CLINC150's out-of-scope figures.
+    EvalIntent(concierge_train::intent::EvalIntent),
 }
 
 fn offline(cmd: Command) -> ExitCode {
     let result = match cmd {
         Command::TrainTagger(args) => concierge_train::tagger::train(&args),
         Command::EvalTagger(args) => concierge_train::tagger::eval(&args).map(|_| ()),
+        Command::TrainIntent(args) => concierge_train::intent::train(&args).map(|_| ()),
+        Command::EvalIntent(args) => concierge_train::intent::eval(&args).map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -33,7 +40,7 @@ fn offline(cmd: Command) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).is_some_and(|a| matches!(a.as_str(), "train-tagger" | "eval-tagger")) {
+    if std::env::args().nth(1).is_some_and(|a| matches!(a.as_str(), "train-tagger" | "eval-tagger" | "train-intent" | "eval-intent")) {
         tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         ).init();

@@ -1,0 +1,1062 @@
+//! `concierge train-intent` and `concierge eval-intent`: an intent classifier over the text
+//! encoder, trained here. The encoder's lower layers stay frozen and run once over the data
+//! (their states are cached); the top `--train-layers` layers are fine-tuned (a differentiable
+//! copy of BERT's layer, padded batches), then mean pooling, dropout and an MLP head; with
+//! images, a cross-attention block lets the text tokens attend to the image encoder's spatial
+//! features first. AdamW with linear warm-up and decay, seeded, dev-set model selection. The
+//! handoff threshold is calibrated on the dev set and stored in the checkpoint.
+//!
+//! Data: Banking77's CSV (`text,category`), CLINC150's `data_full.json` (its own train / val /
+//! test splits with the out-of-scope queries as label `oos`), or JSONL of
+//! `{"text", "label", "images": [paths]}` (image paths relative to the file).
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use clap::{Args, ValueEnum};
+use concierge_models::bert::Config as BertConfig;
+use concierge_models::fusion::{CrossAttentionFusion, FusionConfig};
+use concierge_models::imageproc::ImageLimits;
+use concierge_models::intent::{is_out_of_scope_name, EncoderRef, IntentConfig, IntentModel, IntentPooling};
+use concierge_models::{ImageEncoder, ModelSource, TextEncoder, TokenizedText};
+use serde::{Deserialize, Serialize};
+
+use crate::rng::Rng;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DataFormat {
+    /// Banking77's CSV: header `text,category`, quoted fields.
+    Banking77,
+    /// CLINC150's `data_full.json` (train/val/test + oos_train/oos_val/oos_test, label `oos`).
+    Clinc150,
+    /// One JSON object per line: `{"text": ..., "label": ..., "images": ["a.jpg", ...]}`.
+    Jsonl,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TrainIntent {
+    #[arg(long, value_enum)]
+    pub format: DataFormat,
+    /// Training data (for CLINC150: data_full.json, whose val and test splits are used too).
+    #[arg(long)]
+    pub train: PathBuf,
+    /// Dev data for model selection and calibration; default: CLINC150's val split, else a
+    /// seeded, per-label --dev-fraction of --train held out.
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    #[arg(long, default_value_t = 0.1)]
+    pub dev_fraction: f64,
+    /// Test data scored at the end (CLINC150: its test split unless given).
+    #[arg(long)]
+    pub test: Option<PathBuf>,
+    /// Text encoder folder.
+    #[arg(long, default_value = "model-store/all-MiniLM-L6-v2")]
+    pub encoder_dir: PathBuf,
+    /// Image encoder folder (JSONL with images).
+    #[arg(long, default_value = "model-store/open-nsfw")]
+    pub image_model_dir: PathBuf,
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Top encoder layers to fine-tune (0: the head alone over frozen states).
+    #[arg(long, default_value_t = 2)]
+    pub train_layers: usize,
+    /// Hidden widths of the MLP head (repeat or comma-separate; none: linear).
+    #[arg(long, value_delimiter = ',')]
+    pub hidden: Vec<usize>,
+    #[arg(long, default_value_t = 0.1)]
+    pub dropout: f32,
+    #[arg(long, default_value_t = 5)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// Peak learning rate of the fine-tuned encoder layers (and the fusion block).
+    #[arg(long, default_value_t = 1e-4)]
+    pub lr: f64,
+    /// Peak learning rate of the head.
+    #[arg(long, default_value_t = 2e-3)]
+    pub head_lr: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Fraction of the steps spent warming the learning rate up from 0 (then linear decay to 0).
+    #[arg(long, default_value_t = 0.06)]
+    pub warmup: f64,
+    #[arg(long, default_value_t = 13)]
+    pub seed: u64,
+    /// Fusion block: attention heads and feed-forward width (with images).
+    #[arg(long, default_value_t = 4)]
+    pub fusion_heads: usize,
+    #[arg(long, default_value_t = 768)]
+    pub fusion_ffn: usize,
+    /// Calibration without out-of-scope dev examples: the lowest threshold at which the answers
+    /// not handed off are right this often on the dev set.
+    #[arg(long, default_value_t = 0.97)]
+    pub target_precision: f64,
+    /// Stop after this many minutes (at the end of an epoch), keeping the best so far.
+    #[arg(long)]
+    pub max_minutes: Option<f64>,
+    /// Use only the first N training examples (after the dev hold-out).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EvalIntent {
+    /// Intent checkpoint folder.
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: DataFormat,
+    /// Data to score (CLINC150: data_full.json, see --split).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// CLINC150 split: test or val (with the matching oos split).
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Text encoder folder (a Hugging Face classifier folder is its own encoder: pass it here too).
+    #[arg(long, default_value = "model-store/all-MiniLM-L6-v2")]
+    pub encoder_dir: PathBuf,
+    #[arg(long, default_value = "model-store/open-nsfw")]
+    pub image_model_dir: PathBuf,
+    /// Handoff threshold to score with (default: the checkpoint's).
+    #[arg(long)]
+    pub threshold: Option<f32>,
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// One labelled example.
+#[derive(Debug, Clone)]
+pub struct Example {
+    pub text: String,
+    pub label: String,
+    pub images: Vec<PathBuf>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Data
+
+/// A CSV file's records (RFC 4180 quoting: `"a, b"`, `""` for a quote inside quotes).
+fn parse_csv(text: &str) -> anyhow::Result<Vec<Vec<String>>> {
+    let mut rows = Vec::new();
+    let (mut row, mut field, mut quoted, mut at_start) = (Vec::new(), String::new(), false, true);
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if quoted {
+            match c {
+                '"' if chars.peek() == Some(&'"') => {
+                    chars.next();
+                    field.push('"');
+                }
+                '"' => quoted = false,
+                _ => field.push(c),
+            }
+            continue;
+        }
+        match c {
+            '"' if at_start => quoted = true,
+            ',' => {
+                row.push(std::mem::take(&mut field));
+                at_start = true;
+                continue;
+            }
+            '\r' => {}
+            '\n' => {
+                row.push(std::mem::take(&mut field));
+                rows.push(std::mem::take(&mut row));
+                at_start = true;
+                continue;
+            }
+            _ => field.push(c),
+        }
+        at_start = false;
+    }
+    if quoted {
+        bail!("unterminated quoted field");
+    }
+    if !field.is_empty() || !row.is_empty() {
+        row.push(field);
+        rows.push(row);
+    }
+    Ok(rows)
+}
+
+pub fn read_banking77(path: &Path) -> anyhow::Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let rows = parse_csv(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let (header, rows) = rows.split_first().context("empty CSV")?;
+    let col = |name: &str| header.iter().position(|h| h.trim() == name).with_context(|| format!("no `{name}` column in {}", path.display()));
+    let (t, c) = (col("text")?, col("category")?);
+    rows.iter()
+        .filter(|r| r.len() > 1 || r.first().is_some_and(|f| !f.is_empty()))
+        .enumerate()
+        .map(|(i, r)| {
+            let (Some(text), Some(label)) = (r.get(t), r.get(c)) else {
+                bail!("{} row {}: expected {} fields", path.display(), i + 2, header.len());
+            };
+            Ok(Example { text: text.trim().to_string(), label: label.trim().to_string(), images: Vec::new() })
+        })
+        .collect()
+}
+
+/// CLINC150's split `name` (`train`, `val`, `test`) with its out-of-scope queries (`oos_*`).
+pub fn read_clinc150(path: &Path, name: &str) -> anyhow::Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let all: HashMap<String, Vec<(String, String)>> =
+        serde_json::from_str(&text).with_context(|| format!("{} is not CLINC150's data_full.json", path.display()))?;
+    let mut out = Vec::new();
+    for split in [name.to_string(), format!("oos_{name}")] {
+        let items = all.get(&split).with_context(|| format!("{} has no `{split}` split", path.display()))?;
+        out.extend(items.iter().map(|(t, l)| Example { text: t.clone(), label: l.clone(), images: Vec::new() }));
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct JsonlRow {
+    text: String,
+    label: String,
+    #[serde(default)]
+    images: Vec<PathBuf>,
+}
+
+pub fn read_jsonl(path: &Path) -> anyhow::Result<Vec<Example>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, line)| {
+            let r: JsonlRow = serde_json::from_str(line)
+                .with_context(|| format!("{} line {}: expected {{\"text\", \"label\", \"images\"}}", path.display(), i + 1))?;
+            let images = r.images.into_iter().map(|p| if p.is_absolute() { p } else { base.join(p) }).collect();
+            Ok(Example { text: r.text, label: r.label, images })
+        })
+        .collect()
+}
+
+fn read(format: DataFormat, path: &Path, clinc_split: &str) -> anyhow::Result<Vec<Example>> {
+    match format {
+        DataFormat::Banking77 => read_banking77(path),
+        DataFormat::Clinc150 => read_clinc150(path, clinc_split),
+        DataFormat::Jsonl => read_jsonl(path),
+    }
+}
+
+/// A seeded hold-out of `fraction` of each label's examples.
+pub fn stratified_split(examples: Vec<Example>, fraction: f64, seed: u64) -> (Vec<Example>, Vec<Example>) {
+    let mut by_label: BTreeMap<String, Vec<Example>> = BTreeMap::new();
+    for e in examples {
+        by_label.entry(e.label.clone()).or_default().push(e);
+    }
+    let mut rng = Rng::new(seed ^ 0x5EED_0D57);
+    let (mut train, mut dev) = (Vec::new(), Vec::new());
+    for (_, mut items) in by_label {
+        rng.shuffle(&mut items);
+        let n_dev = ((items.len() as f64) * fraction).round() as usize;
+        let n_dev = n_dev.min(items.len().saturating_sub(1));
+        dev.extend(items.drain(..n_dev));
+        train.extend(items);
+    }
+    rng.shuffle(&mut train);
+    (train, dev)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Features: the frozen encoder runs once; image features once per distinct file.
+
+struct Featurized {
+    /// Per example: the encoder's states after the frozen layers, `[len, H]`.
+    states: Vec<Tensor>,
+    /// Per example: image positions `[N, C]` (all its images), if any.
+    images: Vec<Option<Tensor>>,
+    labels: Vec<u32>,
+}
+
+struct Featurizer {
+    encoder: TextEncoder,
+    images: Option<ImageEncoder>,
+    tap: usize,
+    cache: HashMap<PathBuf, Tensor>,
+}
+
+impl Featurizer {
+    fn tokenize(&self, examples: &[Example]) -> anyhow::Result<Vec<TokenizedText>> {
+        examples.iter().enumerate().map(|(i, e)| Ok(self.encoder.tokenize(i, &e.text, true)?)).collect()
+    }
+
+    fn image_positions(&mut self, path: &Path) -> anyhow::Result<Tensor> {
+        if let Some(t) = self.cache.get(path) {
+            return Ok(t.clone());
+        }
+        let enc = self.images.as_ref().context("examples have images but no image encoder is loaded")?;
+        let bytes = std::fs::read(path).with_context(|| format!("reading image {}", path.display()))?;
+        let input = enc.prepare(0, &bytes, &ImageLimits::default()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let features = enc.features(&[&input])?;
+        let pos = CrossAttentionFusion::positions(&features.get(0)?)?;
+        self.cache.insert(path.to_owned(), pos.clone());
+        Ok(pos)
+    }
+
+    fn run(&mut self, examples: &[Example], label_ids: &HashMap<String, u32>, what: &str, quiet: bool) -> anyhow::Result<Featurized> {
+        let tokens = self.tokenize(examples)?;
+        let mut order: Vec<usize> = (0..examples.len()).collect();
+        order.sort_by_key(|&i| tokens[i].len());
+        let mut states = vec![None; examples.len()];
+        let bar = crate::progress(examples.len() as u64, &format!("encoding {what}"));
+        if quiet {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        for chunk in order.chunks(64) {
+            let batch: Vec<&TokenizedText> = chunk.iter().map(|&i| &tokens[i]).collect();
+            let (last, tapped) = self.encoder.token_states_tapped(&batch, Some(self.tap))?;
+            let hidden = tapped.unwrap_or(last.hidden).to_dtype(DType::F32)?;
+            let mut start = 0;
+            for &i in chunk {
+                let len = tokens[i].len();
+                states[i] = Some(hidden.narrow(0, start, len)?.contiguous()?);
+                start += len;
+            }
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        let mut images = Vec::with_capacity(examples.len());
+        for e in examples {
+            images.push(match e.images.is_empty() {
+                true => None,
+                false => {
+                    let parts = e.images.iter().map(|p| self.image_positions(p)).collect::<anyhow::Result<Vec<_>>>()?;
+                    Some(Tensor::cat(&parts, 0)?)
+                }
+            });
+        }
+        let labels = examples
+            .iter()
+            .map(|e| label_ids.get(&e.label).copied().with_context(|| format!("{what}: label {:?} is not in the training set", e.label)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Ok(Featurized { states: states.into_iter().map(|s| s.expect("every example encoded")).collect(), images, labels })
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The trainable model (autograd): BERT layers on padded batches, fusion, pooling, MLP.
+
+struct Dense {
+    w: Tensor,
+    b: Tensor,
+}
+
+impl Dense {
+    fn new(vb: &VarBuilder, d_in: usize, d_out: usize) -> candle_core::Result<Self> {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        Ok(Self {
+            w: vb.get_with_hints((d_out, d_in), "weight", candle_nn::Init::Uniform { lo: -bound, up: bound })?,
+            b: vb.get_with_hints(d_out, "bias", candle_nn::Init::Const(0.0))?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        x.broadcast_matmul(&self.w.t()?)?.broadcast_add(&self.b)
+    }
+}
+
+struct Norm {
+    w: Tensor,
+    b: Tensor,
+    eps: f32,
+}
+
+impl Norm {
+    fn new(vb: &VarBuilder, h: usize, eps: f64) -> candle_core::Result<Self> {
+        Ok(Self {
+            w: vb.get_with_hints(h, "weight", candle_nn::Init::Const(1.0))?,
+            b: vb.get_with_hints(h, "bias", candle_nn::Init::Const(0.0))?,
+            eps: eps as f32,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        // The fused layer_norm op has no backward pass; this one is built from basic ops.
+        candle_nn::ops::layer_norm_slow(x, &self.w, &self.b, self.eps)
+    }
+}
+
+/// BERT's transformer layer (post-LN), named as PyTorch names it, on `[B, L, H]` with an
+/// additive key mask `[B, 1, 1, L]`.
+struct TrainLayer {
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    o: Dense,
+    ln1: Norm,
+    inter: Dense,
+    out: Dense,
+    ln2: Norm,
+    heads: usize,
+}
+
+impl TrainLayer {
+    fn new(vb: VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let a = vb.pp("attention");
+        Ok(Self {
+            q: Dense::new(&a.pp("self.query"), h, h)?,
+            k: Dense::new(&a.pp("self.key"), h, h)?,
+            v: Dense::new(&a.pp("self.value"), h, h)?,
+            o: Dense::new(&a.pp("output.dense"), h, h)?,
+            ln1: Norm::new(&a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+            inter: Dense::new(&vb.pp("intermediate.dense"), h, f)?,
+            out: Dense::new(&vb.pp("output.dense"), f, h)?,
+            ln2: Norm::new(&vb.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+            heads: cfg.num_attention_heads,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: &Tensor, drop: &mut Dropout) -> candle_core::Result<Tensor> {
+        let (b, l, h) = x.dims3()?;
+        let d = h / self.heads;
+        let split = |t: Tensor| t.reshape((b, l, self.heads, d))?.transpose(1, 2)?.contiguous();
+        let (q, k, v) = (split(self.q.forward(x)?)?, split(self.k.forward(x)?)?, split(self.v.forward(x)?)?);
+        let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
+        let ctx = p.matmul(&v)?.transpose(1, 2)?.reshape((b, l, h))?;
+        let a = drop.apply(&self.o.forward(&ctx)?)?;
+        let x = self.ln1.forward(&(x + a)?)?;
+        let i = self.inter.forward(&x)?.gelu_erf()?;
+        let o = drop.apply(&self.out.forward(&i)?)?;
+        self.ln2.forward(&(x + o)?)
+    }
+}
+
+/// Dropout with masks from our seeded RNG (None: evaluation).
+struct Dropout<'a>(Option<(f32, &'a mut Rng)>);
+
+impl Dropout<'_> {
+    fn apply(&mut self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let Some((p, rng)) = self.0.as_mut() else { return Ok(x.clone()) };
+        if *p <= 0.0 {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 - *p;
+        let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.uniform() < keep { 1.0 / keep } else { 0.0 }).collect();
+        x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?)
+    }
+}
+
+struct Trainable {
+    layers: Vec<TrainLayer>,
+    fusion: Option<CrossAttentionFusion>,
+    hidden: Vec<Dense>,
+    out: Dense,
+}
+
+/// A padded batch: states `[B, L, H]`, token mask `[B, L]`, optional image positions
+/// `[B, N, C]` with their mask `[B, N]` and which rows have images `[B]`.
+struct Batch {
+    x: Tensor,
+    mask: Tensor,
+    images: Option<(Tensor, Tensor, Tensor)>,
+    labels: Tensor,
+}
+
+fn pad_rows(rows: &[&Tensor], device: &Device) -> anyhow::Result<(Tensor, Tensor)> {
+    let max = rows.iter().map(|r| r.dim(0)).collect::<Result<Vec<_>, _>>()?.into_iter().max().unwrap_or(1);
+    let width = rows[0].dim(1)?;
+    let mut padded = Vec::with_capacity(rows.len());
+    let mut mask = Vec::with_capacity(rows.len() * max);
+    for r in rows {
+        let n = r.dim(0)?;
+        padded.push(if n < max { Tensor::cat(&[(*r).clone(), Tensor::zeros((max - n, width), DType::F32, device)?], 0)? } else { (*r).clone() });
+        mask.extend((0..max).map(|i| if i < n { 1f32 } else { 0.0 }));
+    }
+    Ok((Tensor::stack(&padded, 0)?, Tensor::from_vec(mask, (rows.len(), max), device)?))
+}
+
+fn make_batch(data: &Featurized, idx: &[usize], device: &Device) -> anyhow::Result<Batch> {
+    let rows: Vec<&Tensor> = idx.iter().map(|&i| &data.states[i]).collect();
+    let (x, mask) = pad_rows(&rows, device)?;
+    let images = if idx.iter().any(|&i| data.images[i].is_some()) {
+        let c = idx.iter().find_map(|&i| data.images[i].as_ref()).expect("some row has images").dim(1)?;
+        let empty = Tensor::zeros((1, c), DType::F32, device)?;
+        let rows: Vec<&Tensor> = idx.iter().map(|&i| data.images[i].as_ref().unwrap_or(&empty)).collect();
+        let (img, mut img_mask) = pad_rows(&rows, device)?;
+        let has: Vec<f32> = idx.iter().map(|&i| if data.images[i].is_some() { 1.0 } else { 0.0 }).collect();
+        let has = Tensor::from_vec(has, idx.len(), device)?;
+        img_mask = img_mask.broadcast_mul(&has.unsqueeze(1)?)?;
+        Some((img, img_mask, has))
+    } else {
+        None
+    };
+    let labels = Tensor::from_vec(idx.iter().map(|&i| data.labels[i]).collect::<Vec<u32>>(), idx.len(), device)?;
+    Ok(Batch { x, mask, images, labels })
+}
+
+impl Trainable {
+    fn forward(&self, batch: &Batch, drop: &mut Dropout) -> candle_core::Result<Tensor> {
+        let key_mask = ((batch.mask.clone() - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
+        let mut x = batch.x.clone();
+        for layer in &self.layers {
+            x = layer.forward(&x, &key_mask, drop)?;
+        }
+        if let (Some(fusion), Some((img, img_mask, has))) = (&self.fusion, &batch.images) {
+            let fused = fusion.forward(&x, img, Some(img_mask)).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            let has = has.reshape((has.dim(0)?, 1, 1))?;
+            x = (fused.broadcast_mul(&has)? + x.broadcast_mul(&(1.0 - has)?)?)?;
+        }
+        let m = batch.mask.unsqueeze(2)?;
+        let pooled = x.broadcast_mul(&m)?.sum(1)?.broadcast_div(&m.sum(1)?)?;
+        let mut h = drop.apply(&pooled)?;
+        for layer in &self.hidden {
+            h = drop.apply(&layer.forward(&h)?.gelu_erf()?)?;
+        }
+        self.out.forward(&h)
+    }
+}
+
+fn predict(model: &Trainable, data: &Featurized, device: &Device) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut order: Vec<usize> = (0..data.labels.len()).collect();
+    order.sort_by_key(|&i| data.states[i].dim(0).unwrap_or(0));
+    let mut probs = vec![Vec::new(); order.len()];
+    for chunk in order.chunks(64) {
+        let batch = make_batch(data, chunk, device)?;
+        let logits = model.forward(&batch, &mut Dropout(None))?.detach();
+        let p = candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?;
+        for (&i, row) in chunk.iter().zip(p) {
+            probs[i] = row;
+        }
+    }
+    Ok(probs)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scores and calibration
+
+/// Accuracy, macro-F1 and, with out-of-scope labels, the CLINC150 figures.
+#[derive(Debug, Clone, Serialize)]
+pub struct IntentScores {
+    pub examples: usize,
+    pub accuracy: f64,
+    pub macro_f1: f64,
+    /// In-scope examples, and the share answered with their label and not handed off.
+    pub in_scope: usize,
+    pub in_scope_accuracy: f64,
+    /// The same without the threshold (the classifier's argmax alone).
+    pub in_scope_accuracy_argmax: f64,
+    pub out_of_scope: usize,
+    /// Share of out-of-scope examples handed off (predicted out-of-scope or under the threshold).
+    pub oos_recall: f64,
+    /// Share of all examples handed off.
+    pub handoff_rate: f64,
+    /// Accuracy of the answers not handed off.
+    pub answered_precision: f64,
+    pub threshold: f32,
+}
+
+impl std::fmt::Display for IntentScores {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "examples {}: accuracy {:.2}%, macro-F1 {:.2}%", self.examples, self.accuracy * 100.0, self.macro_f1 * 100.0)?;
+        writeln!(
+            f,
+            "handoff threshold {:.3}: {:.2}% handed off; answers kept are right {:.2}% of the time",
+            self.threshold, self.handoff_rate * 100.0, self.answered_precision * 100.0
+        )?;
+        if self.out_of_scope > 0 {
+            writeln!(
+                f,
+                "in-scope {}: accuracy {:.2}% (argmax alone {:.2}%); out-of-scope {}: recall {:.2}%",
+                self.in_scope, self.in_scope_accuracy * 100.0, self.in_scope_accuracy_argmax * 100.0,
+                self.out_of_scope, self.oos_recall * 100.0
+            )?;
+        }
+        Ok(())
+    }
+}
+
+pub fn score(probs: &[Vec<f32>], gold: &[u32], labels: &[String], threshold: f32) -> IntentScores {
+    let oos: Vec<bool> = labels.iter().map(|l| is_out_of_scope_name(l)).collect();
+    let k = labels.len();
+    let (mut tp, mut fp, mut fnn) = (vec![0usize; k], vec![0usize; k], vec![0usize; k]);
+    let (mut correct, mut in_scope, mut in_ok, mut in_ok_argmax, mut n_oos, mut oos_caught) = (0, 0, 0, 0, 0, 0);
+    let (mut handed, mut kept, mut kept_ok) = (0, 0, 0);
+    for (p, &g) in probs.iter().zip(gold) {
+        let (best, top) = p.iter().enumerate().fold((0, f32::MIN), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
+        let g = g as usize;
+        let handoff = top < threshold || oos[best];
+        if best == g {
+            correct += 1;
+            tp[g] += 1;
+        } else {
+            fp[best] += 1;
+            fnn[g] += 1;
+        }
+        if handoff {
+            handed += 1;
+        } else {
+            kept += 1;
+            kept_ok += usize::from(best == g);
+        }
+        if oos[g] {
+            n_oos += 1;
+            oos_caught += usize::from(handoff);
+        } else {
+            in_scope += 1;
+            in_ok_argmax += usize::from(best == g);
+            in_ok += usize::from(best == g && !handoff);
+        }
+    }
+    let present: Vec<usize> = (0..k).filter(|&i| tp[i] + fnn[i] > 0).collect();
+    let macro_f1 = present
+        .iter()
+        .map(|&i| {
+            let (t, p, n) = (tp[i] as f64, fp[i] as f64, fnn[i] as f64);
+            if t == 0.0 { 0.0 } else { 2.0 * t / (2.0 * t + p + n) }
+        })
+        .sum::<f64>()
+        / present.len().max(1) as f64;
+    let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };
+    IntentScores {
+        examples: gold.len(),
+        accuracy: ratio(correct, gold.len()),
+        macro_f1,
+        in_scope,
+        in_scope_accuracy: ratio(in_ok, in_scope),
+        in_scope_accuracy_argmax: ratio(in_ok_argmax, in_scope),
+        out_of_scope: n_oos,
+        oos_recall: ratio(oos_caught, n_oos),
+        handoff_rate: ratio(handed, gold.len()),
+        answered_precision: ratio(kept_ok, kept),
+        threshold,
+    }
+}
+
+/// The handoff threshold from dev predictions: with out-of-scope examples, the one maximising
+/// the mean of in-scope accuracy and out-of-scope recall (Larson et al.'s two figures, equally
+/// weighted); without, the lowest at which the answers kept reach `target_precision`.
+pub fn calibrate(probs: &[Vec<f32>], gold: &[u32], labels: &[String], target_precision: f64) -> f32 {
+    let candidates: Vec<f32> = (0..=99).map(|i| i as f32 / 100.0).collect();
+    let has_oos = gold.iter().any(|&g| is_out_of_scope_name(&labels[g as usize]));
+    if has_oos {
+        let mut best = (f64::MIN, 0.0f32);
+        for &t in &candidates {
+            let s = score(probs, gold, labels, t);
+            let v = (s.in_scope_accuracy + s.oos_recall) / 2.0;
+            if v > best.0 + 1e-12 {
+                best = (v, t);
+            }
+        }
+        best.1
+    } else {
+        candidates
+            .iter()
+            .copied()
+            .find(|&t| score(probs, gold, labels, t).answered_precision >= target_precision)
+            .unwrap_or(0.99)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Training
+
+fn lr_factor(step: usize, total: usize, warmup: f64) -> f64 {
+    let w = ((total as f64) * warmup).round().max(1.0);
+    let s = step as f64;
+    if s < w { (s + 1.0) / w } else { ((total as f64 - s) / (total as f64 - w).max(1.0)).max(0.0) }
+}
+
+#[derive(Serialize)]
+struct EpochLog {
+    epoch: usize,
+    loss: f64,
+    dev_accuracy: f64,
+    seconds: f64,
+}
+
+pub fn train(args: &TrainIntent) -> anyhow::Result<IntentScores> {
+    let t_start = Instant::now();
+    let device = Device::Cpu;
+    let mut rng = Rng::new(args.seed);
+    let clinc = args.format == DataFormat::Clinc150;
+    let mut train_set = read(args.format, &args.train, "train")?;
+    let dev_set = match (&args.dev, clinc) {
+        (Some(p), _) => read(args.format, p, "val")?,
+        (None, true) => read_clinc150(&args.train, "val")?,
+        (None, false) => {
+            let (t, d) = stratified_split(train_set, args.dev_fraction, args.seed);
+            train_set = t;
+            d
+        }
+    };
+    let test_set = match (&args.test, clinc) {
+        (Some(p), _) => Some(read(args.format, p, "test")?),
+        (None, true) => Some(read_clinc150(&args.train, "test")?),
+        (None, false) => None,
+    };
+    if let Some(n) = args.limit {
+        train_set.truncate(n);
+    }
+    if train_set.is_empty() || dev_set.is_empty() {
+        bail!("need training and dev examples; got {} and {}", train_set.len(), dev_set.len());
+    }
+    let labels: Vec<String> = train_set.iter().map(|e| e.label.clone()).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+    let label_ids: HashMap<String, u32> = labels.iter().enumerate().map(|(i, l)| (l.clone(), i as u32)).collect();
+
+    let encoder = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
+        .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
+    let bert_cfg_path = args.encoder_dir.join("config.json");
+    let bert_cfg: BertConfig = serde_json::from_str(&std::fs::read_to_string(&bert_cfg_path)?)
+        .with_context(|| format!("reading {}", bert_cfg_path.display()))?;
+    let n_layers = encoder.num_layers();
+    if args.train_layers > n_layers {
+        bail!("--train-layers {} but the encoder has {n_layers} layers", args.train_layers);
+    }
+    let tap = n_layers - args.train_layers;
+    let with_images = train_set.iter().any(|e| !e.images.is_empty());
+    let images = match with_images {
+        true => Some(
+            ImageEncoder::load(&ModelSource::Dir(args.image_model_dir.clone()), &device, DType::F32)
+                .with_context(|| format!("loading the image encoder from {}", args.image_model_dir.display()))?,
+        ),
+        false => None,
+    };
+    let hidden_size = encoder.hidden_size();
+    let encoder_ref = EncoderRef { id: encoder.info().id.clone(), version: encoder.info().version.clone() };
+    let mut fz = Featurizer { encoder, images, tap, cache: HashMap::new() };
+    let train_data = fz.run(&train_set, &label_ids, "train", args.quiet)?;
+    let dev_data = fz.run(&dev_set, &label_ids, "dev", args.quiet)?;
+    let image_channels = train_data.images.iter().flatten().next().map(|t| t.dim(1)).transpose()?;
+    eprintln!(
+        "train-intent: {} train / {} dev examples, {} labels, fine-tuning {} of {n_layers} layers{}; features ready in {:.1} s",
+        train_set.len(), dev_set.len(), labels.len(), args.train_layers,
+        if with_images { " + image fusion" } else { "" },
+        t_start.elapsed().as_secs_f64()
+    );
+
+    // Parameters: fine-tuned layers start from the encoder's weights; the rest seeded.
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &device);
+    let layers = (tap..n_layers)
+        .map(|i| TrainLayer::new(vb.pp(format!("encoder.layer.{i}")), &bert_cfg))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let fusion_cfg = image_channels.map(|c| FusionConfig {
+        hidden: hidden_size,
+        image_channels: c,
+        heads: args.fusion_heads,
+        ffn: args.fusion_ffn,
+        layer_norm_eps: 1e-5,
+    });
+    let fusion = fusion_cfg.as_ref().map(|f| CrossAttentionFusion::load(vb.pp("fusion"), f)).transpose()?;
+    let mut d = hidden_size;
+    let mut hidden = Vec::new();
+    for (i, &h) in args.hidden.iter().enumerate() {
+        hidden.push(Dense::new(&vb.pp(format!("head.hidden.{i}")), d, h)?);
+        d = h;
+    }
+    let out = Dense::new(&vb.pp("head.out"), d, labels.len())?;
+    let model = Trainable { layers, fusion, hidden, out };
+    init_parameters(&varmap, &args.encoder_dir, &mut rng)?;
+
+    let (mut body_vars, mut head_vars) = (Vec::new(), Vec::new());
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        if name.starts_with("head.") { head_vars.push(var.clone()) } else { body_vars.push(var.clone()) }
+    }
+    let adam = |lr: f64| ParamsAdamW { lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() };
+    let mut body_opt = (!body_vars.is_empty()).then(|| AdamW::new(body_vars, adam(args.lr))).transpose()?;
+    let mut head_opt = AdamW::new(head_vars, adam(args.head_lr))?;
+
+    let mut order: Vec<usize> = (0..train_data.labels.len()).collect();
+    let steps_per_epoch = order.len().div_ceil(args.batch);
+    let total_steps = steps_per_epoch * args.epochs;
+    let (mut best_acc, mut best_epoch, mut best): (f64, usize, Vec<(String, Tensor)>) = (-1.0, 0, Vec::new());
+    let mut log = Vec::new();
+    let mut step = 0usize;
+    for epoch in 1..=args.epochs {
+        let t0 = Instant::now();
+        // Shuffle, sort pools of 50 batches by length (little padding), shuffle the batches.
+        rng.shuffle(&mut order);
+        for chunk in order.chunks_mut(args.batch * 50) {
+            chunk.sort_by_key(|&i| train_data.states[i].dim(0).unwrap_or(0));
+        }
+        let mut batches: Vec<&[usize]> = order.chunks(args.batch).collect();
+        rng.shuffle(&mut batches);
+        let bar = crate::progress(steps_per_epoch as u64, &format!("epoch {epoch}/{}", args.epochs));
+        if args.quiet {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+        let mut total = 0.0f64;
+        for (i, idx) in batches.into_iter().enumerate() {
+            let f = lr_factor(step, total_steps, args.warmup);
+            head_opt.set_learning_rate(args.head_lr * f);
+            if let Some(o) = body_opt.as_mut() {
+                o.set_learning_rate(args.lr * f);
+            }
+            let batch = make_batch(&train_data, idx, &device)?;
+            let logits = model.forward(&batch, &mut Dropout(Some((args.dropout, &mut rng))))?;
+            let loss = candle_nn::loss::cross_entropy(&logits, &batch.labels)?;
+            let grads = loss.backward()?;
+            head_opt.step(&grads)?;
+            if let Some(o) = body_opt.as_mut() {
+                o.step(&grads)?;
+            }
+            total += loss.to_scalar::<f32>()? as f64;
+            step += 1;
+            bar.inc(1);
+            if i % 20 == 0 {
+                bar.set_message(format!("loss {:.3}", total / (i + 1) as f64));
+            }
+        }
+        bar.finish_and_clear();
+        let probs = predict(&model, &dev_data, &device)?;
+        let dev = score(&probs, &dev_data.labels, &labels, 0.0);
+        let loss = total / steps_per_epoch as f64;
+        let secs = t0.elapsed().as_secs_f64();
+        eprintln!("epoch {epoch}: loss {loss:.4}, dev accuracy {:.2}% ({secs:.1} s)", dev.accuracy * 100.0);
+        log.push(EpochLog { epoch, loss, dev_accuracy: dev.accuracy, seconds: secs });
+        if dev.accuracy > best_acc {
+            (best_acc, best_epoch) = (dev.accuracy, epoch);
+            best = snapshot(&varmap)?;
+        }
+        if args.max_minutes.is_some_and(|m| t_start.elapsed().as_secs_f64() > m * 60.0) {
+            eprintln!("stopping after epoch {epoch} (time limit)");
+            break;
+        }
+    }
+    restore(&varmap, &best)?;
+    let train_secs = t_start.elapsed().as_secs_f64();
+
+    let dev_probs = predict(&model, &dev_data, &device)?;
+    let threshold = calibrate(&dev_probs, &dev_data.labels, &labels, args.target_precision);
+    let dev_scores = score(&dev_probs, &dev_data.labels, &labels, threshold);
+    eprintln!("best dev accuracy {:.2}% at epoch {best_epoch}; handoff threshold {threshold:.2}\ndev: {dev_scores}", best_acc * 100.0);
+
+    std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    varmap.save(args.out.join("model.safetensors"))?;
+    if args.train_layers > 0 {
+        std::fs::copy(&bert_cfg_path, args.out.join("encoder_config.json"))?;
+    }
+    let mut summary = serde_json::json!({
+        "format": format!("{:?}", args.format).to_lowercase(),
+        "train": args.train.display().to_string(),
+        "train_examples": train_set.len(), "dev_examples": dev_set.len(),
+        "seed": args.seed, "train_layers": args.train_layers, "hidden": args.hidden, "dropout": args.dropout,
+        "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "head_lr": args.head_lr,
+        "weight_decay": args.weight_decay, "warmup": args.warmup,
+        "best_epoch": best_epoch, "dev": dev_scores, "train_seconds": train_secs, "log": log,
+    });
+    let mut config = IntentConfig {
+        labels: labels.clone(),
+        pooling: IntentPooling::Mean,
+        input_dim: hidden_size,
+        hidden: args.hidden.clone(),
+        handoff_threshold: threshold,
+        out_of_scope_labels: labels.iter().filter(|l| is_out_of_scope_name(l)).cloned().collect(),
+        branch_from: (args.train_layers > 0).then_some(tap),
+        fusion: fusion_cfg,
+        encoder: Some(encoder_ref),
+        training: None,
+    };
+    write_config(&args.out, &config)?;
+
+    // The test split is scored through the serving path (the saved checkpoint as served).
+    let mut result = dev_scores;
+    if let Some(test) = &test_set {
+        let served = IntentModel::load(&args.out, &device)?;
+        let test_scores = score_served(&served, &fz, test, &label_ids, &labels, None)?;
+        println!("test: {test_scores}");
+        summary["test"] = serde_json::to_value(&test_scores)?;
+        result = test_scores;
+    }
+    config.training = Some(summary);
+    write_config(&args.out, &config)?;
+    eprintln!("checkpoint in {} ({:.1} min)", args.out.display(), t_start.elapsed().as_secs_f64() / 60.0);
+    Ok(result)
+}
+
+fn write_config(dir: &Path, config: &IntentConfig) -> anyhow::Result<()> {
+    std::fs::write(dir.join("intent_config.json"), serde_json::to_string_pretty(config)? + "\n")?;
+    Ok(())
+}
+
+/// Fine-tuned layers copy the encoder's weights; fusion and head weights are seeded
+/// (uniform ±1/sqrt(fan_in) for matrices, zero biases, unit LayerNorm gains).
+fn init_parameters(varmap: &VarMap, encoder_dir: &Path, rng: &mut Rng) -> anyhow::Result<()> {
+    let path = encoder_dir.join("model.safetensors");
+    let weights = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+    let data = varmap.data().lock().expect("varmap lock");
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    for name in names {
+        let var = &data[name];
+        if name.starts_with("encoder.") {
+            let t = weights
+                .get(name)
+                .or_else(|| weights.get(&format!("bert.{name}")))
+                .with_context(|| format!("{} has no {name}", path.display()))?;
+            var.set(&t.to_dtype(DType::F32)?)?;
+            continue;
+        }
+        let dims = var.dims().to_vec();
+        let last = name.rsplit('.').next().unwrap_or("");
+        let t = match (last, dims.len()) {
+            ("weight", 2) => {
+                let bound = 1.0 / (dims[1] as f32).sqrt();
+                let v: Vec<f32> = (0..dims[0] * dims[1]).map(|_| (rng.uniform() * 2.0 - 1.0) * bound).collect();
+                Tensor::from_vec(v, (dims[0], dims[1]), &Device::Cpu)?
+            }
+            ("in_proj_weight", 2) => {
+                // nn.MultiheadAttention: xavier_uniform over [3H, H].
+                let bound = (6.0 / (dims[0] / 3 + dims[1]) as f32).sqrt();
+                let v: Vec<f32> = (0..dims[0] * dims[1]).map(|_| (rng.uniform() * 2.0 - 1.0) * bound).collect();
+                Tensor::from_vec(v, (dims[0], dims[1]), &Device::Cpu)?
+            }
+            ("weight", 1) => Tensor::ones(dims[0], DType::F32, &Device::Cpu)?,
+            _ => Tensor::zeros(dims.as_slice(), DType::F32, &Device::Cpu)?,
+        };
+        var.set(&t)?;
+    }
+    Ok(())
+}
+
+fn snapshot(varmap: &VarMap) -> anyhow::Result<Vec<(String, Tensor)>> {
+    let data = varmap.data().lock().expect("varmap lock");
+    data.iter().map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?))).collect()
+}
+
+fn restore(varmap: &VarMap, best: &[(String, Tensor)]) -> anyhow::Result<()> {
+    let data = varmap.data().lock().expect("varmap lock");
+    for (n, t) in best {
+        data[n].set(t)?;
+    }
+    Ok(())
+}
+
+/// Scores examples through the serving path: the encoder's (tapped) states, the checkpoint's
+/// branch, fusion and head, exactly as the server runs them.
+fn score_served(
+    model: &IntentModel,
+    fz: &Featurizer,
+    examples: &[Example],
+    label_ids: &HashMap<String, u32>,
+    labels: &[String],
+    threshold: Option<f32>,
+) -> anyhow::Result<IntentScores> {
+    let probs = served_probs(model, fz, examples)?;
+    let gold = examples
+        .iter()
+        .map(|e| label_ids.get(&e.label).copied().with_context(|| format!("label {:?} is not one the model knows", e.label)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(score(&probs, &gold, labels, threshold.unwrap_or(model.config().handoff_threshold)))
+}
+
+fn served_probs(model: &IntentModel, fz: &Featurizer, examples: &[Example]) -> anyhow::Result<Vec<Vec<f32>>> {
+    let tokens = fz.tokenize(examples)?;
+    let mut probs = Vec::with_capacity(examples.len());
+    let mut cache = HashMap::new();
+    for (chunk_i, chunk) in tokens.chunks(64).enumerate() {
+        let batch: Vec<&TokenizedText> = chunk.iter().collect();
+        let (last, tapped) = fz.encoder.token_states_tapped(&batch, model.tap())?;
+        let states = tapped.unwrap_or(last.hidden);
+        let mut images = Vec::with_capacity(chunk.len());
+        for e in &examples[chunk_i * 64..chunk_i * 64 + chunk.len()] {
+            images.push(if e.images.is_empty() {
+                None
+            } else {
+                let mut parts = Vec::new();
+                for p in &e.images {
+                    if !cache.contains_key(p) {
+                        let enc = fz.images.as_ref().context("examples have images but no image encoder is loaded")?;
+                        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                        let input = enc.prepare(0, &bytes, &ImageLimits::default()).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                        let f = enc.features(&[&input])?;
+                        cache.insert(p.clone(), CrossAttentionFusion::positions(&f.get(0)?)?);
+                    }
+                    parts.push(cache[p].clone());
+                }
+                Some(Tensor::cat(&parts, 0)?)
+            });
+        }
+        let logits = model.logits(&states, &last.lens, &images)?;
+        probs.extend(candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?);
+    }
+    Ok(probs)
+}
+
+/// Scores a checkpoint on labelled data through the serving path and prints the figures.
+pub fn eval(args: &EvalIntent) -> anyhow::Result<IntentScores> {
+    let device = Device::Cpu;
+    let model = IntentModel::load(&args.model, &device).with_context(|| format!("loading {}", args.model.display()))?;
+    let encoder = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
+        .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
+    if let Some(e) = &model.config().encoder {
+        if e.version != encoder.info().version {
+            bail!(
+                "{} was trained on text model {} {}, but {} holds version {}",
+                args.model.display(), e.id, e.version, args.encoder_dir.display(), encoder.info().version
+            );
+        }
+    }
+    let mut examples = read(args.format, &args.data, &args.split)?;
+    if let Some(n) = args.limit {
+        examples.truncate(n);
+    }
+    let images = match examples.iter().any(|e| !e.images.is_empty()) {
+        true => Some(ImageEncoder::load(&ModelSource::Dir(args.image_model_dir.clone()), &device, DType::F32)?),
+        false => None,
+    };
+    let labels = model.labels().to_vec();
+    let label_ids: HashMap<String, u32> = labels.iter().enumerate().map(|(i, l)| (l.clone(), i as u32)).collect();
+    let fz = Featurizer { encoder, images, tap: 0, cache: HashMap::new() };
+    let t0 = Instant::now();
+    let scores = score_served(&model, &fz, &examples, &label_ids, &labels, args.threshold)?;
+    println!("{} ({}): scored in {:.1} s\n{scores}", args.data.display(), args.split, t0.elapsed().as_secs_f64());
+    Ok(scores)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_and_commas() {
+        let rows = parse_csv("text,category\n\"a, b\",x\n\"say \"\"hi\"\"\",y\nplain,z\n").unwrap();
+        assert_eq!(rows[1], vec!["a, b", "x"]);
+        assert_eq!(rows[2], vec!["say \"hi\"", "y"]);
+        assert_eq!(rows[3], vec!["plain", "z"]);
+    }
+
+    #[test]
+    fn warmup_then_linear_decay() {
+        assert!(lr_factor(0, 100, 0.1) < 0.2);
+        assert!((lr_factor(9, 100, 0.1) - 1.0).abs() < 1e-9);
+        assert!(lr_factor(55, 100, 0.1) < 0.6 && lr_factor(55, 100, 0.1) > 0.4);
+        assert!(lr_factor(99, 100, 0.1) < 0.02);
+    }
+
+    #[test]
+    fn scores_and_calibration() {
+        let labels: Vec<String> = ["a", "b", "oos"].iter().map(|s| s.to_string()).collect();
+        let probs = vec![vec![0.9, 0.05, 0.05], vec![0.4, 0.35, 0.25], vec![0.1, 0.8, 0.1], vec![0.45, 0.1, 0.45]];
+        let gold = vec![0, 2, 1, 2];
+        let s = score(&probs, &gold, &labels, 0.5);
+        assert_eq!((s.in_scope, s.out_of_scope), (2, 2));
+        assert_eq!(s.in_scope_accuracy, 1.0);
+        assert_eq!(s.oos_recall, 1.0);
+        let t = calibrate(&probs, &gold, &labels, 0.9);
+        assert!(t > 0.45 && t <= 0.8, "{t}");
+        let s0 = score(&probs, &gold, &labels, 0.0);
+        assert_eq!(s0.oos_recall, 0.0);
+    }
+
+    #[test]
+    fn stratified_holdout_keeps_every_label() {
+        let ex: Vec<Example> = (0..100)
+            .map(|i| Example { text: format!("t{i}"), label: format!("l{}", i % 5), images: vec![] })
+            .collect();
+        let (t, d) = stratified_split(ex, 0.1, 1);
+        assert_eq!((t.len(), d.len()), (90, 10));
+        for l in 0..5 {
+            assert_eq!(d.iter().filter(|e| e.label == format!("l{l}")).count(), 2);
+        }
+    }
+}
