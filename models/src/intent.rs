@@ -64,6 +64,9 @@ pub struct IntentConfig {
     #[serde(default)]
     pub fusion: Option<FusionConfig>,
     pub encoder: Option<EncoderRef>,
+    /// The image encoder whose feature maps the fusion block was trained on.
+    #[serde(default)]
+    pub image_encoder: Option<EncoderRef>,
     /// Free-form training provenance (data, command, scores).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub training: Option<serde_json::Value>,
@@ -246,6 +249,7 @@ impl IntentModel {
             branch_from: None,
             fusion: None,
             encoder: None,
+            image_encoder: None,
             training: None,
         };
         Ok(Self { format: IntentFormat::HfSequenceClassification, branch: None, fusion: None, pooler: Some(pooler), hidden: Vec::new(), out, dir: dir.to_owned(), config })

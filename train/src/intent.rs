@@ -721,6 +721,7 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<IntentScores> {
         false => None,
     };
     let hidden_size = encoder.hidden_size();
+    let image_ref = images.as_ref().map(|i| EncoderRef { id: i.info().id.clone(), version: i.info().version.clone() });
     let encoder_ref = EncoderRef { id: encoder.info().id.clone(), version: encoder.info().version.clone() };
     let mut fz = Featurizer { encoder, images, tap, cache: HashMap::new() };
     let train_data = fz.run(&train_set, &label_ids, "train", args.quiet)?;
@@ -854,6 +855,7 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<IntentScores> {
         branch_from: (args.train_layers > 0).then_some(tap),
         fusion: fusion_cfg,
         encoder: Some(encoder_ref),
+        image_encoder: image_ref,
         training: None,
     };
     write_config(&args.out, &config)?;
