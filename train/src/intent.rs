@@ -94,6 +94,10 @@ pub struct TrainIntent {
     /// not handed off are right this often on the dev set.
     #[arg(long, default_value_t = 0.97)]
     pub target_precision: f64,
+    /// Save the fine-tuned encoder layers in f32 instead of f16 (f16 halves the checkpoint;
+    /// the model is rounded before it is scored, so every reported figure is of what is saved).
+    #[arg(long = "branch-f32", action = clap::ArgAction::SetFalse)]
+    pub branch_f16: bool,
     /// Stop after this many minutes (at the end of an epoch), keeping the best so far.
     #[arg(long)]
     pub max_minutes: Option<f64>,
@@ -673,7 +677,16 @@ struct EpochLog {
     seconds: f64,
 }
 
-pub fn train(args: &TrainIntent) -> anyhow::Result<IntentScores> {
+/// What a training run gives back: the dev scores (calibrated threshold), the test scores when
+/// there was test data, and how closely the saved checkpoint reproduces the trained model.
+#[derive(Debug, Clone)]
+pub struct TrainOutcome {
+    pub dev: IntentScores,
+    pub test: Option<IntentScores>,
+    pub served_vs_trained_max_diff: f32,
+}
+
+pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
     let t_start = Instant::now();
     let device = Device::Cpu;
     let mut rng = Rng::new(args.seed);
@@ -824,6 +837,15 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<IntentScores> {
         }
     }
     restore(&varmap, &best)?;
+    if args.branch_f16 {
+        // Round the fine-tuned layers to f16 now, so everything scored below (and the served
+        // checkpoint) is the model as saved.
+        let data = varmap.data().lock().expect("varmap lock");
+        for (name, var) in data.iter().filter(|(n, _)| n.starts_with("encoder.")) {
+            var.set(&var.as_tensor().to_dtype(DType::F16)?.to_dtype(DType::F32)?)
+                .with_context(|| format!("rounding {name}"))?;
+        }
+    }
     let train_secs = t_start.elapsed().as_secs_f64();
 
     let dev_probs = predict(&model, &dev_data, &device)?;
@@ -832,7 +854,18 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<IntentScores> {
     eprintln!("best dev accuracy {:.2}% at epoch {best_epoch}; handoff threshold {threshold:.2}\ndev: {dev_scores}", best_acc * 100.0);
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
-    varmap.save(args.out.join("model.safetensors"))?;
+    let tensors: HashMap<String, Tensor> = varmap
+        .data()
+        .lock()
+        .expect("varmap lock")
+        .iter()
+        .map(|(n, v)| {
+            let t = v.as_tensor().detach();
+            let t = if args.branch_f16 && n.starts_with("encoder.") { t.to_dtype(DType::F16)? } else { t };
+            Ok((n.clone(), t))
+        })
+        .collect::<candle_core::Result<_>>()?;
+    candle_core::safetensors::save(&tensors, args.out.join("model.safetensors"))?;
     if args.train_layers > 0 {
         std::fs::copy(&bert_cfg_path, args.out.join("encoder_config.json"))?;
     }
@@ -842,8 +875,8 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<IntentScores> {
         "train_examples": train_set.len(), "dev_examples": dev_set.len(),
         "seed": args.seed, "train_layers": args.train_layers, "hidden": args.hidden, "dropout": args.dropout,
         "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "head_lr": args.head_lr,
-        "weight_decay": args.weight_decay, "warmup": args.warmup,
-        "best_epoch": best_epoch, "dev": dev_scores, "train_seconds": train_secs, "log": log,
+        "weight_decay": args.weight_decay, "warmup": args.warmup, "branch_f16": args.branch_f16,
+        "best_epoch": best_epoch, "dev": &dev_scores, "train_seconds": train_secs, "log": log,
     });
     let mut config = IntentConfig {
         labels: labels.clone(),
@@ -860,19 +893,33 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<IntentScores> {
     };
     write_config(&args.out, &config)?;
 
+    // The checkpoint as served (fused kernels on packed batches) must give the trained
+    // model's probabilities: checked on the dev set, recorded in the summary.
+    let served = IntentModel::load(&args.out, &device)?;
+    let served_dev = served_probs(&served, &fz, &dev_set)?;
+    let parity = served_dev
+        .iter()
+        .zip(&dev_probs)
+        .flat_map(|(a, b)| a.iter().zip(b).map(|(x, y)| (x - y).abs()))
+        .fold(0f32, f32::max);
+    eprintln!("served checkpoint vs trained model on dev: max probability difference {parity:.2e}");
+    if parity > 1e-3 {
+        bail!("the saved checkpoint does not reproduce the trained model (max probability difference {parity})");
+    }
+    summary["served_vs_trained_max_diff"] = serde_json::json!(parity);
+
     // The test split is scored through the serving path (the saved checkpoint as served).
-    let mut result = dev_scores;
+    let mut outcome = TrainOutcome { dev: dev_scores.clone(), test: None, served_vs_trained_max_diff: parity };
     if let Some(test) = &test_set {
-        let served = IntentModel::load(&args.out, &device)?;
         let test_scores = score_served(&served, &fz, test, &label_ids, &labels, None)?;
         println!("test: {test_scores}");
         summary["test"] = serde_json::to_value(&test_scores)?;
-        result = test_scores;
+        outcome.test = Some(test_scores);
     }
     config.training = Some(summary);
     write_config(&args.out, &config)?;
     eprintln!("checkpoint in {} ({:.1} min)", args.out.display(), t_start.elapsed().as_secs_f64() / 60.0);
-    Ok(result)
+    Ok(outcome)
 }
 
 fn write_config(dir: &Path, config: &IntentConfig) -> anyhow::Result<()> {
