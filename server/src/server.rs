@@ -272,7 +272,7 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
         Some((t, info)) => (None, Some(CharTagger { tagger: t, device: device.clone(), info })),
         None => (None, None),
     };
-    state.text.slot.replace(Arc::new(TextModel { encoder: text, tagger: text_tagger }));
+    state.text.slot.replace(Arc::new(TextModel { encoder: text, tagger: text_tagger, intent: None }));
     if let Some(c) = char_tagger {
         state.char_tagger.slot.replace(Arc::new(c));
     }
@@ -284,7 +284,7 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
     ] {
         if let Some(dir) = dir {
             let enc = encoder(ModelSource::Dir(dir.clone())).with_context(|| format!("cannot load the {what} tower"))?;
-            lane.slot.replace(Arc::new(TextModel { encoder: enc, tagger: None }));
+            lane.slot.replace(Arc::new(TextModel { encoder: enc, tagger: None, intent: None }));
             metrics::gauge!("concierge_model_ready", "slot" => what).set(1.0);
         }
     }
