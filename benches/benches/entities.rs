@@ -30,7 +30,7 @@ fn main() -> anyhow::Result<()> {
     let encoder = TextEncoder::load(&ModelSource::Dir(default_model_dir()), &dev, DType::F32, None)?;
     let tagger_dir = args.tagger_dir.clone().unwrap_or_else(|| root.join("checkpoints/entities-en-atis"));
     let tagger = BiLstmCrf::load(&tagger_dir, &dev, DType::F32)?;
-    let model = TextModel { encoder, tagger: Some(tagger) };
+    let model = TextModel { encoder, tagger: Some(tagger), intent: None };
     let atis = root.join("model-store/data/atis/test");
     let texts: Vec<String> = match concierge_models::sequence::data::read_atis(&atis) {
         Ok(s) => s.into_iter().map(|s| s.tokens.join(" ")).collect(),
@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
     println!("entities bench: tagger {}, {} texts, CPU threads {}", tagger_dir.display(), texts.len(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     println!("{:<18} {:>6} {:>10} {:>9} {:>9} {:>9}", "pass", "batch", "sent/s", "p50 ms", "p90 ms", "p99 ms");
-    let both = Tasks { embed: true, entities: true };
+    let both = Tasks { embed: true, entities: true, intent: false };
     for (name, tasks) in [("entities", Tasks::ENTITIES), ("embed + entities", both), ("embed", Tasks::EMBED)] {
         for batch in [1usize, 32] {
             let mut lat = Vec::new();
@@ -54,7 +54,7 @@ fn main() -> anyhow::Result<()> {
                 let inputs: Vec<TextInput> = (0..batch)
                     .map(|i| {
                         let t = &texts[(k + i) % texts.len()];
-                        Ok(TextInput { tokens: model.encoder.tokenize(i, t, true)?, normalize: true, tasks })
+                        Ok(TextInput { tokens: model.encoder.tokenize(i, t, true)?, normalize: true, tasks, images: Vec::new() })
                     })
                     .collect::<anyhow::Result<_>>()?;
                 k += batch;

@@ -80,6 +80,7 @@ async fn main() -> anyhow::Result<()> {
         "--max-queued-inputs=100000",
         "--no-image-model",
         "--no-entity-model",
+        "--no-intent-model",
     ])?;
     let mut server = concierge_server::start(cfg).await?;
     server.ready(Duration::from_secs(120)).await?;

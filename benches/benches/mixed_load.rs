@@ -133,6 +133,7 @@ async fn main() -> anyhow::Result<()> {
         format!("--max-image-batch-size={}", args.max_image_batch),
         "--max-queued-inputs=100000".into(),
         "--no-entity-model".into(),
+        "--no-intent-model".into(),
     ])?;
     let mut server = concierge_server::start(cfg).await?;
     server.ready(Duration::from_secs(120)).await?;

@@ -299,11 +299,12 @@ impl IntentModel {
         if !images.is_empty() && images.len() != lens.len() {
             return Err(ModelError::InvalidInput(format!("{} image sets for {} inputs", images.len(), lens.len())));
         }
+        // The head's weights are f32 whatever the encoder's dtype.
+        let states = states.to_dtype(DType::F32)?;
         let x = match &self.branch {
-            Some(b) => b.forward(states, lens)?,
-            None => states.clone(),
-        }
-        .to_dtype(DType::F32)?;
+            Some(b) => b.forward(&states, lens)?,
+            None => states,
+        };
         let mut pooled = Vec::with_capacity(lens.len());
         let mut start = 0;
         for (i, &len) in lens.iter().enumerate() {
@@ -328,26 +329,36 @@ impl IntentModel {
         self.out.forward(&h)
     }
 
-    /// Probabilities (softmax of [`Self::logits`]) and the handoff decision per input:
-    /// `intents` best first, cut to `top_k` (0: all); handoff when the top probability is under
-    /// `threshold` (None: the checkpoint's) or the top label is out-of-scope.
+    /// Every label's probability (softmax of [`Self::logits`]), one row per input, in the order
+    /// of [`Self::labels`].
+    pub fn probabilities(&self, states: &Tensor, lens: &[usize], images: &[Option<Tensor>]) -> Result<Vec<Vec<f32>>> {
+        let logits = self.logits(states, lens, images)?;
+        Ok(candle_nn::ops::softmax(&logits, D::Minus1)?.to_vec2::<f32>()?)
+    }
+
+    /// Probabilities (softmax of [`Self::logits`]) and the handoff decision per input: see
+    /// [`Self::rank`].
     pub fn classify(&self, logits: &Tensor, top_k: usize, threshold: Option<f32>) -> Result<Vec<IntentResult>> {
         let probs = candle_nn::ops::softmax(logits, D::Minus1)?.to_vec2::<f32>()?;
+        Ok(probs.iter().map(|p| self.rank(p, top_k, threshold)).collect())
+    }
+
+    /// One input's answer from its probabilities (in label order): `intents` best first, cut to
+    /// `top_k` (0: all); handoff when the top probability is under `threshold` (None: the
+    /// checkpoint's) or the top label is out-of-scope.
+    pub fn rank(&self, probs: &[f32], top_k: usize, threshold: Option<f32>) -> IntentResult {
         let threshold = threshold.unwrap_or(self.config.handoff_threshold);
-        Ok(probs
-            .into_iter()
-            .map(|p| {
-                let mut order: Vec<usize> = (0..p.len()).collect();
-                order.sort_by(|&a, &b| p[b].total_cmp(&p[a]).then(a.cmp(&b)));
-                let best = order[0];
-                let handoff = p[best] < threshold || self.config.out_of_scope_labels.contains(&self.config.labels[best]);
-                let k = if top_k == 0 { order.len() } else { top_k.min(order.len()) };
-                IntentResult {
-                    intents: order[..k].iter().map(|&i| IntentScore { label: self.config.labels[i].clone(), score: p[i] }).collect(),
-                    handoff,
-                }
-            })
-            .collect())
+        let mut order: Vec<usize> = (0..probs.len()).collect();
+        order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]).then(a.cmp(&b)));
+        let handoff = match order.first() {
+            Some(&best) => probs[best] < threshold || self.config.out_of_scope_labels.contains(&self.config.labels[best]),
+            None => true,
+        };
+        let k = if top_k == 0 { order.len() } else { top_k.min(order.len()) };
+        IntentResult {
+            intents: order[..k].iter().map(|&i| IntentScore { label: self.config.labels[i].clone(), score: probs[i] }).collect(),
+            handoff,
+        }
     }
 }
 

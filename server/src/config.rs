@@ -112,6 +112,17 @@ pub struct Config {
     #[arg(long, env = "CONCIERGE_NO_ENTITY_MODEL")]
     pub no_entity_model: bool,
 
+    /// Intent model folder: a concierge checkpoint (`intent_config.json` + `model.safetensors`,
+    /// from `concierge train-intent`) trained on the text model, or a Hugging Face
+    /// BertForSequenceClassification folder that is also the text model (--model-dir). The
+    /// default, CLINC150 intents over the default text model, is committed in checkpoints/.
+    #[arg(long, env = "CONCIERGE_INTENT_MODEL_DIR", default_value = "checkpoints/intents-en-clinc150")]
+    pub intent_model_dir: PathBuf,
+
+    /// Serve no intent model; Classify answers UNIMPLEMENTED.
+    #[arg(long, env = "CONCIERGE_NO_INTENT_MODEL")]
+    pub no_intent_model: bool,
+
     /// Most characters in one text for a character-level tagger.
     #[arg(long, env = "CONCIERGE_MAX_ENTITY_CHARS", default_value_t = 1000)]
     pub max_entity_chars: usize,
@@ -146,7 +157,7 @@ pub struct Config {
     #[arg(long, env = "CONCIERGE_MAX_QUEUED_IMAGES", default_value_t = 512)]
     pub max_queued_images: usize,
 
-    /// Most images in one EmbedImage request.
+    /// Most images in one EmbedImage request (in one Classify request: over all its queries).
     #[arg(long, env = "CONCIERGE_MAX_CLIENT_IMAGES", default_value_t = 16)]
     pub max_client_images: usize,
 

@@ -5,6 +5,7 @@ pub mod entities;
 pub mod error;
 pub mod grpc;
 pub mod image;
+pub mod intents;
 pub mod kb;
 pub mod registry;
 pub mod server;

@@ -7,10 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use concierge_engine::{BatchLimits, Device as EngineDevice, Engine};
 use concierge_kb::store::{Store, StoreOptions};
+use concierge_models::intent::{IntentFormat, IntentModel};
 use concierge_models::tagger::InputKind;
 use concierge_models::{BiLstmCrf, ImageEncoder, ModelInfo, ModelSource, TextEncoder};
 use concierge_proto::v1::embeddings_server::EmbeddingsServer;
 use concierge_proto::v1::entities_server::EntitiesServer;
+use concierge_proto::v1::intents_server::IntentsServer;
 use concierge_proto::v1::knowledge_base_server::KnowledgeBaseServer;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -27,8 +29,9 @@ use crate::grpc::knowledge_base::KnowledgeBaseService;
 use crate::kb::{LocalStore, VectorStore};
 use crate::entities::{CharTagger, CharTaggerLane, Route};
 use crate::grpc::entities::EntitiesService;
+use crate::grpc::intents::IntentsService;
 use crate::image::{ImageLane, ImageModel};
-use crate::text::{TextLane, TextModel};
+use crate::text::{IntentHead, TextLane, TextModel};
 
 /// A started server. [`Running::shutdown`] stops it and waits; dropping it starts the same
 /// shutdown without waiting for it.
@@ -131,6 +134,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     health.set_not_serving::<EmbeddingsServer<EmbeddingsService>>().await;
     health.set_not_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
     health.set_not_serving::<EntitiesServer<EntitiesService>>().await;
+    health.set_not_serving::<IntentsServer<IntentsService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(concierge_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -144,6 +148,8 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     let knowledge_base = KnowledgeBaseServer::new(KnowledgeBaseService::new(state.clone()))
         .max_decoding_message_size(state.config.max_message_bytes);
     let entities = EntitiesServer::new(EntitiesService::new(state.clone()))
+        .max_decoding_message_size(state.config.max_message_bytes);
+    let intents = IntentsServer::new(IntentsService::new(state.clone()))
         .max_decoding_message_size(state.config.max_message_bytes);
 
     // Model loading runs beside the server; a failure ends the server with the loader's message.
@@ -159,6 +165,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     health.set_serving::<EmbeddingsServer<EmbeddingsService>>().await;
                     health.set_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
                     health.set_serving::<EntitiesServer<EntitiesService>>().await;
+                    health.set_serving::<IntentsServer<IntentsService>>().await;
                     health.set_service_status("", ServingStatus::Serving).await;
                     let _ = ready_tx.send(true);
                     tracing::info!("models loaded; serving");
@@ -188,6 +195,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
             health.set_not_serving::<EmbeddingsServer<EmbeddingsService>>().await;
             health.set_not_serving::<KnowledgeBaseServer<KnowledgeBaseService>>().await;
             health.set_not_serving::<EntitiesServer<EntitiesService>>().await;
+            health.set_not_serving::<IntentsServer<IntentsService>>().await;
             tracing::info!("shutting down: no new calls; draining in-flight work");
             stopping.notify_one();
         }
@@ -200,6 +208,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .add_service(embeddings)
         .add_service(knowledge_base)
         .add_service(entities)
+        .add_service(intents)
         .serve_with_incoming_shutdown(
             // Small unary messages must not wait on Nagle + delayed ACK (~40 ms a call).
             tonic::transport::server::TcpIncoming::from(listener)
@@ -256,11 +265,28 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
 /// slots. Runs on a blocking thread while the server already answers health checks.
 fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
     let cfg = &state.config;
+    // The image model first: whether the intent model may fuse images depends on it.
+    let image = match &state.image {
+        None => None,
+        Some(_) => {
+            let source = cfg.image_model_source();
+            let enc = ImageEncoder::load(&source, device, cfg.dtype.to_candle()).context(
+                "cannot load the image model (run scripts/fetch-default-model.sh for the default, or start with --no-image-model to serve text only)",
+            )?;
+            tracing::info!(id = %enc.info().id, version = %enc.info().version, dim = enc.info().dimension,
+                moderation = enc.has_moderation(), "image model loaded");
+            Some(enc)
+        }
+    };
     let encoder = |source: ModelSource| TextEncoder::load(&source, device, cfg.dtype.to_candle(), cfg.max_input_tokens);
     let text = encoder(cfg.model_source()).context("cannot load the text model")?;
     let tagger = match cfg.no_entity_model {
         true => None,
         false => Some(load_tagger(cfg, device, text.info())?),
+    };
+    let intent = match cfg.no_intent_model {
+        true => None,
+        false => Some(load_intent(cfg, device, &text, image.as_ref())?),
     };
     let route = match &tagger {
         None => Route::Off,
@@ -272,7 +298,7 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
         Some((t, info)) => (None, Some(CharTagger { tagger: t, device: device.clone(), info })),
         None => (None, None),
     };
-    state.text.slot.replace(Arc::new(TextModel { encoder: text, tagger: text_tagger }));
+    state.text.slot.replace(Arc::new(TextModel { encoder: text, tagger: text_tagger, intent }));
     if let Some(c) = char_tagger {
         state.char_tagger.slot.replace(Arc::new(c));
     }
@@ -284,17 +310,11 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
     ] {
         if let Some(dir) = dir {
             let enc = encoder(ModelSource::Dir(dir.clone())).with_context(|| format!("cannot load the {what} tower"))?;
-            lane.slot.replace(Arc::new(TextModel { encoder: enc, tagger: None }));
+            lane.slot.replace(Arc::new(TextModel { encoder: enc, tagger: None, intent: None }));
             metrics::gauge!("concierge_model_ready", "slot" => what).set(1.0);
         }
     }
-    if let Some(lane) = &state.image {
-        let source = cfg.image_model_source();
-        let enc = ImageEncoder::load(&source, device, cfg.dtype.to_candle()).with_context(|| {
-            format!("cannot load the image model (run scripts/fetch-default-model.sh for the default, or start with --no-image-model to serve text only)")
-        })?;
-        tracing::info!(id = %enc.info().id, version = %enc.info().version, dim = enc.info().dimension,
-            moderation = enc.has_moderation(), "image model loaded");
+    if let (Some(lane), Some(enc)) = (&state.image, image) {
         lane.slot.replace(Arc::new(ImageModel { encoder: enc }));
         metrics::gauge!("concierge_model_ready", "slot" => "image").set(1.0);
     }
@@ -341,4 +361,74 @@ fn load_tagger(cfg: &crate::config::Config, device: &candle_core::Device, text: 
     let dim = tagger.config().input_dim;
     tracing::info!(dir = %dir.display(), %version, input = ?tagger.config().input, tags = tagger.tags().len(), "entity tagger loaded");
     Ok((tagger, ModelInfo { id, version, dimension: dim, max_input_tokens: 0 }))
+}
+
+/// Loads the intent model; it must read the states of the text model now loaded. A concierge
+/// checkpoint names the encoder version it was trained on; a Hugging Face
+/// BertForSequenceClassification folder carries its own encoder, so it must be the text model.
+/// A fusion block fuses images only from the image model it was trained on; otherwise the model
+/// serves text only (a warning says why).
+fn load_intent(cfg: &Config, device: &candle_core::Device, text: &TextEncoder, image: Option<&ImageEncoder>) -> anyhow::Result<IntentHead> {
+    let dir = &cfg.intent_model_dir;
+    let model = IntentModel::load(dir, device).with_context(|| {
+        format!("cannot load the intent model from {} (start with --no-intent-model to serve without one)", dir.display())
+    })?;
+    let version = concierge_models::checkpoint::weights_version(&[&dir.join("model.safetensors")])?;
+    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
+    let t = text.info();
+    match &model.config().encoder {
+        Some(e) if e.version == t.version => {}
+        Some(e) => anyhow::bail!(
+            "the intent model in {} was trained on the states of text model {} {}, but the text model loaded is {} {}; \
+             retrain it on this model (concierge train-intent --encoder-dir ...) or start with --no-intent-model",
+            dir.display(), e.id, e.version, t.id, t.version
+        ),
+        None if model.format() == IntentFormat::HfSequenceClassification => {
+            // Its classifier reads its own encoder's states: the same weights must be serving.
+            let same_dir = cfg.model_id.is_none()
+                && matches!((dir.canonicalize(), cfg.model_dir.canonicalize()), (Ok(a), Ok(b)) if a == b);
+            anyhow::ensure!(
+                same_dir || version == t.version,
+                "the intent model in {} is a Hugging Face BertForSequenceClassification: its classifier reads the states of \
+                 its own encoder, not those of the text model loaded ({} {}); serve that folder as the text model too \
+                 (--model-dir {}), or train an intent model on this text model (concierge train-intent --encoder-dir ...), \
+                 or start with --no-intent-model",
+                dir.display(), t.id, t.version, dir.display()
+            );
+        }
+        None => tracing::warn!(dir = %dir.display(), "the intent model does not say which text model it was trained on"),
+    }
+    anyhow::ensure!(
+        model.config().input_dim == text.hidden_size(),
+        "the intent model in {} reads token states of width {}, but the text model's are {}; start with --no-intent-model \
+         or an intent model trained on this text model",
+        dir.display(), model.config().input_dim, text.hidden_size()
+    );
+    if let Some(tap) = model.tap() {
+        anyhow::ensure!(tap <= text.num_layers(),
+            "the intent model in {} continues from layer {tap}, but the text model has {} layers", dir.display(), text.num_layers());
+    }
+    let no_images = match (model.image_channels(), &model.config().image_encoder, image) {
+        (None, _, _) => Some("this intent model reads text only (it has no fusion block)".to_string()),
+        (Some(_), _, None) => Some("this server runs no image model (--no-image-model), so the intent model reads text only".into()),
+        (Some(_), None, Some(_)) => {
+            Some("the intent model's fusion block does not name the image model it was trained on, so it reads text only".into())
+        }
+        (Some(_), Some(want), Some(img)) if want.version != img.info().version => Some(format!(
+            "the intent model's fusion block was trained on image model {} {}, not the {} {} loaded, so it reads text only",
+            want.id, want.version, img.info().id, img.info().version
+        )),
+        (Some(c), Some(_), Some(img)) if c != img.info().dimension => Some(format!(
+            "the intent model's fusion block takes {c} image channels, but the image model loaded gives {}, so it reads text only",
+            img.info().dimension
+        )),
+        _ => None,
+    };
+    if let (Some(why), true) = (&no_images, model.has_fusion()) {
+        tracing::warn!(dir = %dir.display(), "{why}; queries with images get INVALID_ARGUMENT");
+    }
+    tracing::info!(dir = %dir.display(), %version, format = ?model.format(), labels = model.labels().len(), tap = ?model.tap(),
+        fuses_images = no_images.is_none(), threshold = model.config().handoff_threshold, "intent model loaded");
+    let info = ModelInfo { id, version, dimension: model.labels().len(), max_input_tokens: 0 };
+    Ok(IntentHead { model, info, no_images })
 }

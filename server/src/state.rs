@@ -10,9 +10,10 @@ use crate::text::TextLane;
 
 pub struct AppState {
     pub config: Config,
-    /// The text encoder behind `Embeddings`.
+    /// The text encoder behind `Embeddings`, with the heads on its states (entities, intents).
     pub text: Arc<TextLane>,
-    /// The image encoder behind `EmbedImage`; None when started with --no-image-model.
+    /// The image encoder behind `EmbedImage` (and a fusing intent model's images); None when
+    /// started with --no-image-model.
     pub image: Option<Arc<ImageLane>>,
     /// The knowledge base's towers: the same lane as `text` unless their own checkpoints are set.
     pub query_tower: Arc<TextLane>,

@@ -2,14 +2,18 @@
 //! texts: tokenise off the async runtime, submit to the lane, await within the deadline.
 //!
 //! One encoder pass serves every head an input asks for: each input says which outputs it wants
-//! ([`Tasks`]: its embedding, its entities), the batch runs BERT once, and the heads read the
-//! same token states. A message that needs an embedding and its entities pays for one pass.
+//! ([`Tasks`]: its embedding, its entities, its intents), the batch runs BERT once, and the heads
+//! read the same token states (an intent head with its own fine-tuned top layers reads the states
+//! tapped after the layer it branches from, in the same pass). A message that needs an embedding,
+//! its entities and its intents pays for one pass.
 use std::sync::Arc;
 use std::time::Instant;
 
+use candle_core::Tensor;
 use concierge_engine::{Backend, Engine};
 use concierge_models::entities::{extract_from_states, Entity};
-use concierge_models::{BiLstmCrf, ModelInfo, TextEncoder, TokenizedText};
+use concierge_models::intent::IntentModel;
+use concierge_models::{BiLstmCrf, ModelInfo, TextEncoder, TokenStates, TokenizedText};
 
 use crate::error::ServiceError;
 use crate::grpc::{answers, with_deadline};
@@ -20,17 +24,22 @@ use crate::registry::ModelSlot;
 pub struct Tasks {
     pub embed: bool,
     pub entities: bool,
+    pub intent: bool,
 }
 
 impl Tasks {
-    pub const EMBED: Tasks = Tasks { embed: true, entities: false };
-    pub const ENTITIES: Tasks = Tasks { embed: false, entities: true };
+    pub const EMBED: Tasks = Tasks { embed: true, entities: false, intent: false };
+    pub const ENTITIES: Tasks = Tasks { embed: false, entities: true, intent: false };
+    pub const INTENT: Tasks = Tasks { embed: false, entities: false, intent: true };
 }
 
 pub struct TextInput {
     pub tokens: TokenizedText,
     pub normalize: bool,
     pub tasks: Tasks,
+    /// For the intent head's fusion block: each attached image's positions `[h*w, C]` (see
+    /// `CrossAttentionFusion::positions`), concatenated on the device thread; empty: text only.
+    pub images: Vec<Tensor>,
 }
 
 /// One input's answers, as its [`Tasks`] asked.
@@ -38,6 +47,8 @@ pub struct TextInput {
 pub struct TextOutput {
     pub embedding: Option<Vec<f32>>,
     pub entities: Option<Vec<Entity>>,
+    /// Every intent label's probability, in the order of the head's labels.
+    pub intent: Option<Vec<f32>>,
 }
 
 /// The text encoder and the heads that read its token states, loaded and swapped together (a
@@ -46,6 +57,18 @@ pub struct TextModel {
     pub encoder: TextEncoder,
     /// An entity tagger over this encoder's states (`input: "encoder"`), if configured.
     pub tagger: Option<BiLstmCrf>,
+    /// An intent classifier over this encoder's states, if configured.
+    pub intent: Option<IntentHead>,
+}
+
+/// An intent model with what serving needs to know about it.
+pub struct IntentHead {
+    pub model: IntentModel,
+    /// Stamped on answers: the checkpoint folder's name and its weights' hash.
+    pub info: ModelInfo,
+    /// Why queries' images are refused, when they are (a text-only model, no image model
+    /// loaded, or a fusion block trained on another image model); None: images are fused.
+    pub no_images: Option<String>,
 }
 
 impl Backend for TextModel {
@@ -58,21 +81,20 @@ impl Backend for TextModel {
 
     fn run(&self, batch: &[&TextInput]) -> Result<Vec<TextOutput>, String> {
         let tokens: Vec<&TokenizedText> = batch.iter().map(|i| &i.tokens).collect();
-        let states = self.encoder.token_states(&tokens).map_err(|e| e.to_string())?;
+        let classify: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.intent).collect();
+        let intent = match classify.is_empty() {
+            true => None,
+            false => Some(self.intent.as_ref().ok_or("this text model has no intent head")?),
+        };
+        // One pass; a head with its own top layers also gets the states it branches from.
+        let tap = intent.and_then(|h| h.model.tap());
+        let (states, tapped) = self.encoder.token_states_tapped(&tokens, tap).map_err(|e| e.to_string())?;
         let mut out = vec![TextOutput::default(); batch.len()];
 
         let embed: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.embed).collect();
         if !embed.is_empty() {
             // Pooling reads only the rows of the inputs that want a vector.
-            let sub = if embed.len() == batch.len() {
-                states.clone()
-            } else {
-                let rows = embed.iter().map(|&i| states.of(i)).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
-                concierge_models::TokenStates {
-                    hidden: candle_core::Tensor::cat(&rows, 0).map_err(|e| e.to_string())?,
-                    lens: embed.iter().map(|&i| states.lens[i]).collect(),
-                }
-            };
+            let sub = rows_of(&states.hidden, &states.lens, &embed).map_err(|e| e.to_string())?;
             let mut rows: Vec<Vec<f32>> = self
                 .encoder
                 .embed_states(&sub)
@@ -95,8 +117,35 @@ impl Backend for TextModel {
                 out[i].entities = Some(ents);
             }
         }
+
+        if let Some(head) = intent {
+            let sub = rows_of(tapped.as_ref().unwrap_or(&states.hidden), &states.lens, &classify).map_err(|e| e.to_string())?;
+            let images = classify
+                .iter()
+                .map(|&i| match batch[i].images.as_slice() {
+                    [] => Ok(None),
+                    [one] => Ok(Some(one.clone())),
+                    many => Tensor::cat(many, 0).map(Some),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())?;
+            let probs = head.model.probabilities(&sub.hidden, &sub.lens, &images).map_err(|e| e.to_string())?;
+            for (&i, p) in classify.iter().zip(probs) {
+                out[i].intent = Some(p);
+            }
+        }
         Ok(out)
     }
+}
+
+/// The packed rows of inputs `which` (in that order) of a batch's packed states `[T, H]`.
+fn rows_of(hidden: &Tensor, lens: &[usize], which: &[usize]) -> candle_core::Result<TokenStates> {
+    if which.len() == lens.len() {
+        return Ok(TokenStates { hidden: hidden.clone(), lens: lens.to_vec() });
+    }
+    let starts: Vec<usize> = lens.iter().scan(0, |s, &l| Some(std::mem::replace(s, *s + l))).collect();
+    let rows = which.iter().map(|&i| hidden.narrow(0, starts[i], lens[i])).collect::<candle_core::Result<Vec<_>>>()?;
+    Ok(TokenStates { hidden: Tensor::cat(&rows, 0)?, lens: which.iter().map(|&i| lens[i]).collect() })
 }
 
 /// A text model's slot and its batching lane.
@@ -130,16 +179,36 @@ impl TextLane {
         deadline: Option<Instant>,
     ) -> Result<Ran, ServiceError> {
         let model = self.slot.get()?;
+        let texts = texts.into_iter().map(|(i, text)| (i, text, Vec::new())).collect();
+        self.run_on(model, texts, tasks, normalize, truncate, deadline).await
+    }
+
+    /// [`Self::run`] on a model the caller already holds (it checked the request against it),
+    /// each text with its images' fusion positions (empty: none).
+    pub async fn run_on(
+        &self,
+        model: Arc<TextModel>,
+        texts: Vec<(usize, String, Vec<Tensor>)>,
+        tasks: Tasks,
+        normalize: bool,
+        truncate: bool,
+        deadline: Option<Instant>,
+    ) -> Result<Ran, ServiceError> {
         if tasks.entities && model.tagger.is_none() {
             return Err(ServiceError::Unimplemented("no entity tagger runs on this text model".into()));
+        }
+        if tasks.intent && model.intent.is_none() {
+            return Err(ServiceError::Unimplemented("no intent model runs on this text model".into()));
         }
         // Tokenising is CPU work: keep it off the async runtime and off the device thread.
         let t0 = Instant::now();
         let m = model.clone();
         let inputs = tokio::task::spawn_blocking(move || {
             texts
-                .iter()
-                .map(|(i, text)| Ok(TextInput { tokens: m.encoder.tokenize(*i, text, truncate)?, normalize, tasks }))
+                .into_iter()
+                .map(|(i, text, images)| {
+                    Ok(TextInput { tokens: m.encoder.tokenize(i, &text, truncate)?, normalize, tasks, images })
+                })
                 .collect::<Result<Vec<_>, ServiceError>>()
         })
         .await

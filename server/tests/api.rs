@@ -156,7 +156,7 @@ async fn health_reflection_and_metrics_answer() {
     let url = format!("http://{}", running.grpc_addr);
     let channel = tonic::transport::Channel::from_shared(url).unwrap().connect().await.unwrap();
     let mut health = HealthClient::new(channel.clone());
-    for service in ["", "concierge.v1.Embeddings"] {
+    for service in ["", "concierge.v1.Embeddings", "concierge.v1.Intents"] {
         let s = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
         assert_eq!(s.status, 1, "{service:?} is SERVING");
     }
@@ -168,7 +168,7 @@ async fn health_reflection_and_metrics_answer() {
     let list = stream.message().await.unwrap().unwrap().message_response.unwrap();
     let MessageResponse::ListServicesResponse(list) = list else { panic!("{list:?}") };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
-    for want in ["concierge.v1.Embeddings", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
+    for want in ["concierge.v1.Embeddings", "concierge.v1.Intents", "grpc.health.v1.Health", "grpc.reflection.v1.ServerReflection"] {
         assert!(names.contains(&want), "{names:?}");
     }
     let file = stream.message().await.unwrap().unwrap().message_response.unwrap();

@@ -122,10 +122,10 @@ async fn one_encoder_pass_serves_embeddings_and_entities() {
     let src = concierge_models::ModelSource::Dir(common::model_dir());
     let encoder = concierge_models::TextEncoder::load(&src, &dev, candle_core::DType::F32, None).unwrap();
     let tagger = concierge_models::BiLstmCrf::load(&common::repo_path("checkpoints/entities-en-atis"), &dev, candle_core::DType::F32).unwrap();
-    let model = TextModel { encoder, tagger: Some(tagger) };
+    let model = TextModel { encoder, tagger: Some(tagger), intent: None };
     let texts = ["flights from boston to denver", "where is my parcel", "fare from dallas to miami"];
-    let input = |i: usize, tasks| TextInput { tokens: model.encoder.tokenize(i, texts[i], false).unwrap(), normalize: true, tasks };
-    let both = Tasks { embed: true, entities: true };
+    let input = |i: usize, tasks| TextInput { tokens: model.encoder.tokenize(i, texts[i], false).unwrap(), normalize: true, tasks, images: Vec::new() };
+    let both = Tasks { embed: true, entities: true, intent: false };
     let batch = [input(0, both), input(1, Tasks::EMBED), input(2, Tasks::ENTITIES)];
     let out = model.run(&batch.iter().collect::<Vec<_>>()).unwrap();
     assert!(out[0].embedding.is_some() && out[0].entities.is_some());

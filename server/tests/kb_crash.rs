@@ -47,6 +47,7 @@ fn start(dir: &Path) -> (Child, String) {
             "--log-format=json".to_string(),
             "--no-image-model".to_string(),
             "--no-entity-model".to_string(),
+            "--no-intent-model".to_string(),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

@@ -3,6 +3,7 @@
 pub mod edge;
 pub mod embeddings;
 pub mod entities;
+pub mod intents;
 pub mod knowledge_base;
 
 use std::time::{Duration, Instant};

@@ -27,6 +27,9 @@ pub fn config(extra: &[&str]) -> Config {
     if !extra.iter().any(|a| a.starts_with("--entity-model-dir") || a.starts_with("--no-entity-model")) {
         args.push(format!("--entity-model-dir={}", repo_path("checkpoints/entities-en-atis").display()));
     }
+    if !extra.iter().any(|a| a.starts_with("--intent-model-dir") || a.starts_with("--no-intent-model")) {
+        args.push(format!("--intent-model-dir={}", repo_path("checkpoints/intents-en-clinc150").display()));
+    }
     if !extra.iter().any(|a| a.starts_with("--kb-dir")) {
         args.push(format!("--kb-dir={}", fresh_dir("kb").display()));
     }
