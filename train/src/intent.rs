@@ -90,10 +90,9 @@ pub struct TrainIntent {
     pub fusion_heads: usize,
     #[arg(long, default_value_t = 768)]
     pub fusion_ffn: usize,
-    /// Calibration without out-of-scope dev examples: the lowest threshold at which the answers
-    /// not handed off are right this often on the dev set.
-    #[arg(long, default_value_t = 0.97)]
-    pub target_precision: f64,
+    /// Handoff calibration on the dev set.
+    #[command(flatten)]
+    pub targets: Targets,
     /// Save the fine-tuned encoder layers in f32 instead of f16 (f16 halves the checkpoint;
     /// the model is rounded before it is scored, so every reported figure is of what is saved).
     #[arg(long = "branch-f32", action = clap::ArgAction::SetFalse)]
@@ -131,6 +130,12 @@ pub struct EvalIntent {
     pub threshold: Option<f32>,
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Calibrate the handoff threshold on this data (a validation split, never the test split)
+    /// and write it into the checkpoint's intent_config.json.
+    #[arg(long)]
+    pub calibrate: bool,
+    #[command(flatten)]
+    pub targets: Targets,
 }
 
 /// One labelled example.
@@ -635,13 +640,29 @@ pub fn score(probs: &[Vec<f32>], gold: &[u32], labels: &[String], threshold: f32
     }
 }
 
-/// The handoff threshold from dev predictions: with out-of-scope examples, the one maximising
-/// the mean of in-scope accuracy and out-of-scope recall (Larson et al.'s two figures, equally
-/// weighted); without, the lowest at which the answers kept reach `target_precision`.
-pub fn calibrate(probs: &[Vec<f32>], gold: &[u32], labels: &[String], target_precision: f64) -> f32 {
+/// What the handoff threshold is calibrated for.
+#[derive(Debug, Clone, Copy, PartialEq, Args)]
+pub struct Targets {
+    /// Without out-of-scope examples in the calibration data: the lowest threshold at which the
+    /// answers not handed off are right this often.
+    #[arg(long = "target-precision", default_value_t = 0.97)]
+    pub precision: f64,
+    /// With out-of-scope examples: the lowest threshold at which this share of them is handed
+    /// off (in-scope accuracy only falls as the threshold rises, so the lowest is the best).
+    #[arg(long = "target-oos-recall", default_value_t = 0.8)]
+    pub oos_recall: f64,
+}
+
+/// The handoff threshold from predictions on calibration data (see [`Targets`]); when no
+/// threshold reaches the target, the one with the best mean of in-scope accuracy and
+/// out-of-scope recall (with out-of-scope data) or 0.99 (without).
+pub fn calibrate(probs: &[Vec<f32>], gold: &[u32], labels: &[String], targets: Targets) -> f32 {
     let candidates: Vec<f32> = (0..=99).map(|i| i as f32 / 100.0).collect();
     let has_oos = gold.iter().any(|&g| is_out_of_scope_name(&labels[g as usize]));
     if has_oos {
+        if let Some(t) = candidates.iter().copied().find(|&t| score(probs, gold, labels, t).oos_recall >= targets.oos_recall) {
+            return t;
+        }
         let mut best = (f64::MIN, 0.0f32);
         for &t in &candidates {
             let s = score(probs, gold, labels, t);
@@ -655,7 +676,7 @@ pub fn calibrate(probs: &[Vec<f32>], gold: &[u32], labels: &[String], target_pre
         candidates
             .iter()
             .copied()
-            .find(|&t| score(probs, gold, labels, t).answered_precision >= target_precision)
+            .find(|&t| score(probs, gold, labels, t).answered_precision >= targets.precision)
             .unwrap_or(0.99)
     }
 }
@@ -849,7 +870,7 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
     let train_secs = t_start.elapsed().as_secs_f64();
 
     let dev_probs = predict(&model, &dev_data, &device)?;
-    let threshold = calibrate(&dev_probs, &dev_data.labels, &labels, args.target_precision);
+    let threshold = calibrate(&dev_probs, &dev_data.labels, &labels, args.targets);
     let dev_scores = score(&dev_probs, &dev_data.labels, &labels, threshold);
     eprintln!("best dev accuracy {:.2}% at epoch {best_epoch}; handoff threshold {threshold:.2}\ndev: {dev_scores}", best_acc * 100.0);
 
@@ -876,6 +897,7 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
         "seed": args.seed, "train_layers": args.train_layers, "hidden": args.hidden, "dropout": args.dropout,
         "epochs": args.epochs, "batch": args.batch, "lr": args.lr, "head_lr": args.head_lr,
         "weight_decay": args.weight_decay, "warmup": args.warmup, "branch_f16": args.branch_f16,
+        "target_precision": args.targets.precision, "target_oos_recall": args.targets.oos_recall,
         "best_epoch": best_epoch, "dev": &dev_scores, "train_seconds": train_secs, "log": log,
     });
     let mut config = IntentConfig {
@@ -1057,6 +1079,36 @@ pub fn eval(args: &EvalIntent) -> anyhow::Result<IntentScores> {
     let label_ids: HashMap<String, u32> = labels.iter().enumerate().map(|(i, l)| (l.clone(), i as u32)).collect();
     let fz = Featurizer { encoder, images, tap: 0, cache: HashMap::new() };
     let t0 = Instant::now();
+    if args.calibrate {
+        let probs = served_probs(&model, &fz, &examples)?;
+        let gold = examples
+            .iter()
+            .map(|e| label_ids.get(&e.label).copied().with_context(|| format!("label {:?} is not one the model knows", e.label)))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let threshold = calibrate(&probs, &gold, &labels, args.targets);
+        let path = args.model.join("intent_config.json");
+        let mut config: IntentConfig = serde_json::from_str(&std::fs::read_to_string(&path)?)
+            .with_context(|| format!("{} is not a concierge intent config (only those store a threshold)", path.display()))?;
+        config.handoff_threshold = threshold;
+        let note = serde_json::json!({
+            "data": args.data.display().to_string(), "split": args.split, "examples": examples.len(),
+            "target_precision": args.targets.precision, "target_oos_recall": args.targets.oos_recall, "threshold": threshold,
+        });
+        match config.training.as_mut().and_then(|t| t.as_object_mut()) {
+            Some(t) => {
+                // Test figures scored at the old threshold no longer describe the checkpoint.
+                if let Some(test) = t.remove("test") {
+                    t.insert("test_before_calibration".into(), test);
+                }
+                t.insert("calibration".into(), note);
+            }
+            None => config.training = Some(serde_json::json!({ "calibration": note })),
+        }
+        write_config(&args.model, &config)?;
+        let scores = score(&probs, &gold, &labels, threshold);
+        println!("calibrated on {} ({}): threshold {threshold:.2} written to {}\n{scores}", args.data.display(), args.split, path.display());
+        return Ok(scores);
+    }
     let scores = score_served(&model, &fz, &examples, &label_ids, &labels, args.threshold)?;
     println!("{} ({}): scored in {:.1} s\n{scores}", args.data.display(), args.split, t0.elapsed().as_secs_f64());
     Ok(scores)
@@ -1091,7 +1143,7 @@ mod tests {
         assert_eq!((s.in_scope, s.out_of_scope), (2, 2));
         assert_eq!(s.in_scope_accuracy, 1.0);
         assert_eq!(s.oos_recall, 1.0);
-        let t = calibrate(&probs, &gold, &labels, 0.9);
+        let t = calibrate(&probs, &gold, &labels, Targets { precision: 0.9, oos_recall: 0.8 });
         assert!(t > 0.45 && t <= 0.8, "{t}");
         let s0 = score(&probs, &gold, &labels, 0.0);
         assert_eq!(s0.oos_recall, 0.0);

@@ -17,7 +17,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use concierge_train::intent::{eval, train, DataFormat, EvalIntent, TrainIntent};
+use concierge_train::intent::{eval, train, DataFormat, EvalIntent, Targets, TrainIntent};
 use concierge_train::rng::Rng;
 
 fn repo(rel: &str) -> PathBuf {
@@ -87,6 +87,8 @@ fn banking77_subset_learns_and_the_checkpoint_serves_the_same() {
         image_model_dir: repo("model-store/open-nsfw"),
         threshold: None,
         limit: Some(300),
+        calibrate: false,
+        targets: Targets { precision: 0.97, oos_recall: 0.8 },
     })
     .unwrap();
     assert!(scores.accuracy > 0.9, "{scores}");
