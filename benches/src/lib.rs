@@ -96,3 +96,46 @@ pub fn read_csv_labelled(path: &Path, limit: usize) -> anyhow::Result<Vec<(Strin
         .take(limit)
         .collect())
 }
+
+/// Runs each named [`Tasks`](concierge_server::text::Tasks) pass of a text model over `texts` at
+/// batch 1 and 32 for `seconds` each (at least 3 batches) and prints inputs/s and batch latency
+/// percentiles, one row per pass and batch size.
+pub fn bench_text_passes(
+    model: &concierge_server::text::TextModel,
+    texts: &[String],
+    passes: &[(&str, concierge_server::text::Tasks)],
+    seconds: f64,
+) -> anyhow::Result<()> {
+    use concierge_engine::Backend;
+    use concierge_server::text::TextInput;
+    let w = passes.iter().map(|(n, _)| n.len()).max().unwrap_or(4).max(4);
+    println!("{:<w$} {:>6} {:>10} {:>9} {:>9} {:>9}", "pass", "batch", "inputs/s", "p50 ms", "p90 ms", "p99 ms");
+    for &(name, tasks) in passes {
+        for batch in [1usize, 32] {
+            let mut lat = Vec::new();
+            let (mut done, mut k) = (0usize, 0usize);
+            let start = std::time::Instant::now();
+            while start.elapsed().as_secs_f64() < seconds || lat.len() < 3 {
+                let inputs: Vec<TextInput> = (0..batch)
+                    .map(|i| {
+                        let t = &texts[(k + i) % texts.len()];
+                        Ok(TextInput { tokens: model.encoder.tokenize(i, t, true)?, normalize: true, tasks, images: Vec::new() })
+                    })
+                    .collect::<anyhow::Result<_>>()?;
+                k += batch;
+                let t0 = std::time::Instant::now();
+                let out = model.run(&inputs.iter().collect::<Vec<_>>()).map_err(anyhow::Error::msg)?;
+                lat.push(t0.elapsed());
+                done += out.len();
+            }
+            let secs = start.elapsed().as_secs_f64();
+            lat.sort();
+            println!(
+                "{:<w$} {:>6} {:>10.1} {:>9} {:>9} {:>9}",
+                name, batch, done as f64 / secs,
+                fmt_ms(percentile(&lat, 50.0)), fmt_ms(percentile(&lat, 90.0)), fmt_ms(percentile(&lat, 99.0))
+            );
+        }
+    }
+    Ok(())
+}
