@@ -149,13 +149,17 @@ impl BertLayers {
     /// Runs the layers over packed states `[T, H]` (`lens` sum to T).
     pub fn forward(&self, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
         if x.device().is_cpu() {
-            return concierge_kernels::on_cpu_pool(|| self.forward_inner(x.clone(), lens, None).map(|(x, _)| x));
+            return concierge_kernels::on_cpu_pool(|| self.forward_inner(x.clone(), lens, None, false).map(|(x, _)| x));
         }
-        self.forward_inner(x.clone(), lens, None).map(|(x, _)| x)
+        self.forward_inner(x.clone(), lens, None, false).map(|(x, _)| x)
     }
 
-    /// Runs the layers; with `tap = Some(n)` also returns the states after the first `n` of them.
-    fn forward_inner(&self, mut x: Tensor, lens: &[usize], tap: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
+    /// Runs the layers; with `tap = Some(n)` also returns the states after the first `n` of them,
+    /// and with `stop` runs no further (both results are then those states).
+    fn forward_inner(&self, mut x: Tensor, lens: &[usize], tap: Option<usize>, stop: bool) -> Result<(Tensor, Option<Tensor>)> {
+        if stop && tap == Some(0) {
+            return Ok((x.clone(), Some(x)));
+        }
         let attention = Attention::new(lens, self.heads, x.device(), x.dtype())?;
         let mut tapped = (tap == Some(0)).then(|| x.clone());
         for (n, layer) in self.layers.iter().enumerate() {
@@ -167,6 +171,9 @@ impl BertLayers {
             let o = layer.out.forward(&i, None, Some(&x))?;
             x = layer.out_ln.forward(&o)?;
             if tap == Some(n + 1) {
+                if stop {
+                    return Ok((x.clone(), Some(x)));
+                }
                 tapped = Some(x.clone());
             }
         }
@@ -241,15 +248,25 @@ impl BertEncoder {
     /// The last layer's states and, with `tap = Some(n)`, also the states after layer `n`
     /// (`0`: the embeddings), for a head that continues from there with its own top layers.
     pub fn forward_tapped(&self, batch: &PackedBatch, tap: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
+        self.run(batch, tap, false)
+    }
+
+    /// The states after layer `n` only (`0`: the embeddings): the layers above are not run. For a
+    /// batch whose only reader is a head that branches there.
+    pub fn forward_until(&self, batch: &PackedBatch, n: usize) -> Result<Tensor> {
+        self.run(batch, Some(n), true).map(|(x, _)| x)
+    }
+
+    fn run(&self, batch: &PackedBatch, tap: Option<usize>, stop: bool) -> Result<(Tensor, Option<Tensor>)> {
         let _enter = self.span.enter();
         if self.device().is_cpu() {
             // The CPU kernels split every op over rayon's pool: run the pass on it.
-            return concierge_kernels::on_cpu_pool(|| self.forward_inner(batch, tap));
+            return concierge_kernels::on_cpu_pool(|| self.forward_inner(batch, tap, stop));
         }
-        self.forward_inner(batch, tap)
+        self.forward_inner(batch, tap, stop)
     }
 
-    fn forward_inner(&self, batch: &PackedBatch, tap: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
+    fn forward_inner(&self, batch: &PackedBatch, tap: Option<usize>, stop: bool) -> Result<(Tensor, Option<Tensor>)> {
         let dev = self.device();
         let total: usize = batch.lens.iter().sum();
         if total != batch.ids.len() || total != batch.type_ids.len() || batch.lens.contains(&0) {
@@ -273,7 +290,7 @@ impl BertEncoder {
                 .add(&self.token_type.index_select(&types, 0)?)?
         };
         let x = self.emb_ln.forward(&x)?;
-        self.layers.forward_inner(x, batch.lens, tap)
+        self.layers.forward_inner(x, batch.lens, tap, stop)
     }
 }
 

@@ -162,6 +162,16 @@ impl TextEncoder {
         Ok((TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens }, tapped))
     }
 
+    /// The states after layer `n` alone (the layers above are skipped), in the encoder's dtype:
+    /// for a batch whose only reader is a head branching at `n`.
+    pub fn token_states_until(&self, inputs: &[&TokenizedText], n: usize) -> Result<TokenStates> {
+        let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
+        let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
+        let type_ids: Vec<u32> = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
+        let hidden = self.bert.forward_until(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens }, n)?;
+        Ok(TokenStates { hidden, lens })
+    }
+
     /// Number of transformer layers (what a branch's `tap` counts).
     pub fn num_layers(&self) -> usize {
         self.bert.num_layers()

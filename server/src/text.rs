@@ -86,9 +86,18 @@ impl Backend for TextModel {
             true => None,
             false => Some(self.intent.as_ref().ok_or("this text model has no intent head")?),
         };
-        // One pass; a head with its own top layers also gets the states it branches from.
+        // One pass; a head with its own top layers also gets the states it branches from. When
+        // that head is the batch's only reader, the encoder stops at the branch.
         let tap = intent.and_then(|h| h.model.tap());
-        let (states, tapped) = self.encoder.token_states_tapped(&tokens, tap).map_err(|e| e.to_string())?;
+        let only_intents = batch.iter().all(|i| !i.tasks.embed && !i.tasks.entities);
+        let (states, tapped) = match tap {
+            Some(n) if only_intents => {
+                let s = self.encoder.token_states_until(&tokens, n).map_err(|e| e.to_string())?;
+                let t = s.hidden.clone();
+                (s, Some(t))
+            }
+            _ => self.encoder.token_states_tapped(&tokens, tap).map_err(|e| e.to_string())?,
+        };
         let mut out = vec![TextOutput::default(); batch.len()];
 
         let embed: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.embed).collect();
