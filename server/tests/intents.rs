@@ -446,3 +446,17 @@ mod sharing {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_banking77_model_is_one_flag_away() {
+    let dir = common::repo_path("checkpoints/intents-en-banking77");
+    let running = common::serve(&[&format!("--intent-model-dir={}", dir.display())]).await;
+    let mut client = connect(&running).await;
+    let resp = classify(&mut client, texts(&BANKING77.iter().map(|(t, _)| *t).collect::<Vec<_>>())).await;
+    for ((text, label), r) in BANKING77.iter().zip(&resp.results) {
+        assert_eq!(&r.intents[0].label, label, "{text:?}: {:?}", r.intents);
+    }
+    let model = resp.model.unwrap();
+    assert_eq!(model.id, "intents-en-banking77");
+    assert_eq!(resp.handoff_threshold, intent_config(&dir)["handoff_threshold"].as_f64().unwrap() as f32);
+}
