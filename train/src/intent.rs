@@ -918,7 +918,7 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
     // The checkpoint as served (fused kernels on packed batches) must give the trained
     // model's probabilities: checked on the dev set, recorded in the summary.
     let served = IntentModel::load(&args.out, &device)?;
-    let served_dev = served_probs(&served, &fz, &dev_set)?;
+    let served_dev = served_probs(&served, &mut fz, &dev_set)?;
     let parity = served_dev
         .iter()
         .zip(&dev_probs)
@@ -933,7 +933,7 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
     // The test split is scored through the serving path (the saved checkpoint as served).
     let mut outcome = TrainOutcome { dev: dev_scores.clone(), test: None, served_vs_trained_max_diff: parity };
     if let Some(test) = &test_set {
-        let test_scores = score_served(&served, &fz, test, &label_ids, &labels, None)?;
+        let test_scores = score_served(&served, &mut fz, test, &label_ids, &labels, None)?;
         println!("test: {test_scores}");
         summary["test"] = serde_json::to_value(&test_scores)?;
         outcome.test = Some(test_scores);
@@ -1006,7 +1006,7 @@ fn restore(varmap: &VarMap, best: &[(String, Tensor)]) -> anyhow::Result<()> {
 /// branch, fusion and head, exactly as the server runs them.
 fn score_served(
     model: &IntentModel,
-    fz: &Featurizer,
+    fz: &mut Featurizer,
     examples: &[Example],
     label_ids: &HashMap<String, u32>,
     labels: &[String],
@@ -1020,31 +1020,21 @@ fn score_served(
     Ok(score(&probs, &gold, labels, threshold.unwrap_or(model.config().handoff_threshold)))
 }
 
-fn served_probs(model: &IntentModel, fz: &Featurizer, examples: &[Example]) -> anyhow::Result<Vec<Vec<f32>>> {
+fn served_probs(model: &IntentModel, fz: &mut Featurizer, examples: &[Example]) -> anyhow::Result<Vec<Vec<f32>>> {
     let tokens = fz.tokenize(examples)?;
     let mut probs = Vec::with_capacity(examples.len());
-    let mut cache = HashMap::new();
     for (chunk_i, chunk) in tokens.chunks(64).enumerate() {
         let batch: Vec<&TokenizedText> = chunk.iter().collect();
         let (last, tapped) = fz.encoder.token_states_tapped(&batch, model.tap())?;
         let states = tapped.unwrap_or(last.hidden);
         let mut images = Vec::with_capacity(chunk.len());
         for e in &examples[chunk_i * 64..chunk_i * 64 + chunk.len()] {
-            images.push(if e.images.is_empty() {
-                None
-            } else {
-                let mut parts = Vec::new();
-                for p in &e.images {
-                    if !cache.contains_key(p) {
-                        let enc = fz.images.as_ref().context("examples have images but no image encoder is loaded")?;
-                        let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-                        let input = enc.prepare(0, &bytes, &ImageLimits::default()).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-                        let f = enc.features(&[&input])?;
-                        cache.insert(p.clone(), CrossAttentionFusion::positions(&f.get(0)?)?);
-                    }
-                    parts.push(cache[p].clone());
+            images.push(match e.images.is_empty() {
+                true => None,
+                false => {
+                    let parts = e.images.iter().map(|p| fz.image_positions(p)).collect::<anyhow::Result<Vec<_>>>()?;
+                    Some(Tensor::cat(&parts, 0)?)
                 }
-                Some(Tensor::cat(&parts, 0)?)
             });
         }
         let logits = model.logits(&states, &last.lens, &images)?;
@@ -1077,10 +1067,10 @@ pub fn eval(args: &EvalIntent) -> anyhow::Result<IntentScores> {
     };
     let labels = model.labels().to_vec();
     let label_ids: HashMap<String, u32> = labels.iter().enumerate().map(|(i, l)| (l.clone(), i as u32)).collect();
-    let fz = Featurizer { encoder, images, tap: 0, cache: HashMap::new() };
+    let mut fz = Featurizer { encoder, images, tap: 0, cache: HashMap::new() };
     let t0 = Instant::now();
     if args.calibrate {
-        let probs = served_probs(&model, &fz, &examples)?;
+        let probs = served_probs(&model, &mut fz, &examples)?;
         let gold = examples
             .iter()
             .map(|e| label_ids.get(&e.label).copied().with_context(|| format!("label {:?} is not one the model knows", e.label)))
@@ -1109,7 +1099,7 @@ pub fn eval(args: &EvalIntent) -> anyhow::Result<IntentScores> {
         println!("calibrated on {} ({}): threshold {threshold:.2} written to {}\n{scores}", args.data.display(), args.split, path.display());
         return Ok(scores);
     }
-    let scores = score_served(&model, &fz, &examples, &label_ids, &labels, args.threshold)?;
+    let scores = score_served(&model, &mut fz, &examples, &label_ids, &labels, args.threshold)?;
     println!("{} ({}): scored in {:.1} s\n{scores}", args.data.display(), args.split, t0.elapsed().as_secs_f64());
     Ok(scores)
 }
