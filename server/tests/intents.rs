@@ -458,5 +458,8 @@ async fn the_banking77_model_is_one_flag_away() {
     }
     let model = resp.model.unwrap();
     assert_eq!(model.id, "intents-en-banking77");
+    let (_, metrics) = common::http_get(running.metrics_addr, "/metrics").await;
+    assert!(metrics.contains("concierge_intent_answers_total{handoff=\"false\"}"), "{metrics}");
+    assert!(metrics.contains("concierge_intent_top_score"), "{metrics}");
     assert_eq!(resp.handoff_threshold, intent_config(&dir)["handoff_threshold"].as_f64().unwrap() as f32);
 }

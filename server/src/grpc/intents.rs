@@ -94,6 +94,11 @@ impl IntentsService {
             .iter()
             .map(|p| {
                 let r = head.model.rank(p, top_k, Some(threshold));
+                // What operators watch for drift: the share handed off and the top confidence.
+                metrics::counter!("concierge_intent_answers_total", "handoff" => if r.handoff { "true" } else { "false" }).increment(1);
+                if let Some(best) = r.intents.first() {
+                    metrics::histogram!("concierge_intent_top_score").record(best.score as f64);
+                }
                 QueryIntents {
                     intents: r.intents.into_iter().map(|s| IntentScore { label: s.label, score: s.score }).collect(),
                     handoff: r.handoff,
