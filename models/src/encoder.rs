@@ -52,7 +52,8 @@ struct SentenceBertConfig {
     max_seq_length: Option<usize>,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
+/// A JSON file of a checkpoint, or a `BadFile` error saying what was expected.
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
     serde_json::from_str(&text).map_err(|e| ModelError::BadFile {

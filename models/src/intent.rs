@@ -23,6 +23,7 @@ use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
 use crate::bert::{BertLayers, Config as BertConfig};
+use crate::encoder::read_json;
 use crate::error::{ModelError, Result};
 use crate::fusion::{CrossAttentionFusion, FusionConfig};
 
@@ -124,13 +125,6 @@ struct HfLabels {
     hidden_size: usize,
 }
 
-fn read_json<T: serde::de::DeserializeOwned>(path: &Path, what: &str) -> Result<T> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: e.to_string() })?;
-    serde_json::from_str(&text)
-        .map_err(|e| ModelError::BadFile { path: path.to_owned(), reason: format!("expected {what}: {e}") })
-}
-
 impl IntentModel {
     /// Which format `dir` holds, if either.
     pub fn detect(dir: &Path) -> Option<IntentFormat> {
@@ -225,18 +219,15 @@ impl IntentModel {
         let vb = Self::weights(dir, device)?;
         let root = if vb.contains_tensor("bert.pooler.dense.weight") { vb.pp("bert") } else { vb.clone() };
         let h = hf.hidden_size;
-        let missing = |e: candle_core::Error| ModelError::BadFile {
-            path: dir.join("model.safetensors"),
-            reason: format!("not a BertForSequenceClassification checkpoint (pooler.dense and classifier expected): {e}"),
+        let missing = |e: ModelError| match e {
+            ModelError::Candle(c) => ModelError::BadFile {
+                path: dir.join("model.safetensors"),
+                reason: format!("not a BertForSequenceClassification checkpoint (pooler.dense and classifier expected): {c}"),
+            },
+            other => other,
         };
-        let pooler = DenseLayer::load(&root.pp("pooler.dense"), h, h).map_err(|e| match e {
-            ModelError::Candle(c) => missing(c),
-            o => o,
-        })?;
-        let out = DenseLayer::load(&vb.pp("classifier"), h, labels.len()).map_err(|e| match e {
-            ModelError::Candle(c) => missing(c),
-            o => o,
-        })?;
+        let pooler = DenseLayer::load(&root.pp("pooler.dense"), h, h).map_err(missing)?;
+        let out = DenseLayer::load(&vb.pp("classifier"), h, labels.len()).map_err(missing)?;
         let oos = labels.iter().filter(|l| is_out_of_scope_name(l)).cloned().collect();
         let config = IntentConfig {
             labels,
