@@ -15,6 +15,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/concierge/v1/knowledge_base.proto",
         "proto/concierge/v1/entities.proto",
         "proto/concierge/v1/intents.proto",
+        "proto/concierge/v1/models.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("concierge_descriptor.bin"))

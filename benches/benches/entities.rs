@@ -27,6 +27,8 @@ fn main() -> anyhow::Result<()> {
     let encoder = TextEncoder::load(&ModelSource::Dir(default_model_dir()), &dev, DType::F32, None)?;
     let tagger_dir = args.tagger_dir.clone().unwrap_or_else(|| root.join("checkpoints/entities-en-atis"));
     let tagger = BiLstmCrf::load(&tagger_dir, &dev, DType::F32)?;
+    let encoder = concierge_server::registry::Version::wrap("bench", "bench", 0, encoder);
+    let tagger = concierge_server::registry::Version::wrap("tagger", "tagger", 0, concierge_server::registry::Tagger { model: tagger, reads: None });
     let model = TextModel { encoder, tagger: Some(tagger), intent: None };
     let atis = root.join("model-store/data/atis/test");
     let texts: Vec<String> = match concierge_models::sequence::data::read_atis(&atis) {

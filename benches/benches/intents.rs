@@ -11,6 +11,7 @@ use concierge_benches::{bench_text_passes, default_model_dir};
 use concierge_models::intent::IntentModel;
 use concierge_models::{BiLstmCrf, ModelInfo, ModelSource, TextEncoder};
 use concierge_server::text::{IntentHead, Tasks, TextModel};
+use concierge_server::registry::{Tagger, Version};
 
 #[derive(Parser)]
 struct Args {
@@ -34,7 +35,11 @@ fn main() -> anyhow::Result<()> {
     let info = ModelInfo { id: "bench".into(), version: String::new(), dimension: 0, max_input_tokens: 0 };
     let tagger = BiLstmCrf::load(&root.join("checkpoints/entities-en-atis"), &dev, DType::F32)?;
     let labels = model.labels().len();
-    let model = TextModel { encoder, tagger: Some(tagger), intent: Some(IntentHead { model, info, no_images: None }) };
+    let _ = info;
+    let encoder = Version::wrap("bench", "bench", 0, encoder);
+    let tagger = Version::wrap("tagger", "tagger", 0, Tagger { model: tagger, reads: None });
+    let head = IntentHead { model, reads: None, fuses_with: None, no_images: None };
+    let model = TextModel { encoder, tagger: Some(tagger), intent: Some(Version::wrap("bench", "bench", labels, head)) };
     let clinc = root.join("../shared/data/clinc150/data_full.json");
     let texts: Vec<String> = match std::fs::read_to_string(&clinc).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
         Some(v) => v["test"].as_array().map(|a| a.iter().filter_map(|i| i[0].as_str().map(String::from)).collect()).unwrap_or_default(),

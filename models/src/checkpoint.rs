@@ -379,6 +379,23 @@ impl HubFiles {
     }
 }
 
+/// The folder holding `required` (each named with what it should be, for the error) and those of
+/// `optional` that exist, of a Hub repository at a revision: the cache's snapshot folder, from the
+/// network or, with HF_HUB_OFFLINE, from the cache alone. For checkpoints loaded from a folder
+/// (intent models, taggers) that come from the Hub.
+pub fn hub_folder(repo_id: &str, revision: &str, required: &[(&str, &str)], optional: &[&str]) -> Result<PathBuf> {
+    let hub = HubFiles::new(repo_id, revision, None);
+    let mut folder = None;
+    for (file, what) in required {
+        let path = hub.need(file, what)?;
+        folder.get_or_insert_with(|| path.parent().map(Path::to_path_buf).unwrap_or_default());
+    }
+    for file in optional {
+        hub.get(file)?;
+    }
+    folder.ok_or_else(|| hub.err("", "no files were asked for".into()))
+}
+
 fn resolve_hub(repo_id: &str, revision: &str) -> Result<TextCheckpoint> {
     resolve_hub_in(repo_id, revision, None)
 }

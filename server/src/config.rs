@@ -7,8 +7,38 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "concierge", version, about = "concierge: intent, entities, embeddings and knowledge-base search over gRPC")]
+#[command(
+    name = "concierge",
+    version,
+    about = "concierge: intent, entities, embeddings and knowledge-base search over gRPC",
+    args_override_self = true
+)]
 pub struct Config {
+    /// A TOML file of settings: any flag by its long name (`max_batch_size = 64`), and a
+    /// `[models.<slot>]` table per model slot (see the README's MLOps section). Flags on the
+    /// command line override the file; the file overrides environment variables.
+    #[arg(long, env = "CONCIERGE_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// The admin token: `concierge.v1.Models` calls must bear `authorization: Bearer <token>`.
+    /// Unset (and no --admin-token-file): the admin API refuses every call.
+    #[arg(long, env = "CONCIERGE_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// A file holding the admin token (first line), so it is not on the command line.
+    #[arg(long, env = "CONCIERGE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+
+    /// Version label of a slot's start-up checkpoint, `SLOT=LABEL` (repeatable, or
+    /// comma-separated); it is stamped on every answer. Default: the weights' content hash (or
+    /// Hub commit). Slots: text-encoder, image-encoder, intent, tagger, query-tower, document-tower.
+    #[arg(long = "version-label", env = "CONCIERGE_VERSION_LABELS", value_delimiter = ',')]
+    pub version_labels: Vec<String>,
+
+    /// Candidates to load after start-up (from the config file's `[models.<slot>.candidate]`).
+    #[arg(skip)]
+    pub candidates: Vec<StartCandidate>,
+
     /// Address the gRPC server listens on.
     #[arg(long, env = "CONCIERGE_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
@@ -187,6 +217,15 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// A candidate named in the config file: loaded once the server is up, then given its share.
+#[derive(Debug, Clone)]
+pub struct StartCandidate {
+    pub slot: String,
+    pub source: concierge_models::ModelSource,
+    pub version: String,
+    pub traffic_percent: f32,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum DTypeArg {
     F32,
@@ -211,6 +250,48 @@ impl DTypeArg {
 }
 
 impl Config {
+    /// Parses the command line (and the environment), with the `--config` file's settings
+    /// under the command line's.
+    pub fn from_args_and_file() -> anyhow::Result<Config> {
+        Self::parse_from_with_file(std::env::args_os().collect())
+    }
+
+    /// [`Self::from_args_and_file`] for the given arguments (the first is the program name).
+    pub fn parse_from_with_file(args: Vec<std::ffi::OsString>) -> anyhow::Result<Config> {
+        let first = Config::try_parse_from(&args)?;
+        let Some(path) = first.config.clone() else { return Ok(first) };
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("cannot read --config {}: {e}", path.display()))?;
+        let (file_args, candidates) =
+            file_settings(&text).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+        let mut all = vec![args.first().cloned().unwrap_or_else(|| "concierge".into())];
+        all.extend(file_args.into_iter().map(Into::into));
+        all.extend(args.into_iter().skip(1));
+        let mut config = Config::try_parse_from(all).map_err(|e| anyhow::anyhow!("--config {}: {e}", path.display()))?;
+        config.candidates = candidates;
+        Ok(config)
+    }
+
+    /// The start-up version label of `slot`, if one is set.
+    pub fn version_label(&self, slot: &str) -> Option<&str> {
+        self.version_labels.iter().filter_map(|s| s.split_once('=')).find(|(k, _)| k.trim() == slot).map(|(_, v)| v.trim())
+    }
+
+    /// The admin token, from --admin-token or the first line of --admin-token-file.
+    pub fn admin_token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(t) = &self.admin_token {
+            return Ok(Some(t.trim().to_string()).filter(|t| !t.is_empty()));
+        }
+        match &self.admin_token_file {
+            None => Ok(None),
+            Some(p) => {
+                let s = std::fs::read_to_string(p).map_err(|e| anyhow::anyhow!("cannot read --admin-token-file {}: {e}", p.display()))?;
+                let t = s.lines().next().unwrap_or("").trim().to_string();
+                anyhow::ensure!(!t.is_empty(), "--admin-token-file {} is empty", p.display());
+                Ok(Some(t))
+            }
+        }
+    }
+
     /// Where the text model comes from.
     pub fn model_source(&self) -> concierge_models::ModelSource {
         match &self.model_id {
@@ -273,9 +354,157 @@ impl Config {
         anyhow::ensure!(self.image_decode_threads() > 0, "--image-decode-threads must be at least 1");
         anyhow::ensure!((0.0..=1.0).contains(&self.image_moderation_threshold),
             "--image-moderation-threshold must be a probability in [0, 1], got {}", self.image_moderation_threshold);
+        for l in &self.version_labels {
+            let (slot, label) = l.split_once('=').ok_or_else(|| anyhow::anyhow!("--version-label {l:?}: expected SLOT=LABEL"))?;
+            anyhow::ensure!(SLOTS.contains(&slot.trim()), "--version-label {l:?}: no slot is called {slot:?}; the slots are {}", SLOTS.join(", "));
+            anyhow::ensure!(!label.trim().is_empty(), "--version-label {l:?}: the label is empty");
+        }
         if let Some(m) = self.max_input_tokens {
             anyhow::ensure!(m >= 2, "--max-input-tokens must leave room for the special tokens (at least 2)");
         }
         Ok(())
+    }
+}
+
+/// The model slots, as the config file and --version-label name them.
+const SLOTS: [&str; 6] = ["text-encoder", "image-encoder", "intent", "tagger", "query-tower", "document-tower"];
+
+/// A config file's settings as command-line arguments, and its candidates. Top-level keys are
+/// flags by long name (`true` turns a switch on, arrays repeat the flag); `[models.<slot>]`
+/// tables give each slot's `dir` (or `hub` + `revision` where the slot takes a Hub repo),
+/// `version` (its label), `enabled = false` (serve without it), and an optional `candidate`
+/// table (`dir`/`hub`/`revision`, `version`, `traffic_percent`).
+fn file_settings(text: &str) -> anyhow::Result<(Vec<String>, Vec<StartCandidate>)> {
+    let table: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("not valid TOML: {e}"))?;
+    let mut args = Vec::new();
+    let mut candidates = Vec::new();
+    let scalar = |key: &str, v: &toml::Value| -> anyhow::Result<String> {
+        Ok(match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            other => anyhow::bail!("{key}: expected a string or a number, got {other}"),
+        })
+    };
+    for (key, value) in &table {
+        if key == "models" {
+            continue;
+        }
+        anyhow::ensure!(key != "config", "a config file cannot name another (config = ...)");
+        let flag = format!("--{}", key.replace('_', "-"));
+        match value {
+            toml::Value::Boolean(true) => args.push(flag),
+            toml::Value::Boolean(false) => {}
+            toml::Value::Array(items) => {
+                for item in items {
+                    args.push(flag.clone());
+                    args.push(scalar(key, item)?);
+                }
+            }
+            toml::Value::Table(_) => anyhow::bail!("{key}: unexpected table; only [models.<slot>] tables are known"),
+            v => {
+                args.push(flag);
+                args.push(scalar(key, v)?);
+            }
+        }
+    }
+    let Some(models) = table.get("models") else { return Ok((args, candidates)) };
+    let models = models.as_table().ok_or_else(|| anyhow::anyhow!("models: expected [models.<slot>] tables"))?;
+    for (slot, entry) in models {
+        anyhow::ensure!(SLOTS.contains(&slot.as_str()), "[models.{slot}]: no slot is called {slot:?}; the slots are {}", SLOTS.join(", "));
+        let entry = entry.as_table().ok_or_else(|| anyhow::anyhow!("models.{slot}: expected a table"))?;
+        let (dir_flag, hub_flag, rev_flag, off_flag) = match slot.as_str() {
+            "text-encoder" => ("--model-dir", Some("--model-id"), Some("--revision"), None),
+            "image-encoder" => ("--image-model-dir", Some("--image-model-id"), Some("--image-revision"), Some("--no-image-model")),
+            "intent" => ("--intent-model-dir", None, None, Some("--no-intent-model")),
+            "tagger" => ("--entity-model-dir", None, None, Some("--no-entity-model")),
+            "query-tower" => ("--query-model-dir", None, None, None),
+            _ => ("--document-model-dir", None, None, None),
+        };
+        for (k, v) in entry {
+            let s = |v: &toml::Value| scalar(&format!("models.{slot}.{k}"), v);
+            match k.as_str() {
+                "dir" => args.extend([dir_flag.to_string(), s(v)?]),
+                "hub" | "revision" => {
+                    let flag = if k == "hub" { hub_flag } else { rev_flag };
+                    let flag = flag.ok_or_else(|| {
+                        anyhow::anyhow!("models.{slot}.{k}: the {slot} slot starts from a folder (dir = ...); load a Hub checkpoint into it with the admin API's Load")
+                    })?;
+                    args.extend([flag.to_string(), s(v)?]);
+                }
+                "version" => args.extend(["--version-label".to_string(), format!("{slot}={}", s(v)?)]),
+                "enabled" => match (v.as_bool(), off_flag) {
+                    (Some(true), _) => {}
+                    (Some(false), Some(off)) => args.push(off.to_string()),
+                    (Some(false), None) => anyhow::bail!("models.{slot}.enabled: the {slot} slot cannot be turned off"),
+                    (None, _) => anyhow::bail!("models.{slot}.enabled: expected true or false"),
+                },
+                "candidate" => {
+                    let c = v.as_table().ok_or_else(|| anyhow::anyhow!("models.{slot}.candidate: expected a table"))?;
+                    let get = |name: &str| c.get(name).map(|v| scalar(&format!("models.{slot}.candidate.{name}"), v)).transpose();
+                    let source = match (get("dir")?, get("hub")?) {
+                        (Some(d), None) => concierge_models::ModelSource::Dir(d.into()),
+                        (None, Some(repo)) => concierge_models::ModelSource::Hub { repo, revision: get("revision")?.unwrap_or_else(|| "main".into()) },
+                        _ => anyhow::bail!("models.{slot}.candidate: give exactly one of dir or hub"),
+                    };
+                    let version = get("version")?.ok_or_else(|| anyhow::anyhow!("models.{slot}.candidate.version: a candidate needs a version label"))?;
+                    let traffic_percent: f32 = get("traffic_percent")?.map(|p| p.parse()).transpose()
+                        .map_err(|e| anyhow::anyhow!("models.{slot}.candidate.traffic_percent: {e}"))?.unwrap_or(0.0);
+                    anyhow::ensure!((0.0..=100.0).contains(&traffic_percent), "models.{slot}.candidate.traffic_percent must be in 0..100");
+                    candidates.push(StartCandidate { slot: slot.clone(), source, version, traffic_percent });
+                }
+                other => anyhow::bail!("models.{slot}.{other}: unknown key; expected dir, hub, revision, version, enabled or candidate"),
+            }
+        }
+    }
+    Ok((args, candidates))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_sets_flags_under_the_command_line() {
+        let dir = std::env::temp_dir().join(format!("concierge-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("concierge.toml");
+        std::fs::write(
+            &path,
+            r#"
+max_batch_size = 7
+no_image_model = true
+[models.text-encoder]
+dir = "some/model"
+version = "enc-v1"
+[models.intent]
+dir = "some/intents"
+version = "int-v1"
+[models.intent.candidate]
+dir = "some/intents-v2"
+version = "int-v2"
+traffic_percent = 10
+"#,
+        )
+        .unwrap();
+        let args = |extra: &[&str]| {
+            let mut a: Vec<std::ffi::OsString> = vec!["concierge".into(), "--config".into(), path.clone().into()];
+            a.extend(extra.iter().map(Into::into));
+            Config::parse_from_with_file(a).unwrap()
+        };
+        let c = args(&[]);
+        assert_eq!(c.max_batch_size, 7);
+        assert!(c.no_image_model);
+        assert_eq!(c.model_dir, PathBuf::from("some/model"));
+        assert_eq!(c.version_label("text-encoder"), Some("enc-v1"));
+        assert_eq!(c.version_label("intent"), Some("int-v1"));
+        assert_eq!(c.candidates.len(), 1);
+        assert_eq!((c.candidates[0].slot.as_str(), c.candidates[0].version.as_str(), c.candidates[0].traffic_percent), ("intent", "int-v2", 10.0));
+        let c = args(&["--max-batch-size", "9"]);
+        assert_eq!(c.max_batch_size, 9, "the command line overrides the file");
+        std::fs::write(&path, "[models.intnet]\ndir = \"x\"\n").unwrap();
+        let e = Config::parse_from_with_file(vec!["concierge".into(), "--config".into(), path.clone().into()]).unwrap_err();
+        assert!(e.to_string().contains("no slot is called \"intnet\""), "{e}");
+        std::fs::remove_dir_all(&dir).ok();
     }
 }

@@ -18,6 +18,15 @@ pub enum ServiceError {
     NotFound(String),
     #[error("{0}")]
     AlreadyExists(String),
+    /// The operation does not fit the state (promote without a candidate).
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// An admin call without credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// An admin call with the wrong credentials, or to a server without an admin token.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// Not ready (model loading) or shutting down: retry elsewhere or later.
     #[error("{0}")]
     Unavailable(String),
@@ -56,6 +65,9 @@ impl ServiceError {
             ServiceError::DeadlineExceeded(_) => Code::DeadlineExceeded,
             ServiceError::NotFound(_) => Code::NotFound,
             ServiceError::AlreadyExists(_) => Code::AlreadyExists,
+            ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
+            ServiceError::Unauthenticated(_) => Code::Unauthenticated,
+            ServiceError::PermissionDenied(_) => Code::PermissionDenied,
             ServiceError::Unavailable(_) => Code::Unavailable,
             ServiceError::Unimplemented(_) => Code::Unimplemented,
             ServiceError::Internal(_) => Code::Internal,

@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 
 use crate::error::ServiceError;
 use crate::grpc::{answers, with_deadline};
-use crate::registry::ModelSlot;
+use crate::registry::Version;
 
 pub struct ImageInput {
     /// `3 x H x W`, preprocessed as the model's config says.
@@ -30,11 +30,10 @@ pub struct ImageOutput {
     pub positions: Option<Tensor>,
 }
 
-pub struct ImageModel {
-    pub encoder: ImageEncoder,
-}
+/// An image encoder version: what the image lane runs (batches never mix versions).
+pub type ImageModel = Version<ImageEncoder>;
 
-impl Backend for ImageModel {
+impl Backend for Version<ImageEncoder> {
     type Input = ImageInput;
     type Output = ImageOutput;
 
@@ -49,7 +48,7 @@ impl Backend for ImageModel {
         if !want_embedding.is_empty() {
             let pixels: Vec<&[f32]> = want_embedding.iter().map(|&i| batch[i].pixels.as_slice()).collect();
             let normalize: Vec<bool> = want_embedding.iter().map(|&i| batch[i].normalize).collect();
-            let embedded = self.encoder.embed(&pixels, &normalize).map_err(|e| e.to_string())?;
+            let embedded = self.loaded.embed(&pixels, &normalize).map_err(|e| e.to_string())?;
             for (&i, e) in want_embedding.iter().zip(embedded) {
                 out[i].embedding = Some(e);
             }
@@ -57,7 +56,7 @@ impl Backend for ImageModel {
         if !want_features.is_empty() {
             let pixels: Vec<&[f32]> = want_features.iter().map(|&i| batch[i].pixels.as_slice()).collect();
             let positions = self
-                .encoder
+                .loaded
                 .features(&pixels)
                 .and_then(|f| CrossAttentionFusion::positions(&f))
                 .map_err(|e| e.to_string())?;
@@ -78,9 +77,8 @@ pub struct EncodedImage {
     pub query: Option<usize>,
 }
 
-/// The image model's slot, its batching lane and its decoding pool.
+/// The image models' batching lane and decoding pool.
 pub struct ImageLane {
-    pub slot: ModelSlot<ImageModel>,
     pub engine: Engine<ImageModel>,
     /// Images being decoded at once; each holds up to `limits.max_pixels * 3` bytes.
     pub decoders: Arc<Semaphore>,
@@ -94,13 +92,14 @@ pub struct ImagesEmbedded {
 }
 
 impl ImageLane {
+    /// Embeds `images` on `model`, the version the request was routed to.
     pub async fn embed(
         &self,
+        model: Arc<ImageModel>,
         images: Vec<Vec<u8>>,
         normalize: bool,
         deadline: Option<Instant>,
     ) -> Result<ImagesEmbedded, ServiceError> {
-        let model = self.slot.get()?;
         let images = images.into_iter().enumerate().map(|(index, bytes)| EncodedImage { bytes, index, query: None }).collect();
         let work = async {
             let pixels = self.prepare(&model, images).await?;
@@ -113,17 +112,17 @@ impl ImageLane {
             .into_iter()
             .map(|o| o.embedding.ok_or_else(|| ServiceError::Internal("the image model returned no vector".into())))
             .collect::<Result<_, _>>()?;
-        Ok(ImagesEmbedded { outputs, model: model.encoder.info().clone() })
+        Ok(ImagesEmbedded { outputs, model: model.info() })
     }
 
-    /// Each image's last feature map as fusion positions `[h*w, C]`, in order, with the image
-    /// model that computed them.
+    /// Each image's last feature map as fusion positions `[h*w, C]`, in order, from `model`
+    /// (the version the intent head's fusion block was trained on).
     pub async fn positions(
         &self,
+        model: Arc<ImageModel>,
         images: Vec<EncodedImage>,
         deadline: Option<Instant>,
-    ) -> Result<(Vec<Tensor>, ModelInfo), ServiceError> {
-        let model = self.slot.get()?;
+    ) -> Result<Vec<Tensor>, ServiceError> {
         let work = async {
             let pixels = self.prepare(&model, images).await?;
             let inputs = pixels.into_iter().map(|pixels| ImageInput { pixels, normalize: false, features: true }).collect();
@@ -135,7 +134,7 @@ impl ImageLane {
             .into_iter()
             .map(|o| o.positions.ok_or_else(|| ServiceError::Internal("the image model returned no feature map".into())))
             .collect::<Result<_, _>>()?;
-        Ok((positions, model.encoder.info().clone()))
+        Ok(positions)
     }
 
     /// Decodes and preprocesses `images` into the model's input, in order. Each image decodes on
@@ -154,7 +153,7 @@ impl ImageLane {
                 let EncodedImage { bytes, index, query } = image;
                 let pixels = tokio::task::spawn_blocking(move || {
                     let t0 = Instant::now();
-                    let r = m.encoder.prepare(index, &bytes, &limits);
+                    let r = m.loaded.prepare(index, &bytes, &limits);
                     metrics::histogram!("concierge_image_decode_seconds").record(t0.elapsed().as_secs_f64());
                     r
                 })

@@ -8,7 +8,7 @@ use candle_core::Tensor;
 
 use crate::error::ServiceError;
 use crate::grpc::with_deadline;
-use crate::image::EncodedImage;
+use crate::image::{EncodedImage, ImageModel};
 use crate::state::AppState;
 use crate::text::{Tasks, TextModel};
 
@@ -24,6 +24,7 @@ pub struct Query {
 pub async fn classify(
     state: &AppState,
     model: Arc<TextModel>,
+    image_model: Option<Arc<ImageModel>>,
     queries: Vec<Query>,
     truncate: bool,
     deadline: Option<Instant>,
@@ -36,16 +37,16 @@ pub async fn classify(
             texts.push((q, query.text, Vec::new()));
         }
         if !images.is_empty() {
-            let lane = state.image.as_ref().ok_or_else(|| {
-                ServiceError::Unimplemented("this server was started with --no-image-model; it classifies text only".into())
-            })?;
+            let (Some(lane), Some(image_model)) = (state.image.as_ref(), image_model) else {
+                return Err(ServiceError::Unimplemented("this server runs no image model the intent model fuses; it classifies text only".into()));
+            };
             let owners: Vec<usize> = images.iter().map(|i| i.query.unwrap_or(0)).collect();
-            let (positions, _) = lane.positions(images, deadline).await?;
+            let positions = lane.positions(image_model, images, deadline).await?;
             for (q, p) in owners.into_iter().zip(positions) {
                 texts[q].2.push(p);
             }
         }
-        let ran = state.text.run_on(model, texts, Tasks::INTENT, false, truncate, deadline).await?;
+        let ran = state.text.run(model, texts, Tasks::INTENT, false, truncate, deadline).await?;
         ran.outputs
             .into_iter()
             .map(|o| o.intent.ok_or_else(|| ServiceError::Internal("the model returned no intents".into())))

@@ -7,6 +7,7 @@ pub mod grpc;
 pub mod image;
 pub mod intents;
 pub mod kb;
+pub mod loader;
 pub mod registry;
 pub mod server;
 pub mod state;

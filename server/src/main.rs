@@ -51,7 +51,16 @@ fn main() -> ExitCode {
 
 #[tokio::main]
 async fn serve() -> ExitCode {
-    let config = Config::parse();
+    let config = match Config::from_args_and_file() {
+        Ok(c) => c,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(clap_error) => clap_error.exit(),
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     concierge_server::telemetry::init_logging(config.log_format);
     tracing::info!(?config, "starting concierge");
     let result = async {

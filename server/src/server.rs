@@ -7,13 +7,12 @@ use std::time::Duration;
 use anyhow::Context;
 use concierge_engine::{BatchLimits, Device as EngineDevice, Engine};
 use concierge_kb::store::{Store, StoreOptions};
-use concierge_models::intent::{IntentFormat, IntentModel};
-use concierge_models::tagger::InputKind;
-use concierge_models::{BiLstmCrf, ImageEncoder, ModelInfo, ModelSource, TextEncoder};
+use concierge_models::ModelSource;
 use concierge_proto::v1::embeddings_server::EmbeddingsServer;
 use concierge_proto::v1::entities_server::EntitiesServer;
 use concierge_proto::v1::intents_server::IntentsServer;
 use concierge_proto::v1::knowledge_base_server::KnowledgeBaseServer;
+use concierge_proto::v1::models_server::ModelsServer;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -22,16 +21,18 @@ use tonic_health::ServingStatus;
 use crate::config::Config;
 use crate::grpc::embeddings::EmbeddingsService;
 use crate::grpc::EdgeLayer;
-use crate::registry::ModelSlot;
+use crate::grpc::models::ModelsService;
+use crate::loader::{self, Install};
+use crate::registry::{ModelSlot, Registry, SlotName};
 use crate::state::AppState;
 use crate::telemetry;
 use crate::grpc::knowledge_base::KnowledgeBaseService;
 use crate::kb::{LocalStore, VectorStore};
-use crate::entities::{CharTagger, CharTaggerLane, Route};
+use crate::entities::CharTaggerLane;
 use crate::grpc::entities::EntitiesService;
 use crate::grpc::intents::IntentsService;
-use crate::image::{ImageLane, ImageModel};
-use crate::text::{IntentHead, TextLane, TextModel};
+use crate::image::ImageLane;
+use crate::text::TextLane;
 
 /// A started server. [`Running::shutdown`] stops it and waits; dropping it starts the same
 /// shutdown without waiting for it.
@@ -90,10 +91,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     };
     // One device thread runs every model's batches, the lanes taking turns.
     let gpu = EngineDevice::start("model")?;
-    let text = Arc::new(TextLane { slot: ModelSlot::empty("the text model"), engine: Engine::on(&gpu, "text", limits.clone())? });
-    let tower = |dir: &Option<std::path::PathBuf>, name: &'static str, lane: &'static str| -> anyhow::Result<Arc<TextLane>> {
+    let text = Arc::new(TextLane { engine: Engine::on(&gpu, "text", limits.clone())? });
+    let tower = |dir: &Option<std::path::PathBuf>, lane: &'static str| -> anyhow::Result<Arc<TextLane>> {
         Ok(match dir {
-            Some(_) => Arc::new(TextLane { slot: ModelSlot::empty(name), engine: Engine::on(&gpu, lane, limits.clone())? }),
+            Some(_) => Arc::new(TextLane { engine: Engine::on(&gpu, lane, limits.clone())? }),
             None => text.clone(),
         })
     };
@@ -107,22 +108,20 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                 max_queued: config.max_queued_images,
             };
             Some(Arc::new(ImageLane {
-                slot: ModelSlot::empty("the image model"),
                 engine: Engine::on(&gpu, "image", image_limits)?,
                 decoders: Arc::new(tokio::sync::Semaphore::new(config.image_decode_threads())),
                 limits: crate::image::limits_of(&config),
             }))
         }
     };
-    let char_tagger = Arc::new(CharTaggerLane {
-        slot: ModelSlot::empty("the entity tagger"),
-        engine: Engine::on(&gpu, "entities", limits.clone())?,
-    });
+    let char_tagger = Arc::new(CharTaggerLane { engine: Engine::on(&gpu, "entities", limits.clone())? });
+    let admin_token = config.admin_token()?;
     let state = Arc::new(AppState {
-        entity_route: ModelSlot::empty("the entity tagger"),
+        registry: Registry::new(device.clone()),
+        device: device.clone(),
         char_tagger,
-        query_tower: tower(&config.query_model_dir, "the query tower", "query")?,
-        document_tower: tower(&config.document_model_dir, "the document tower", "document")?,
+        query_tower: tower(&config.query_model_dir, "query")?,
+        document_tower: tower(&config.document_model_dir, "document")?,
         text,
         image,
         kb: ModelSlot::empty("the knowledge base"),
@@ -151,6 +150,10 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .max_decoding_message_size(state.config.max_message_bytes);
     let intents = IntentsServer::new(IntentsService::new(state.clone()))
         .max_decoding_message_size(state.config.max_message_bytes);
+    if admin_token.is_none() {
+        tracing::info!("no admin token set (--admin-token-file or CONCIERGE_ADMIN_TOKEN): the Models admin API refuses every call");
+    }
+    let models = ModelsServer::new(ModelsService::new(state.clone(), admin_token));
 
     // Model loading runs beside the server; a failure ends the server with the loader's message.
     let (ready_tx, ready_rx) = watch::channel(false);
@@ -159,7 +162,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         let (state, health) = (state.clone(), health.clone());
         tokio::spawn(async move {
             let st = state.clone();
-            let loaded = tokio::task::spawn_blocking(move || load(&st, &device)).await;
+            let loaded = tokio::task::spawn_blocking(move || load(&st)).await;
             match loaded {
                 Ok(Ok(())) => {
                     health.set_serving::<EmbeddingsServer<EmbeddingsService>>().await;
@@ -169,6 +172,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
                     health.set_service_status("", ServingStatus::Serving).await;
                     let _ = ready_tx.send(true);
                     tracing::info!("models loaded; serving");
+                    // Candidates the config file names load beside serving; a refused one is
+                    // logged and the active versions serve on.
+                    for c in state.config.candidates.clone() {
+                        let st = state.clone();
+                        let r = tokio::task::spawn_blocking(move || start_candidate(&st, &c)).await;
+                        if let Ok(Err(e)) = r {
+                            tracing::error!(error = %e, "a candidate in the config file was not loaded");
+                        }
+                    }
                 }
                 Ok(Err(e)) => {
                     let _ = fail_tx.send(e);
@@ -209,6 +221,7 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         .add_service(knowledge_base)
         .add_service(entities)
         .add_service(intents)
+        .add_service(models)
         .serve_with_incoming_shutdown(
             // Small unary messages must not wait on Nagle + delayed ACK (~40 ms a call).
             tonic::transport::server::TcpIncoming::from(listener)
@@ -261,62 +274,47 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
     Ok(Running { grpc_addr, metrics_addr, state, stop: Some(stop_tx), ready: ready_rx, task })
 }
 
-/// Loads every model and opens the knowledge base (recovering it from its log), filling the
-/// slots. Runs on a blocking thread while the server already answers health checks.
-fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
+/// Loads every model into its slot and opens the knowledge base (recovering it from its log).
+/// Runs on a blocking thread while the server already answers health checks. Each model takes
+/// the admin API's load path (checks and a warm-up pass), as the active version.
+fn load(state: &AppState) -> anyhow::Result<()> {
     let cfg = &state.config;
-    // The image model first: whether the intent model may fuse images depends on it.
-    let image = match &state.image {
-        None => None,
-        Some(_) => {
-            let source = cfg.image_model_source();
-            let enc = ImageEncoder::load(&source, device, cfg.dtype.to_candle()).context(
-                "cannot load the image model (run scripts/fetch-default-model.sh for the default, or start with --no-image-model to serve text only)",
-            )?;
-            tracing::info!(id = %enc.info().id, version = %enc.info().version, dim = enc.info().dimension,
-                moderation = enc.has_moderation(), "image model loaded");
-            Some(enc)
-        }
+    let label = |slot: SlotName| cfg.version_label(slot.as_str());
+    let load = |slot: SlotName, source: ModelSource, hint: &str| -> anyhow::Result<()> {
+        loader::load_into(state, slot, &source, label(slot), Install::Active)
+            .map_err(|e| anyhow::anyhow!("{e} ({hint})"))?;
+        metrics::gauge!("concierge_model_ready", "slot" => slot.as_str()).set(1.0);
+        Ok(())
     };
-    let encoder = |source: ModelSource| TextEncoder::load(&source, device, cfg.dtype.to_candle(), cfg.max_input_tokens);
-    let text = encoder(cfg.model_source()).context("cannot load the text model")?;
-    let tagger = match cfg.no_entity_model {
-        true => None,
-        false => Some(load_tagger(cfg, device, text.info())?),
-    };
-    let intent = match cfg.no_intent_model {
-        true => None,
-        false => Some(load_intent(cfg, device, &text, image.as_ref())?),
-    };
-    let route = match &tagger {
-        None => Route::Off,
-        Some((t, info)) if t.config().input == InputKind::Encoder => Route::Encoder(info.clone()),
-        Some(_) => Route::Chars,
-    };
-    let (text_tagger, char_tagger) = match tagger {
-        Some((t, _)) if route != Route::Chars => (Some(t), None),
-        Some((t, info)) => (None, Some(CharTagger { tagger: t, device: device.clone(), info })),
-        None => (None, None),
-    };
-    state.text.slot.replace(Arc::new(TextModel { encoder: text, tagger: text_tagger, intent }));
-    if let Some(c) = char_tagger {
-        state.char_tagger.slot.replace(Arc::new(c));
+    // The image model first: whether the intent model may fuse images depends on it; then the
+    // text encoder, which the heads are checked against.
+    if state.image.is_some() {
+        load(SlotName::ImageEncoder, cfg.image_model_source(),
+            "run scripts/fetch-default-model.sh for the default, or start with --no-image-model to serve text only")?;
     }
-    state.entity_route.replace(Arc::new(route));
-    metrics::gauge!("concierge_model_ready", "slot" => "text").set(1.0);
-    for (lane, dir, what) in [
-        (&state.query_tower, &cfg.query_model_dir, "query"),
-        (&state.document_tower, &cfg.document_model_dir, "document"),
-    ] {
-        if let Some(dir) = dir {
-            let enc = encoder(ModelSource::Dir(dir.clone())).with_context(|| format!("cannot load the {what} tower"))?;
-            lane.slot.replace(Arc::new(TextModel { encoder: enc, tagger: None, intent: None }));
-            metrics::gauge!("concierge_model_ready", "slot" => what).set(1.0);
+    load(SlotName::TextEncoder, cfg.model_source(), "the text model")?;
+    for (slot, dir) in [(SlotName::QueryTower, &cfg.query_model_dir), (SlotName::DocumentTower, &cfg.document_model_dir)] {
+        match dir {
+            Some(dir) => load(slot, ModelSource::Dir(dir.clone()), "the knowledge base tower")?,
+            // The text encoder's version serves as the tower; swapping the text encoder later
+            // does not move the knowledge base's vector space.
+            None => {
+                state.registry.change(|slots| {
+                    let v = slots.text.active.clone();
+                    match slot {
+                        SlotName::QueryTower => slots.query.active = v,
+                        _ => slots.document.active = v,
+                    }
+                    Ok(())
+                })?;
+            }
         }
     }
-    if let (Some(lane), Some(enc)) = (&state.image, image) {
-        lane.slot.replace(Arc::new(ImageModel { encoder: enc }));
-        metrics::gauge!("concierge_model_ready", "slot" => "image").set(1.0);
+    if !cfg.no_entity_model {
+        load(SlotName::Tagger, ModelSource::Dir(cfg.entity_model_dir.clone()), "start with --no-entity-model to serve without one")?;
+    }
+    if !cfg.no_intent_model {
+        load(SlotName::Intent, ModelSource::Dir(cfg.intent_model_dir.clone()), "start with --no-intent-model to serve without one")?;
     }
 
     let t0 = std::time::Instant::now();
@@ -336,99 +334,14 @@ fn load(state: &AppState, device: &candle_core::Device) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Loads the entity tagger; one that reads encoder states must have been trained on the text
-/// model now loaded (its config names the encoder's id and version).
-fn load_tagger(cfg: &crate::config::Config, device: &candle_core::Device, text: &ModelInfo) -> anyhow::Result<(BiLstmCrf, ModelInfo)> {
-    let dir = &cfg.entity_model_dir;
-    let tagger = BiLstmCrf::load(dir, device, candle_core::DType::F32).with_context(|| {
-        format!("cannot load the entity tagger from {} (start with --no-entity-model to serve without one)", dir.display())
-    })?;
-    let weights = dir.join("model.safetensors");
-    let version = concierge_models::checkpoint::weights_version(&[&weights])?;
-    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
-    if tagger.config().input == InputKind::Encoder {
-        let trained_on = tagger.config().extra.get("encoder").and_then(|e| e.get("version")).and_then(|v| v.as_str());
-        match trained_on {
-            Some(v) if v == text.version => {}
-            Some(v) => anyhow::bail!(
-                "the entity tagger in {} was trained on the states of text model version {v}, but the text model loaded is {} {}; \
-                 retrain it on this model (concierge train-tagger --encoder-dir ...) or start with --no-entity-model",
-                dir.display(), text.id, text.version
-            ),
-            None => tracing::warn!(dir = %dir.display(), "the entity tagger does not say which text model it was trained on"),
-        }
+/// Loads a candidate the config file names and gives it its traffic share.
+fn start_candidate(state: &AppState, c: &crate::config::StartCandidate) -> anyhow::Result<()> {
+    let slot = SlotName::parse(&c.slot)?;
+    loader::load_into(state, slot, &c.source, Some(&c.version), Install::Candidate)?;
+    let share = (c.traffic_percent / 100.0 * crate::registry::BUCKETS as f32).round() as u32;
+    if share > 0 {
+        state.registry.change(|slots| slots.promote(slot, share))?;
     }
-    let dim = tagger.config().input_dim;
-    tracing::info!(dir = %dir.display(), %version, input = ?tagger.config().input, tags = tagger.tags().len(), "entity tagger loaded");
-    Ok((tagger, ModelInfo { id, version, dimension: dim, max_input_tokens: 0 }))
-}
-
-/// Loads the intent model; it must read the states of the text model now loaded. A concierge
-/// checkpoint names the encoder version it was trained on; a Hugging Face
-/// BertForSequenceClassification folder carries its own encoder, so it must be the text model.
-/// A fusion block fuses images only from the image model it was trained on; otherwise the model
-/// serves text only (a warning says why).
-fn load_intent(cfg: &Config, device: &candle_core::Device, text: &TextEncoder, image: Option<&ImageEncoder>) -> anyhow::Result<IntentHead> {
-    let dir = &cfg.intent_model_dir;
-    let model = IntentModel::load(dir, device).with_context(|| {
-        format!("cannot load the intent model from {} (start with --no-intent-model to serve without one)", dir.display())
-    })?;
-    let version = concierge_models::checkpoint::weights_version(&[&dir.join("model.safetensors")])?;
-    let id = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| dir.display().to_string());
-    let t = text.info();
-    match &model.config().encoder {
-        Some(e) if e.version == t.version => {}
-        Some(e) => anyhow::bail!(
-            "the intent model in {} was trained on the states of text model {} {}, but the text model loaded is {} {}; \
-             retrain it on this model (concierge train-intent --encoder-dir ...) or start with --no-intent-model",
-            dir.display(), e.id, e.version, t.id, t.version
-        ),
-        None if model.format() == IntentFormat::HfSequenceClassification => {
-            // Its classifier reads its own encoder's states: the same weights must be serving.
-            let same_dir = cfg.model_id.is_none()
-                && matches!((dir.canonicalize(), cfg.model_dir.canonicalize()), (Ok(a), Ok(b)) if a == b);
-            anyhow::ensure!(
-                same_dir || version == t.version,
-                "the intent model in {} is a Hugging Face BertForSequenceClassification: its classifier reads the states of \
-                 its own encoder, not those of the text model loaded ({} {}); serve that folder as the text model too \
-                 (--model-dir {}), or train an intent model on this text model (concierge train-intent --encoder-dir ...), \
-                 or start with --no-intent-model",
-                dir.display(), t.id, t.version, dir.display()
-            );
-        }
-        None => tracing::warn!(dir = %dir.display(), "the intent model does not say which text model it was trained on"),
-    }
-    anyhow::ensure!(
-        model.config().input_dim == text.hidden_size(),
-        "the intent model in {} reads token states of width {}, but the text model's are {}; start with --no-intent-model \
-         or an intent model trained on this text model",
-        dir.display(), model.config().input_dim, text.hidden_size()
-    );
-    if let Some(tap) = model.tap() {
-        anyhow::ensure!(tap <= text.num_layers(),
-            "the intent model in {} continues from layer {tap}, but the text model has {} layers", dir.display(), text.num_layers());
-    }
-    let no_images = match (model.image_channels(), &model.config().image_encoder, image) {
-        (None, _, _) => Some("this intent model reads text only (it has no fusion block)".to_string()),
-        (Some(_), _, None) => Some("this server runs no image model (--no-image-model), so the intent model reads text only".into()),
-        (Some(_), None, Some(_)) => {
-            Some("the intent model's fusion block does not name the image model it was trained on, so it reads text only".into())
-        }
-        (Some(_), Some(want), Some(img)) if want.version != img.info().version => Some(format!(
-            "the intent model's fusion block was trained on image model {} {}, not the {} {} loaded, so it reads text only",
-            want.id, want.version, img.info().id, img.info().version
-        )),
-        (Some(c), Some(_), Some(img)) if c != img.info().dimension => Some(format!(
-            "the intent model's fusion block takes {c} image channels, but the image model loaded gives {}, so it reads text only",
-            img.info().dimension
-        )),
-        _ => None,
-    };
-    if let (Some(why), true) = (&no_images, model.has_fusion()) {
-        tracing::warn!(dir = %dir.display(), "{why}; queries with images get INVALID_ARGUMENT");
-    }
-    tracing::info!(dir = %dir.display(), %version, format = ?model.format(), labels = model.labels().len(), tap = ?model.tap(),
-        fuses_images = no_images.is_none(), threshold = model.config().handoff_threshold, "intent model loaded");
-    let info = ModelInfo { id, version, dimension: model.labels().len(), max_input_tokens: 0 };
-    Ok(IntentHead { model, info, no_images })
+    tracing::info!(%slot, version = %c.version, traffic_percent = c.traffic_percent, "candidate from the config file loaded");
+    Ok(())
 }

@@ -13,11 +13,11 @@ use candle_core::Tensor;
 use concierge_engine::{Backend, Engine};
 use concierge_models::entities::{extract_from_states, Entity};
 use concierge_models::intent::IntentModel;
-use concierge_models::{BiLstmCrf, ModelInfo, TextEncoder, TokenStates, TokenizedText};
+use concierge_models::{ModelInfo, TextEncoder, TokenStates, TokenizedText};
 
 use crate::error::ServiceError;
 use crate::grpc::{answers, with_deadline};
-use crate::registry::ModelSlot;
+use crate::registry::{Tagger, Version};
 
 /// What one input wants from the encoder pass.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,23 +51,26 @@ pub struct TextOutput {
     pub intent: Option<Vec<f32>>,
 }
 
-/// The text encoder and the heads that read its token states, loaded and swapped together (a
-/// tagger trained on one encoder's states is meaningless on another's).
+/// A text encoder version with the head versions that read its token states: what one batch
+/// runs (batches never mix compositions). Built by the registry's snapshot per routing bucket.
 pub struct TextModel {
-    pub encoder: TextEncoder,
-    /// An entity tagger over this encoder's states (`input: "encoder"`), if configured.
-    pub tagger: Option<BiLstmCrf>,
-    /// An intent classifier over this encoder's states, if configured.
-    pub intent: Option<IntentHead>,
+    pub encoder: Arc<Version<TextEncoder>>,
+    /// An entity tagger over this encoder's states (`input: "encoder"`), if one is loaded.
+    pub tagger: Option<Arc<Version<Tagger>>>,
+    /// An intent classifier over this encoder's states, if one is loaded.
+    pub intent: Option<Arc<Version<IntentHead>>>,
 }
 
 /// An intent model with what serving needs to know about it.
 pub struct IntentHead {
     pub model: IntentModel,
-    /// Stamped on answers: the checkpoint folder's name and its weights' hash.
-    pub info: ModelInfo,
-    /// Why queries' images are refused, when they are (a text-only model, no image model
-    /// loaded, or a fusion block trained on another image model); None: images are fused.
+    /// The text encoder weights it was trained on (None: it does not say).
+    pub reads: Option<String>,
+    /// The image model weights its fusion block was trained on, when it fuses images.
+    pub fuses_with: Option<String>,
+    /// Why queries' images are refused whatever image model is loaded (a text-only model, no
+    /// image model, or a fusion block trained on an image model not loaded at its load); None:
+    /// images are fused with `fuses_with`'s features.
     pub no_images: Option<String>,
 }
 
@@ -119,7 +122,7 @@ impl Backend for TextModel {
 
         let tag: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.entities).collect();
         if !tag.is_empty() {
-            let tagger = self.tagger.as_ref().ok_or("this text model has no entity tagger")?;
+            let tagger = &self.tagger.as_ref().ok_or("this text model has no entity tagger")?.model;
             let inputs: Vec<&TokenizedText> = tag.iter().map(|&i| tokens[i]).collect();
             let found = extract_from_states(tagger, &inputs, |k| states.of(tag[k])).map_err(|e| e.to_string())?;
             for (&i, ents) in tag.iter().zip(found) {
@@ -157,17 +160,9 @@ fn rows_of(hidden: &Tensor, lens: &[usize], which: &[usize]) -> candle_core::Res
     Ok(TokenStates { hidden: Tensor::cat(&rows, 0)?, lens: which.iter().map(|&i| lens[i]).collect() })
 }
 
-/// A text model's slot and its batching lane.
+/// A batching lane of text models (the text encoder's, or a tower's).
 pub struct TextLane {
-    pub slot: ModelSlot<TextModel>,
     pub engine: Engine<TextModel>,
-}
-
-/// Vectors from one lane, in input order.
-pub struct Embedded {
-    pub vectors: Vec<Vec<f32>>,
-    pub tokens: usize,
-    pub model: ModelInfo,
 }
 
 /// All answers of one request, in input order.
@@ -178,23 +173,10 @@ pub struct Ran {
 }
 
 impl TextLane {
-    /// Runs `texts` (each with the index its errors name: "input 3 has 302 tokens") for `tasks`.
+    /// Runs `texts` (each with the index its errors name: "input 3 has 302 tokens", and its
+    /// images' fusion positions, empty: none) on `model`, the composition the request was
+    /// routed to and checked against, for `tasks`.
     pub async fn run(
-        &self,
-        texts: Vec<(usize, String)>,
-        tasks: Tasks,
-        normalize: bool,
-        truncate: bool,
-        deadline: Option<Instant>,
-    ) -> Result<Ran, ServiceError> {
-        let model = self.slot.get()?;
-        let texts = texts.into_iter().map(|(i, text)| (i, text, Vec::new())).collect();
-        self.run_on(model, texts, tasks, normalize, truncate, deadline).await
-    }
-
-    /// [`Self::run`] on a model the caller already holds (it checked the request against it),
-    /// each text with its images' fusion positions (empty: none).
-    pub async fn run_on(
         &self,
         model: Arc<TextModel>,
         texts: Vec<(usize, String, Vec<Tensor>)>,
@@ -230,20 +212,23 @@ impl TextLane {
         Ok(Ran { outputs, tokens, model })
     }
 
-    /// Embeds `texts`; each comes with the index its errors name.
+    /// Embeds `texts` (each with the index its errors name) on `model`; returns the vectors in
+    /// order, the token count and the encoder version's identity.
     pub async fn embed(
         &self,
+        model: Arc<TextModel>,
         texts: Vec<(usize, String)>,
         normalize: bool,
         truncate: bool,
         deadline: Option<Instant>,
-    ) -> Result<Embedded, ServiceError> {
-        let ran = self.run(texts, Tasks::EMBED, normalize, truncate, deadline).await?;
+    ) -> Result<(Vec<Vec<f32>>, usize, ModelInfo), ServiceError> {
+        let texts = texts.into_iter().map(|(i, t)| (i, t, Vec::new())).collect();
+        let ran = self.run(model, texts, Tasks::EMBED, normalize, truncate, deadline).await?;
         let vectors = ran
             .outputs
             .into_iter()
             .map(|o| o.embedding.ok_or_else(|| ServiceError::Internal("the model returned no vector".into())))
             .collect::<Result<_, _>>()?;
-        Ok(Embedded { vectors, tokens: ran.tokens, model: ran.model.encoder.info().clone() })
+        Ok((vectors, ran.tokens, ran.model.encoder.info()))
     }
 }

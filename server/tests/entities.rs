@@ -122,6 +122,8 @@ async fn one_encoder_pass_serves_embeddings_and_entities() {
     let src = concierge_models::ModelSource::Dir(common::model_dir());
     let encoder = concierge_models::TextEncoder::load(&src, &dev, candle_core::DType::F32, None).unwrap();
     let tagger = concierge_models::BiLstmCrf::load(&common::repo_path("checkpoints/entities-en-atis"), &dev, candle_core::DType::F32).unwrap();
+    let encoder = concierge_server::registry::Version::wrap("test", "test", 0, encoder);
+    let tagger = concierge_server::registry::Version::wrap("tagger", "tagger", 0, concierge_server::registry::Tagger { model: tagger, reads: None });
     let model = TextModel { encoder, tagger: Some(tagger), intent: None };
     let texts = ["flights from boston to denver", "where is my parcel", "fare from dallas to miami"];
     let input = |i: usize, tasks| TextInput { tokens: model.encoder.tokenize(i, texts[i], false).unwrap(), normalize: true, tasks, images: Vec::new() };

@@ -380,7 +380,7 @@ async fn a_fusing_head_reads_the_queries_images() {
 mod sharing {
     use concierge_engine::Backend;
     use concierge_models::intent::IntentModel;
-    use concierge_models::{ModelInfo, TextEncoder};
+    use concierge_models::TextEncoder;
     use concierge_server::text::{IntentHead, Tasks, TextInput, TextModel};
 
     use super::*;
@@ -389,8 +389,10 @@ mod sharing {
         let encoder =
             TextEncoder::load(&concierge_models::ModelSource::Dir(common::model_dir()), &Device::Cpu, DType::F32, None).unwrap();
         let model = IntentModel::load(intent_dir, &Device::Cpu).unwrap();
-        let info = ModelInfo { id: "test".into(), version: "test".into(), dimension: model.labels().len(), max_input_tokens: 0 };
-        TextModel { encoder, tagger: None, intent: Some(IntentHead { model, info, no_images: None }) }
+        let labels = model.labels().len();
+        let head = IntentHead { model, reads: None, fuses_with: None, no_images: None };
+        let encoder = concierge_server::registry::Version::wrap("test", "test", 0, encoder);
+        TextModel { encoder, tagger: None, intent: Some(concierge_server::registry::Version::wrap("test", "test", labels, head)) }
     }
 
     fn worst(a: &[f32], b: &[f32]) -> f32 {

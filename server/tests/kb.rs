@@ -302,6 +302,6 @@ async fn towers_from_their_own_checkpoints() {
     assert_eq!(hits.hits[0].id, "a");
     assert!((hits.hits[0].score - 1.0).abs() < 1e-5, "same text, same towers: cosine 1, got {}", hits.hits[0].score);
     // The text model (384) is still what EmbedText serves.
-    assert_eq!(running.state.text.slot.get().unwrap().encoder.info().dimension, 384);
+    assert_eq!(running.state.registry.snapshot().slots.text.active.as_ref().unwrap().dimension, 384);
     running.shutdown().await.unwrap();
 }

@@ -8,9 +8,11 @@ use concierge_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
-use super::{check_texts, deadline_of, observe};
+use super::{check_texts, deadline_of, observe, observe_version, routing_bucket, Routed};
 use crate::error::ServiceError;
+use crate::registry::SlotName;
 use crate::state::AppState;
+use crate::text::Tasks;
 
 pub struct EmbeddingsService {
     state: Arc<AppState>,
@@ -25,24 +27,28 @@ impl EmbeddingsService {
         check_texts(&msg.inputs, self.state.config.max_client_batch_size, "inputs", "input")
     }
 
-    async fn embed(&self, req: Request<EmbedTextRequest>) -> Result<EmbedTextResponse, ServiceError> {
+    async fn embed(&self, req: Request<EmbedTextRequest>, routed: &mut Routed) -> Result<EmbedTextResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
+        let bucket = routing_bucket(&req);
         let msg = req.into_inner();
         self.validate(&msg)?;
         let normalize = msg.normalize.unwrap_or(true);
         let truncate = msg.truncate.unwrap_or(false);
         let texts = msg.inputs.into_iter().enumerate().collect();
-        let out = self.state.text.embed(texts, normalize, truncate, deadline).await?;
+        let model = self.state.registry.snapshot().text_model(bucket, Tasks::EMBED)?;
+        *routed = Some((SlotName::TextEncoder, model.encoder.label.clone()));
+        let (vectors, tokens, info) = self.state.text.embed(model, texts, normalize, truncate, deadline).await?;
         Ok(EmbedTextResponse {
-            embeddings: out.vectors.into_iter().map(|values| Embedding { values }).collect(),
-            model: Some(ModelInfo { id: out.model.id.clone(), version: out.model.version.clone() }),
-            token_count: out.tokens as u32,
-            dimension: out.model.dimension as u32,
+            embeddings: vectors.into_iter().map(|values| Embedding { values }).collect(),
+            model: Some(ModelInfo { id: info.id.clone(), version: info.version.clone() }),
+            token_count: tokens as u32,
+            dimension: info.dimension as u32,
         })
     }
 
-    async fn embed_images(&self, req: Request<EmbedImageRequest>) -> Result<EmbedImageResponse, ServiceError> {
+    async fn embed_images(&self, req: Request<EmbedImageRequest>, routed: &mut Routed) -> Result<EmbedImageResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
+        let bucket = routing_bucket(&req);
         let Some(lane) = &self.state.image else {
             return Err(ServiceError::Unimplemented(
                 "this server was started with --no-image-model; it embeds text only".into(),
@@ -61,7 +67,11 @@ impl EmbeddingsService {
             )));
         }
         let normalize = msg.normalize.unwrap_or(true);
-        let out = lane.embed(msg.images, normalize, deadline).await?;
+        let model = self.state.registry.snapshot().slots.image.pick(bucket).cloned().ok_or_else(|| {
+            ServiceError::Unavailable("the image model is still loading; retry shortly".into())
+        })?;
+        *routed = Some((SlotName::ImageEncoder, model.label.clone()));
+        let out = lane.embed(model, msg.images, normalize, deadline).await?;
         let threshold = cfg.image_moderation_threshold;
         let moderation = out
             .outputs
@@ -82,16 +92,18 @@ impl EmbeddingsService {
 #[tonic::async_trait]
 impl Embeddings for EmbeddingsService {
     async fn embed_text(&self, req: Request<EmbedTextRequest>) -> Result<Response<EmbedTextResponse>, Status> {
-        let start = Instant::now();
-        let result = self.embed(req).await.map(Response::new).map_err(Status::from);
+        let (start, mut routed) = (Instant::now(), None);
+        let result = self.embed(req, &mut routed).await.map(Response::new).map_err(Status::from);
         observe("EmbedText", start, &result);
+        observe_version(routed, start, &result);
         result
     }
 
     async fn embed_image(&self, req: Request<EmbedImageRequest>) -> Result<Response<EmbedImageResponse>, Status> {
-        let start = Instant::now();
-        let result = self.embed_images(req).await.map(Response::new).map_err(Status::from);
+        let (start, mut routed) = (Instant::now(), None);
+        let result = self.embed_images(req, &mut routed).await.map(Response::new).map_err(Status::from);
         observe("EmbedImage", start, &result);
+        observe_version(routed, start, &result);
         result
     }
 }

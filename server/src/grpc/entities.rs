@@ -6,8 +6,9 @@ use concierge_proto::v1::entities_server::Entities;
 use concierge_proto::v1::{Entity, ExtractRequest, ExtractResponse, ModelInfo, TextEntities};
 use tonic::{Request, Response, Status};
 
-use super::{check_texts, deadline_of, observe};
+use super::{check_texts, deadline_of, observe, observe_version, routing_bucket, Routed};
 use crate::error::ServiceError;
+use crate::registry::SlotName;
 use crate::state::AppState;
 
 pub struct EntitiesService {
@@ -19,12 +20,21 @@ impl EntitiesService {
         Self { state }
     }
 
-    async fn extract(&self, req: Request<ExtractRequest>) -> Result<ExtractResponse, ServiceError> {
+    async fn extract(&self, req: Request<ExtractRequest>, routed: &mut Routed) -> Result<ExtractResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
+        let bucket = routing_bucket(&req);
         let msg = req.into_inner();
         check_texts(&msg.texts, self.state.config.max_client_batch_size, "texts", "text")?;
         let texts = msg.texts.clone();
-        let (found, info) = crate::entities::extract(&self.state, msg.texts, msg.truncate.unwrap_or(false), deadline).await?;
+        let result = crate::entities::extract(&self.state, bucket, msg.texts, msg.truncate.unwrap_or(false), deadline).await;
+        if let Err(ServiceError::Internal(_) | ServiceError::DeadlineExceeded(_)) = &result {
+            // Failed on the model: count it against the version this bucket routes to.
+            if let Some(t) = self.state.registry.snapshot().slots.tagger.pick(bucket) {
+                *routed = Some((SlotName::Tagger, t.label.clone()));
+            }
+        }
+        let (found, info) = result?;
+        *routed = Some((SlotName::Tagger, info.version.clone()));
         let results = texts
             .iter()
             .zip(found)
@@ -51,9 +61,10 @@ fn to_proto(text: &str, e: concierge_models::entities::Entity) -> Entity {
 #[tonic::async_trait]
 impl Entities for EntitiesService {
     async fn extract(&self, req: Request<ExtractRequest>) -> Result<Response<ExtractResponse>, Status> {
-        let start = Instant::now();
-        let result = EntitiesService::extract(self, req).await.map(Response::new).map_err(Status::from);
+        let (start, mut routed) = (Instant::now(), None);
+        let result = EntitiesService::extract(self, req, &mut routed).await.map(Response::new).map_err(Status::from);
         observe("Extract", start, &result);
+        observe_version(routed, start, &result);
         result
     }
 }

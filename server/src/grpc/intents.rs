@@ -6,11 +6,12 @@ use concierge_proto::v1::intents_server::Intents;
 use concierge_proto::v1::{ClassifyRequest, ClassifyResponse, IntentScore, ModelInfo, QueryIntents};
 use tonic::{Request, Response, Status};
 
-use super::{deadline_of, observe};
+use super::{deadline_of, observe, observe_version, routing_bucket, Routed};
 use crate::error::ServiceError;
 use crate::intents::Query;
 use crate::state::AppState;
-use crate::text::IntentHead;
+use crate::registry::SlotName;
+use crate::text::{IntentHead, Tasks};
 
 /// Intents per query when the request's `top_k` is 0.
 pub const DEFAULT_TOP_K: usize = 5;
@@ -76,20 +77,34 @@ impl IntentsService {
         Ok((top_k, threshold))
     }
 
-    async fn classify(&self, req: Request<ClassifyRequest>) -> Result<ClassifyResponse, ServiceError> {
+    async fn classify(&self, req: Request<ClassifyRequest>, routed: &mut Routed) -> Result<ClassifyResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
-        // The request is checked against, and runs on, this one version of the model.
-        let model = self.state.text.slot.get()?;
+        let bucket = routing_bucket(&req);
+        // The request is checked against, and runs on, this one composition of versions.
+        let snapshot = self.state.registry.snapshot();
+        let model = snapshot.text_model(bucket, Tasks::INTENT)?;
         let Some(head) = &model.intent else {
-            return Err(ServiceError::Unimplemented(
-                "this server was started with --no-intent-model; it classifies no intents".into(),
-            ));
+            return Err(ServiceError::Internal("the routed text model has no intent head".into()));
         };
+        *routed = Some((SlotName::Intent, head.label.clone()));
         let msg = req.into_inner();
         let (top_k, threshold) = self.validate(&msg, head)?;
+        // Images are fused with the features of the image model version the head was trained on.
+        let image_model = match (&head.fuses_with, msg.queries.iter().any(|q| !q.images.is_empty())) {
+            (Some(weights), true) => Some(
+                snapshot.slots.image.held().find(|v| v.weights == *weights).cloned().ok_or_else(|| {
+                    ServiceError::InvalidArgument(format!(
+                        "the intent model's fusion block reads features of image model weights {weights}, which is no longer \
+                         loaded; send text only"
+                    ))
+                })?,
+            ),
+            _ => None,
+        };
+        drop(snapshot);
         let queries = msg.queries.into_iter().map(|q| Query { text: q.text, images: q.images }).collect();
-        let probs =
-            crate::intents::classify(&self.state, model.clone(), queries, msg.truncate.unwrap_or(false), deadline).await?;
+        let probs = crate::intents::classify(&self.state, model.clone(), image_model, queries, msg.truncate.unwrap_or(false), deadline)
+            .await?;
         let results = probs
             .iter()
             .map(|p| {
@@ -107,7 +122,7 @@ impl IntentsService {
             .collect();
         Ok(ClassifyResponse {
             results,
-            model: Some(ModelInfo { id: head.info.id.clone(), version: head.info.version.clone() }),
+            model: Some(ModelInfo { id: head.id.clone(), version: head.label.clone() }),
             handoff_threshold: threshold,
         })
     }
@@ -116,9 +131,10 @@ impl IntentsService {
 #[tonic::async_trait]
 impl Intents for IntentsService {
     async fn classify(&self, req: Request<ClassifyRequest>) -> Result<Response<ClassifyResponse>, Status> {
-        let start = Instant::now();
-        let result = IntentsService::classify(self, req).await.map(Response::new).map_err(Status::from);
+        let (start, mut routed) = (Instant::now(), None);
+        let result = IntentsService::classify(self, req, &mut routed).await.map(Response::new).map_err(Status::from);
         observe("Classify", start, &result);
+        observe_version(routed, start, &result);
         result
     }
 }

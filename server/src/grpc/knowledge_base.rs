@@ -10,8 +10,9 @@ use concierge_proto::v1 as pb;
 use concierge_proto::v1::knowledge_base_server::KnowledgeBase;
 use tonic::{Request, Response, Status};
 
-use super::{deadline_of, observe};
+use super::{deadline_of, observe, routing_bucket};
 use crate::error::ServiceError;
+use crate::registry::SlotName;
 use crate::state::AppState;
 
 /// Longest document id, in bytes.
@@ -95,7 +96,7 @@ impl KnowledgeBaseService {
         check_score("min_score", msg.min_score)?;
         let metric = metric_from(msg.metric)?;
         let store = self.state.kb.get()?;
-        let doc_model = self.state.document_tower.slot.get()?;
+        let doc_model = self.state.registry.snapshot().tower_model(SlotName::DocumentTower, 0)?;
         let doc_info = doc_model.encoder.info();
         let dimension = if msg.dimension == 0 { doc_info.dimension as u32 } else { msg.dimension };
         let spec = CollectionSpec {
@@ -153,6 +154,7 @@ impl KnowledgeBaseService {
 
     async fn upsert(&self, req: Request<pb::UpsertRequest>) -> Result<pb::UpsertResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
+        let bucket = routing_bucket(&req);
         let msg = req.into_inner();
         self.validate_upsert(&msg)?;
         let store = self.state.kb.get()?;
@@ -177,16 +179,17 @@ impl KnowledgeBaseService {
         let mut embedded = Vec::new().into_iter();
         if !texts.is_empty() {
             let tower = &self.state.document_tower;
-            let tower_dim = tower.slot.get()?.encoder.info().dimension;
+            let tower_model = self.state.registry.snapshot().tower_model(SlotName::DocumentTower, bucket)?;
+            let tower_dim = tower_model.encoder.dimension;
             if tower_dim != dim {
                 return Err(invalid(format!(
                     "collection {:?} holds vectors of dimension {dim} but the document tower embeds to {tower_dim}; send a vector with each document",
                     msg.collection
                 )));
             }
-            let out = tower.embed(texts, false, msg.truncate.unwrap_or(false), deadline).await?;
-            model = Some(model_info(&out.model));
-            embedded = out.vectors.into_iter();
+            let (vectors, _, info) = tower.embed(tower_model, texts, false, msg.truncate.unwrap_or(false), deadline).await?;
+            model = Some(model_info(&info));
+            embedded = vectors.into_iter();
         }
         let mut documents = Vec::with_capacity(msg.documents.len());
         for (i, d) in msg.documents.into_iter().enumerate() {
@@ -266,6 +269,7 @@ impl KnowledgeBaseService {
 
     async fn search(&self, req: Request<pb::SearchRequest>) -> Result<pb::SearchResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
+        let bucket = routing_bucket(&req);
         let msg = req.into_inner();
         check_name(&msg.collection)?;
         let max_k = self.state.config.kb_max_top_k;
@@ -291,8 +295,9 @@ impl KnowledgeBaseService {
         let dim = spec.dimension as usize;
         let (mut vector, model) = if has_text {
             let tower = &self.state.query_tower;
-            let out = tower.embed(vec![(0, msg.query)], false, msg.truncate.unwrap_or(false), deadline).await?;
-            let v = out.vectors.into_iter().next().ok_or_else(|| ServiceError::Internal("no query vector came back".into()))?;
+            let tower_model = self.state.registry.snapshot().tower_model(SlotName::QueryTower, bucket)?;
+            let (vectors, _, info) = tower.embed(tower_model, vec![(0, msg.query)], false, msg.truncate.unwrap_or(false), deadline).await?;
+            let v = vectors.into_iter().next().ok_or_else(|| ServiceError::Internal("no query vector came back".into()))?;
             if v.len() != dim {
                 return Err(invalid(format!(
                     "collection {:?} holds vectors of dimension {dim} but the query tower embeds to {}; search it with a vector",
@@ -300,7 +305,7 @@ impl KnowledgeBaseService {
                     v.len()
                 )));
             }
-            (v, Some(model_info(&out.model)))
+            (v, Some(model_info(&info)))
         } else {
             if msg.vector.len() != dim {
                 return Err(invalid(format!(
@@ -341,6 +346,7 @@ impl KnowledgeBaseService {
 
     async fn calibrate(&self, req: Request<pb::CalibrateThresholdRequest>) -> Result<pb::CalibrateThresholdResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
+        let bucket = routing_bucket(&req);
         let msg = req.into_inner();
         check_name(&msg.collection)?;
         let limit = self.state.config.kb_max_upsert_documents;
@@ -361,9 +367,10 @@ impl KnowledgeBaseService {
             return Err(invalid(format!("pair {i}: document {:?} is not in collection {:?}", ids[i], msg.collection)));
         }
         let texts = msg.pairs.iter().enumerate().map(|(i, p)| (i, p.query.clone())).collect();
-        let out = self.state.query_tower.embed(texts, false, true, deadline).await?;
+        let tower_model = self.state.registry.snapshot().tower_model(SlotName::QueryTower, bucket)?;
+        let (vectors, _, _) = self.state.query_tower.embed(tower_model, texts, false, true, deadline).await?;
         let mut scored = Vec::with_capacity(msg.pairs.len());
-        for ((mut q, doc), pair) in out.vectors.into_iter().zip(docs).zip(&msg.pairs) {
+        for ((mut q, doc), pair) in vectors.into_iter().zip(docs).zip(&msg.pairs) {
             let doc = doc.unwrap_or_default();
             if q.len() != doc.len() {
                 return Err(invalid(format!(

@@ -5,6 +5,7 @@ pub mod embeddings;
 pub mod entities;
 pub mod intents;
 pub mod knowledge_base;
+pub mod models;
 
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,33 @@ pub(crate) fn deadline_of<T>(req: &tonic::Request<T>) -> Result<Option<Instant>,
         )),
         Some(Deadline(d)) => Ok(Some(*d)),
         None => Ok(None),
+    }
+}
+
+/// The metadata entry naming the caller for canary routing (a shopper or session id).
+pub const ROUTING_KEY: &str = "x-routing-key";
+
+/// The call's routing bucket: its `x-routing-key` hashed (one key, one bucket, always), or a
+/// random bucket when it has none.
+pub(crate) fn routing_bucket<T>(req: &tonic::Request<T>) -> u32 {
+    match req.metadata().get(ROUTING_KEY).map(|v| v.as_bytes()) {
+        Some(key) if !key.is_empty() => crate::registry::bucket_of(&String::from_utf8_lossy(key)),
+        _ => crate::registry::random_bucket(),
+    }
+}
+
+/// The slot and version label a call was routed to, once it was.
+pub(crate) type Routed = Option<(crate::registry::SlotName, String)>;
+
+/// Counts a finished call against the model version that answered it (see
+/// [`crate::registry::observe_version`]); `version` is None when the call failed before routing.
+pub(crate) fn observe_version<T>(version: Routed, start: Instant, result: &Result<T, Status>) {
+    if let Some((slot, label)) = version {
+        let code = match result {
+            Ok(_) => "OK".to_string(),
+            Err(s) => format!("{:?}", s.code()),
+        };
+        crate::registry::observe_version(slot, &label, &code, start.elapsed().as_secs_f64());
     }
 }
 
