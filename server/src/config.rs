@@ -35,6 +35,11 @@ pub struct Config {
     #[arg(long = "version-label", env = "CONCIERGE_VERSION_LABELS", value_delimiter = ',')]
     pub version_labels: Vec<String>,
 
+    /// Memory, in MiB, that a model load must leave free for serving (on the CPU): a load that
+    /// would leave less is refused with RESOURCE_EXHAUSTED instead of running out of memory.
+    #[arg(long, env = "CONCIERGE_LOAD_HEADROOM_MB", default_value_t = 256)]
+    pub load_headroom_mb: u64,
+
     /// Candidates to load after start-up (from the config file's `[models.<slot>.candidate]`).
     #[arg(skip)]
     pub candidates: Vec<StartCandidate>,

@@ -46,7 +46,7 @@ pub fn load_into(state: &AppState, slot: SlotName, source: &ModelSource, label: 
     let registry = &state.registry;
     registry.begin_load(slot, label.unwrap_or("(default label)"), &shown)?;
     // A panic in model code must fail the load, not the server.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| build(state, slot, source, label, &shown)))
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| build(state, slot, source, label, &shown, install)))
         .unwrap_or_else(|p| {
             let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
             Err(ServiceError::Internal(format!("loading panicked: {}", why.unwrap_or_else(|| "(no message)".into()))))
@@ -126,12 +126,33 @@ impl Built {
     }
 }
 
+/// An error's message without the backtrace candle appends when RUST_BACKTRACE is set.
+fn one_line(e: &dyn std::fmt::Display) -> String {
+    let s = e.to_string();
+    match s.find("\n   0: ") {
+        Some(i) => s[..i].trim_end().to_string(),
+        None => s,
+    }
+}
+
 fn bad(slot: SlotName, source: &str, why: impl std::fmt::Display) -> ServiceError {
     ServiceError::InvalidArgument(format!("cannot load {source} into the {slot} slot: {why}"))
 }
 
-fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&str>, shown: &str) -> Result<Built, ServiceError> {
+fn refused(slot: SlotName, source: &str, r: Refused) -> ServiceError {
+    match r {
+        Refused::Bad(why) => bad(slot, source, why),
+        Refused::Memory(why) => ServiceError::ResourceExhausted(format!("cannot load {source} into the {slot} slot: {why}")),
+    }
+}
+
+fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&str>, shown: &str, install: Install) -> Result<Built, ServiceError> {
     let cfg = &state.config;
+    // Live loads leave room for serving; at start-up nothing serves yet.
+    let headroom = match install {
+        Install::Active => 0,
+        Install::Candidate => cfg.load_headroom_mb,
+    };
     let device = &state.device;
     let dtype = cfg.dtype.to_candle();
     let slots = state.registry.snapshot().slots.clone();
@@ -141,14 +162,14 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
     };
     match slot {
         SlotName::TextEncoder | SlotName::QueryTower | SlotName::DocumentTower => {
-            let ckpt = source.resolve_text().map_err(|e| fail(e.to_string()))?;
+            let ckpt = source.resolve_text().map_err(|e| fail(one_line(&e)))?;
             let mut files = vec![ckpt.weights.clone()];
             files.extend(ckpt.after_pooling.iter().filter_map(|m| match m {
                 concierge_models::checkpoint::AfterPooling::Dense { weights, .. } => Some(weights.clone()),
                 _ => None,
             }));
-            precheck(&files, device, dtype).map_err(fail)?;
-            let enc = TextEncoder::from_checkpoint(&ckpt, device, dtype, cfg.max_input_tokens).map_err(|e| fail(e.to_string()))?;
+            precheck(&files, device, dtype, headroom).map_err(|r| refused(slot, shown, r))?;
+            let enc = TextEncoder::from_checkpoint(&ckpt, device, dtype, cfg.max_input_tokens).map_err(|e| fail(one_line(&e)))?;
             state.registry.load_stage(slot, Stage::Warming);
             let active = match slot {
                 SlotName::QueryTower => &slots.query,
@@ -166,7 +187,7 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
             }
             let tokens = warm_up_tokens(&enc)?;
             let refs: Vec<&TokenizedText> = tokens.iter().collect();
-            let vectors = enc.embed(&refs, &[false, false]).map_err(|e| fail(format!("the warm-up pass failed: {e}")))?;
+            let vectors = enc.embed(&refs, &[false, false]).map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
             if vectors.iter().flatten().any(|x| !x.is_finite()) {
                 return Err(fail("the warm-up pass gave NaN or infinite embeddings; the weights are broken".into()));
             }
@@ -179,9 +200,9 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                     "this server was started with --no-image-model: it has no image lane to serve an image model on".into(),
                 ));
             }
-            let ckpt = source.resolve_image().map_err(|e| fail(e.to_string()))?;
-            precheck(std::slice::from_ref(&ckpt.weights), device, dtype).map_err(fail)?;
-            let enc = ImageEncoder::from_checkpoint(&ckpt, device, dtype).map_err(|e| fail(e.to_string()))?;
+            let ckpt = source.resolve_image().map_err(|e| fail(one_line(&e)))?;
+            precheck(std::slice::from_ref(&ckpt.weights), device, dtype, headroom).map_err(|r| refused(slot, shown, r))?;
+            let enc = ImageEncoder::from_checkpoint(&ckpt, device, dtype).map_err(|e| fail(one_line(&e)))?;
             state.registry.load_stage(slot, Stage::Warming);
             if let Some(a) = &slots.image.active {
                 if a.dimension != enc.info().dimension {
@@ -192,7 +213,7 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                 }
             }
             let pixels = vec![0.25f32; enc.input_len()];
-            let out = enc.embed(&[&pixels], &[false]).map_err(|e| fail(format!("the warm-up pass failed: {e}")))?;
+            let out = enc.embed(&[&pixels], &[false]).map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
             if out.iter().any(|e| e.vector.iter().any(|x| !x.is_finite()) || e.unsafe_score.is_some_and(|s| !s.is_finite())) {
                 return Err(fail("the warm-up pass gave NaN or infinite outputs; the weights are broken".into()));
             }
@@ -207,9 +228,9 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
             ])
             .map_err(fail)?;
             let weights_file = dir.join("model.safetensors");
-            precheck(std::slice::from_ref(&weights_file), device, DType::F32).map_err(fail)?;
-            let model = IntentModel::load(&dir, device).map_err(|e| fail(e.to_string()))?;
-            let weights = concierge_models::checkpoint::weights_version(&[&weights_file]).map_err(|e| fail(e.to_string()))?;
+            precheck(std::slice::from_ref(&weights_file), device, DType::F32, headroom).map_err(|r| refused(slot, shown, r))?;
+            let model = IntentModel::load(&dir, device).map_err(|e| fail(one_line(&e)))?;
+            let weights = concierge_models::checkpoint::weights_version(&[&weights_file]).map_err(|e| fail(one_line(&e)))?;
             state.registry.load_stage(slot, Stage::Warming);
             let reads = match &model.config().encoder {
                 Some(e) => Some(e.version.clone()),
@@ -285,7 +306,7 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
             // Warm-up: the encoder to the branch, the head, with a dummy image when it fuses.
             let tokens = warm_up_tokens(encoder)?;
             let refs: Vec<&TokenizedText> = tokens.iter().collect();
-            let (states, tapped) = encoder.token_states_tapped(&refs, model.tap()).map_err(|e| fail(format!("the warm-up pass failed: {e}")))?;
+            let (states, tapped) = encoder.token_states_tapped(&refs, model.tap()).map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
             let hidden = tapped.as_ref().unwrap_or(&states.hidden);
             let images: Vec<Option<Tensor>> = match &image {
                 Some(img) => {
@@ -299,7 +320,7 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                 }
                 None => vec![None, None],
             };
-            let probs = model.probabilities(hidden, &states.lens, &images).map_err(|e| fail(format!("the warm-up pass failed: {e}")))?;
+            let probs = model.probabilities(hidden, &states.lens, &images).map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
             if probs.iter().flatten().any(|p| !p.is_finite()) {
                 return Err(fail("the warm-up pass gave NaN or infinite intent probabilities; the weights are broken".into()));
             }
@@ -317,9 +338,9 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
             )
             .map_err(fail)?;
             let weights_file = dir.join("model.safetensors");
-            precheck(std::slice::from_ref(&weights_file), device, DType::F32).map_err(fail)?;
-            let model = BiLstmCrf::load(&dir, device, DType::F32).map_err(|e| fail(e.to_string()))?;
-            let weights = concierge_models::checkpoint::weights_version(&[&weights_file]).map_err(|e| fail(e.to_string()))?;
+            precheck(std::slice::from_ref(&weights_file), device, DType::F32, headroom).map_err(|r| refused(slot, shown, r))?;
+            let model = BiLstmCrf::load(&dir, device, DType::F32).map_err(|e| fail(one_line(&e)))?;
+            let weights = concierge_models::checkpoint::weights_version(&[&weights_file]).map_err(|e| fail(one_line(&e)))?;
             state.registry.load_stage(slot, Stage::Warming);
             if let Some(a) = &slots.tagger.active {
                 if a.model.tags() != model.tags() {
@@ -335,7 +356,7 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
             let reads = model.config().extra.get("encoder").and_then(|e| e.get("version")).and_then(|v| v.as_str()).map(str::to_string);
             let crf = model.crf();
             for t in [crf.transitions(), crf.start_transitions(), crf.end_transitions()] {
-                if !finite(t).map_err(|e| fail(e.to_string()))? {
+                if !finite(t).map_err(|e| fail(one_line(&e)))? {
                     return Err(fail("its CRF transitions hold NaN or infinite values; the weights are broken".into()));
                 }
             }
@@ -360,16 +381,16 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                         )));
                     }
                     let tokens = warm_up_tokens(encoder)?;
-                    let states = encoder.token_states(&[&tokens[0]]).map_err(|e| fail(format!("the warm-up pass failed: {e}")))?;
-                    let x = states.hidden.unsqueeze(0).map_err(|e| fail(e.to_string()))?;
+                    let states = encoder.token_states(&[&tokens[0]]).map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
+                    let x = states.hidden.unsqueeze(0).map_err(|e| fail(one_line(&e)))?;
                     model.forward_emissions(&x, &states.lens)
                 }
                 InputKind::Embeddings => model
                     .char_ids(&WARM_UP_TEXTS, device)
                     .and_then(|(ids, lens)| model.forward_emissions(&ids, &lens)),
             }
-            .map_err(|e| fail(format!("the warm-up pass failed: {e}")))?;
-            if !finite(&emissions).map_err(|e| fail(e.to_string()))? {
+            .map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
+            if !finite(&emissions).map_err(|e| fail(one_line(&e)))? {
                 return Err(fail("the warm-up pass gave NaN or infinite emission scores; the weights are broken".into()));
             }
             let dim = model.tags().len();
@@ -425,26 +446,35 @@ fn folder(source: &ModelSource, required: &[(&str, &str)], optional: &[&str]) ->
 /// every tensor is a float or an index buffer, no float is NaN or infinite, and the memory the
 /// model will take is free (system memory on the CPU; on a GPU, the allocation's own error fails
 /// the load).
-pub fn precheck(files: &[PathBuf], device: &Device, dtype: DType) -> Result<(), String> {
+pub fn precheck(files: &[PathBuf], device: &Device, dtype: DType, headroom_mb: u64) -> Result<(), Refused> {
     let mut need: u64 = 0;
     for f in files {
-        need += check_safetensors(f, dtype)?;
+        need += check_safetensors(f, dtype).map_err(Refused::Bad)?;
     }
     if device.is_cpu() {
         if let Some(avail) = mem_available() {
-            // Room for the model plus working memory for its first batches.
-            let margin = 256 << 20;
-            if need + margin > avail {
-                return Err(format!(
-                    "it needs about {} MiB of memory and {} MiB are free; free memory (unload a candidate by loading \
-                     over it, or roll forward) or use a machine with more",
+            // Room for the model plus working memory for the batches that run meanwhile.
+            let margin = headroom_mb << 20;
+            if need.saturating_add(margin) > avail {
+                return Err(Refused::Memory(format!(
+                    "it needs about {} MiB of memory plus the {} MiB kept free for serving (--load-headroom-mb), and \
+                     {} MiB are free; make room (a Load over the slot's candidate frees it) or use a machine with more",
                     need >> 20,
+                    headroom_mb,
                     avail >> 20
-                ));
+                )));
             }
         }
     }
     Ok(())
+}
+
+/// Why a precheck refused a checkpoint.
+pub enum Refused {
+    /// The files are broken or not a model.
+    Bad(String),
+    /// Not enough free memory to load it beside what serves.
+    Memory(String),
 }
 
 /// Bytes the file's tensors take in memory as `dtype` (floats converted to it).
