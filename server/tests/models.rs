@@ -142,6 +142,8 @@ async fn twenty_swaps_promotions_and_a_rollback_under_load_fail_no_call() {
     // the call was sent (a change takes effect between sending and the answer).
     type Timeline = Vec<(Instant, HashMap<String, BTreeSet<String>>)>;
     let timeline: Arc<Mutex<Timeline>> = Arc::new(Mutex::new(vec![(Instant::now(), serving(&mut models).await)]));
+    // The start-up intent version: replaced, then dropped from the slot; freed with its last call.
+    let first_intent = Arc::downgrade(running.state.registry.snapshot().slots.intent.active.as_ref().unwrap());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let answers: Arc<Mutex<Vec<Answer>>> = Arc::default();
     let failures: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -275,6 +277,8 @@ async fn twenty_swaps_promotions_and_a_rollback_under_load_fail_no_call() {
         assert!(seen.keys().any(|(s, v)| *s == slot && v == version), "no call was answered by {version}: {seen:?}");
     }
     eprintln!("{} calls answered across {} admin changes; per version: {seen:?}", answers.len(), steps.len());
+
+    assert!(first_intent.upgrade().is_none(), "the first intent version is still held after its last call ended");
 
     // Per-version metrics let the A/B be judged.
     let (_, metrics) = common::http_get(running.metrics_addr, "/metrics").await;
@@ -451,5 +455,130 @@ async fn admin_calls_without_the_token_are_refused() {
     let err = models.list(admin(ListModelsRequest {})).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
     assert!(err.message().contains("--admin-token-file"), "{}", err.message());
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_encoder_moves_with_the_heads_trained_on_it() {
+    let running = start().await;
+    let addr = format!("http://{}", running.grpc_addr);
+    let mut models = models_client(&running).await;
+    let mut intents = IntentsClient::connect(addr.clone()).await.unwrap();
+    let mut embed = EmbeddingsClient::connect(addr.clone()).await.unwrap();
+    let mut entities = EntitiesClient::connect(addr).await.unwrap();
+    let freed = Arc::downgrade(running.state.registry.snapshot().slots.intent.active.as_ref().unwrap());
+
+    // "Retrained" encoder weights: the last float of the file (the unused pooler) changed, so
+    // the weights' hash differs and the heads trained on the old weights do not read it.
+    let encoder_b = checkpoint_copy(&common::model_dir(), "encoder-b", |d| {
+        rewrite(d, "model.safetensors", |mut b| {
+            let n = b.len();
+            b[n - 4..].copy_from_slice(&0.0123f32.to_le_bytes());
+            b
+        })
+    });
+    let resp = models.load(admin(load("text-encoder", &encoder_b, "encoder-b"))).await.unwrap().into_inner();
+    let weights_b = resp.slot.unwrap().versions.iter().find(|v| v.version == "encoder-b").unwrap().weights.clone();
+    let err = models.promote(admin(promote("text-encoder", 100.0))).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("load a intent checkpoint trained on the new version") || err.message().contains("trained on the new version"), "{}", err.message());
+
+    // At a share, callers in the cohort embed with encoder-b, but their intents and entities
+    // come from the versions that can read their encoder: the active ones.
+    models.promote(admin(promote("text-encoder", 30.0))).await.unwrap();
+    let in_cohort: Vec<String> = (0..200).map(|i| format!("k{i}")).filter(|k| concierge_server::registry::bucket_of(k) < 3000).take(5).collect();
+    assert_eq!(in_cohort.len(), 5);
+    let classify_req = || ClassifyRequest { queries: vec![Query { text: "what is my balance".into(), images: vec![] }], ..Default::default() };
+    for k in &in_cohort {
+        let e = embed.embed_text(keyed(common::request(&["hello"]), k)).await.unwrap().into_inner();
+        assert_eq!(e.model.unwrap().version, "encoder-b");
+        let c = intents.classify(keyed(classify_req(), k)).await.unwrap().into_inner();
+        assert_eq!(c.model.unwrap().version, "intents-v1");
+    }
+
+    // Heads trained on encoder-b load (they read a held encoder), and the cohort gets them.
+    let intents_b = checkpoint_copy(&intents_dir(), "intents-b", |d| {
+        rewrite(d, "intent_config.json", |b| {
+            let mut c: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            c["encoder"]["version"] = weights_b.clone().into();
+            c.to_string().into_bytes()
+        })
+    });
+    let tagger_b = checkpoint_copy(&tagger_dir(), "tagger-b", |d| {
+        rewrite(d, "config.json", |b| {
+            let mut c: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            c["encoder"]["version"] = weights_b.clone().into();
+            c.to_string().into_bytes()
+        })
+    });
+    models.load(admin(load("intent", &intents_b, "intents-b"))).await.unwrap();
+    models.load(admin(load("tagger", &tagger_b, "tagger-b"))).await.unwrap();
+    // A candidate at 0% serves nobody, not even the cohort of its encoder.
+    let c = intents.classify(keyed(classify_req(), &in_cohort[0])).await.unwrap().into_inner();
+    assert_eq!(c.model.unwrap().version, "intents-v1");
+    // At the encoder's share the heads serve the same cohort (one key, one bucket, every slot).
+    models.promote(admin(promote("intent", 30.0))).await.unwrap();
+    models.promote(admin(promote("tagger", 30.0))).await.unwrap();
+    for k in &in_cohort {
+        let c = intents.classify(keyed(classify_req(), k)).await.unwrap().into_inner();
+        assert_eq!(c.model.unwrap().version, "intents-b");
+        let x = entities.extract(keyed(ExtractRequest { texts: vec!["flights to boston".into()], truncate: None }, k)).await.unwrap();
+        assert_eq!(x.into_inner().model.unwrap().version, "tagger-b");
+    }
+    let outside = (0..200).map(|i| format!("k{i}")).find(|k| concierge_server::registry::bucket_of(k) >= 3000).unwrap();
+    assert_eq!(intents.classify(keyed(classify_req(), &outside)).await.unwrap().into_inner().model.unwrap().version, "intents-v1");
+
+    // At 100% the encoder takes its heads along; a rollback brings all three back.
+    let changed = models.promote(admin(promote("text-encoder", 100.0))).await.unwrap().into_inner();
+    let names: Vec<&str> = changed.slots.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["text-encoder", "intent", "tagger"]);
+    for _ in 0..5 {
+        assert_eq!(intents.classify(classify_req()).await.unwrap().into_inner().model.unwrap().version, "intents-b");
+        assert_eq!(embed.embed_text(common::request(&["hi"])).await.unwrap().into_inner().model.unwrap().version, "encoder-b");
+    }
+    let back = models.rollback(admin(RollbackModelRequest { slot: "text-encoder".into() })).await.unwrap().into_inner();
+    assert_eq!(back.slots.len(), 3, "{back:?}");
+    assert_eq!(intents.classify(classify_req()).await.unwrap().into_inner().model.unwrap().version, "intents-v1");
+    assert_eq!(embed.embed_text(common::request(&["hi"])).await.unwrap().into_inner().model.unwrap().version, "encoder-v1");
+
+    // The knowledge base's towers did not move with the text encoder; a document tower is
+    // promoted whole or not at all (a share would mix two vector spaces in one collection).
+    let list = models.list(admin(ListModelsRequest {})).await.unwrap().into_inner();
+    let doc = list.slots.iter().find(|s| s.name == "document-tower").unwrap();
+    assert_eq!(doc.versions.len(), 1);
+    assert_eq!(doc.versions[0].version, "encoder-v1");
+    models.load(admin(load("document-tower", &encoder_b, "docs-b"))).await.unwrap();
+    let err = models.promote(admin(promote("document-tower", 10.0))).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("vector spaces"), "{}", err.message());
+    models.promote(admin(promote("document-tower", 100.0))).await.unwrap();
+
+    // Rolled back to, the first intent version is active again: still the same loaded model.
+    assert!(freed.upgrade().is_some());
+    running.shutdown().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_image_encoder_swaps_like_the_others() {
+    use concierge_proto::v1::EmbedImageRequest;
+    let running = common::serve(&[&format!("--admin-token={TOKEN}"), "--version-label=image-encoder=image-v1"]).await;
+    let mut models = models_client(&running).await;
+    let mut embed = EmbeddingsClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+    let image = common::encoded_image(64, 48, 3, image::ImageFormat::Png);
+    let ask = |e: &mut EmbeddingsClient<Channel>| {
+        let mut e = e.clone();
+        let image = image.clone();
+        async move { e.embed_image(EmbedImageRequest { images: vec![image], normalize: None }).await.unwrap().into_inner() }
+    };
+    let before = ask(&mut embed).await;
+    assert_eq!(before.model.as_ref().unwrap().version, "image-v1");
+    let copy = checkpoint_copy(&common::tiny_image_model(), "image-b", |_| {});
+    models.load(admin(load("image-encoder", &copy, "image-b"))).await.unwrap();
+    models.promote(admin(promote("image-encoder", 100.0))).await.unwrap();
+    let after = ask(&mut embed).await;
+    assert_eq!(after.model.as_ref().unwrap().version, "image-b");
+    assert_eq!(after.embeddings[0].values, before.embeddings[0].values, "the same weights give the same vector");
+    models.rollback(admin(RollbackModelRequest { slot: "image-encoder".into() })).await.unwrap();
+    assert_eq!(ask(&mut embed).await.model.unwrap().version, "image-v1");
     running.shutdown().await.unwrap();
 }
