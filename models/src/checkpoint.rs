@@ -384,7 +384,17 @@ impl HubFiles {
 /// network or, with HF_HUB_OFFLINE, from the cache alone. For checkpoints loaded from a folder
 /// (intent models, taggers) that come from the Hub.
 pub fn hub_folder(repo_id: &str, revision: &str, required: &[(&str, &str)], optional: &[&str]) -> Result<PathBuf> {
-    let hub = HubFiles::new(repo_id, revision, None);
+    hub_folder_in(repo_id, revision, required, optional, None)
+}
+
+fn hub_folder_in(
+    repo_id: &str,
+    revision: &str,
+    required: &[(&str, &str)],
+    optional: &[&str],
+    offline_cache: Option<hf_hub::Cache>,
+) -> Result<PathBuf> {
+    let hub = HubFiles::new(repo_id, revision, offline_cache);
     let mut folder = None;
     for (file, what) in required {
         let path = hub.need(file, what)?;
@@ -469,6 +479,17 @@ mod tests {
         std::fs::create_dir_all(repo.join("refs")).unwrap();
         std::fs::write(repo.join("refs/main"), "89abcdef0123456789abcdef0123456789abcdef").unwrap();
         (root, snap)
+    }
+
+    #[test]
+    fn hub_folder_is_the_snapshot_holding_a_heads_files() {
+        let (root, snap) = hub_cache("folder");
+        let cache = || Some(hf_hub::Cache::new(root.clone()));
+        let dir = hub_folder_in("acme/tiny", "main", &[("config.json", "c"), ("model.safetensors", "w")], &["vocab.json"], cache()).unwrap();
+        assert_eq!(dir, snap);
+        let err = hub_folder_in("acme/tiny", "main", &[("tags.json", "the tag names")], &[], cache()).unwrap_err().to_string();
+        assert!(err.contains("tags.json") && err.contains("the tag names"), "{err}");
+        std::fs::remove_dir_all(&root).unwrap();
     }
 
     #[test]

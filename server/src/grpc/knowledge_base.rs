@@ -10,7 +10,7 @@ use concierge_proto::v1 as pb;
 use concierge_proto::v1::knowledge_base_server::KnowledgeBase;
 use tonic::{Request, Response, Status};
 
-use super::{deadline_of, observe, routing_bucket};
+use super::{deadline_of, observe, observe_version, routing_bucket, Routed};
 use crate::error::ServiceError;
 use crate::registry::SlotName;
 use crate::state::AppState;
@@ -152,7 +152,7 @@ impl KnowledgeBaseService {
         Ok(())
     }
 
-    async fn upsert(&self, req: Request<pb::UpsertRequest>) -> Result<pb::UpsertResponse, ServiceError> {
+    async fn upsert(&self, req: Request<pb::UpsertRequest>, routed: &mut Routed) -> Result<pb::UpsertResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
         let bucket = routing_bucket(&req);
         let msg = req.into_inner();
@@ -180,6 +180,7 @@ impl KnowledgeBaseService {
         if !texts.is_empty() {
             let tower = &self.state.document_tower;
             let tower_model = self.state.registry.snapshot().tower_model(SlotName::DocumentTower, bucket)?;
+            *routed = Some((SlotName::DocumentTower, tower_model.encoder.label.clone()));
             let tower_dim = tower_model.encoder.dimension;
             if tower_dim != dim {
                 return Err(invalid(format!(
@@ -267,7 +268,7 @@ impl KnowledgeBaseService {
         }
     }
 
-    async fn search(&self, req: Request<pb::SearchRequest>) -> Result<pb::SearchResponse, ServiceError> {
+    async fn search(&self, req: Request<pb::SearchRequest>, routed: &mut Routed) -> Result<pb::SearchResponse, ServiceError> {
         let deadline = deadline_of(&req)?;
         let bucket = routing_bucket(&req);
         let msg = req.into_inner();
@@ -296,6 +297,7 @@ impl KnowledgeBaseService {
         let (mut vector, model) = if has_text {
             let tower = &self.state.query_tower;
             let tower_model = self.state.registry.snapshot().tower_model(SlotName::QueryTower, bucket)?;
+            *routed = Some((SlotName::QueryTower, tower_model.encoder.label.clone()));
             let (vectors, _, info) = tower.embed(tower_model, vec![(0, msg.query)], false, msg.truncate.unwrap_or(false), deadline).await?;
             let v = vectors.into_iter().next().ok_or_else(|| ServiceError::Internal("no query vector came back".into()))?;
             if v.len() != dim {
@@ -421,7 +423,10 @@ impl KnowledgeBase for KnowledgeBaseService {
 
     async fn upsert(&self, req: Request<pb::UpsertRequest>) -> Result<Response<pb::UpsertResponse>, Status> {
         let start = Instant::now();
-        respond("Upsert", start, self.upsert(req).await)
+        let mut routed = None;
+        let result = respond("Upsert", start, self.upsert(req, &mut routed).await);
+        observe_version(routed, start, &result);
+        result
     }
 
     async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::GetResponse>, Status> {
@@ -436,7 +441,10 @@ impl KnowledgeBase for KnowledgeBaseService {
 
     async fn search(&self, req: Request<pb::SearchRequest>) -> Result<Response<pb::SearchResponse>, Status> {
         let start = Instant::now();
-        respond("Search", start, self.search(req).await)
+        let mut routed = None;
+        let result = respond("Search", start, self.search(req, &mut routed).await);
+        observe_version(routed, start, &result);
+        result
     }
 
     async fn calibrate_threshold(&self, req: Request<pb::CalibrateThresholdRequest>) -> Result<Response<pb::CalibrateThresholdResponse>, Status> {
