@@ -582,3 +582,73 @@ async fn the_image_encoder_swaps_like_the_others() {
     assert_eq!(ask(&mut embed).await.model.unwrap().version, "image-v1");
     running.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_names_the_slots_and_a_candidate_with_its_share() {
+    let dir = common::fresh_dir("config-file");
+    let token_file = dir.join("token");
+    std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
+    let candidate = checkpoint_copy(&intents_dir(), "intents-from-config", |_| {});
+    let file = dir.join("concierge.toml");
+    std::fs::write(
+        &file,
+        format!(
+            r#"
+admin_token_file = "{}"
+[models.text-encoder]
+dir = "{}"
+version = "minilm-from-file"
+[models.intent]
+dir = "{}"
+version = "clinc-from-file"
+[models.intent.candidate]
+dir = "{}"
+version = "clinc-candidate"
+traffic_percent = 10
+[models.tagger]
+enabled = false
+[models.image-encoder]
+enabled = false
+"#,
+            token_file.display(),
+            common::model_dir().display(),
+            intents_dir().display(),
+            candidate.display()
+        ),
+    )
+    .unwrap();
+    let kb = common::fresh_dir("kb");
+    let args: Vec<std::ffi::OsString> = vec![
+        "concierge".into(),
+        "--listen=127.0.0.1:0".into(),
+        "--metrics-listen=127.0.0.1:0".into(),
+        format!("--kb-dir={}", kb.display()).into(),
+        format!("--config={}", file.display()).into(),
+    ];
+    let config = concierge_server::Config::parse_from_with_file(args).unwrap();
+    let mut running = concierge_server::start(config).await.unwrap();
+    running.ready(Duration::from_secs(60)).await.unwrap();
+    let mut models = models_client(&running).await;
+    // The candidate loads once the server is up.
+    let t0 = Instant::now();
+    let intent = loop {
+        let list = models.list(admin(ListModelsRequest {})).await.unwrap().into_inner();
+        let intent = list.slots.into_iter().find(|s| s.name == "intent").unwrap();
+        if intent.versions.iter().any(|v| v.state == VersionState::Candidate as i32) {
+            break intent;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(30), "the config file's candidate never loaded: {intent:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let candidate = intent.versions.iter().find(|v| v.state == VersionState::Candidate as i32).unwrap();
+    assert_eq!((candidate.version.as_str(), candidate.traffic_percent), ("clinc-candidate", 10.0));
+    let active = intent.versions.iter().find(|v| v.state == VersionState::Active as i32).unwrap();
+    assert_eq!(active.version, "clinc-from-file");
+    let mut embed = common::client(&running).await;
+    let e = embed.embed_text(common::request(&["hi"])).await.unwrap().into_inner();
+    assert_eq!(e.model.unwrap().version, "minilm-from-file");
+    let mut entities = EntitiesClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+    let err = entities.extract(ExtractRequest { texts: vec!["x".into()], truncate: None }).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unimplemented, "tagger disabled in the file: {err:?}");
+    running.shutdown().await.unwrap();
+}
