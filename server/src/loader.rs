@@ -241,9 +241,9 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                     None
                 }
             };
-            let encoder = fitting_encoder(&slots, &reads).ok_or_else(|| {
+            let encoder = head_encoder(&slots, &reads, model.config().input_dim, "concierge train-intent").map_err(|why| {
                 fail(match model.format() {
-                    IntentFormat::HfSequenceClassification => format!(
+                    IntentFormat::HfSequenceClassification if fitting_encoder(&slots, &reads).is_none() => format!(
                         "it is a Hugging Face BertForSequenceClassification: its classifier reads the states of its own \
                          encoder (weights {weights}), not those of the text encoder loaded ({}); serve that folder as the \
                          text model too (--model-dir {}, or Load it into the text-encoder slot), or train an intent model on \
@@ -251,21 +251,9 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                         held_encoders(&slots),
                         dir.display()
                     ),
-                    _ => format!(
-                        "it was trained on the states of text encoder weights {}, but the text-encoder slot holds {}; load that \
-                         encoder into the text-encoder slot first, or retrain it on a loaded one (concierge train-intent --encoder-dir ...)",
-                        reads.as_deref().unwrap_or("?"),
-                        held_encoders(&slots)
-                    ),
+                    _ => why,
                 })
             })?;
-            if model.config().input_dim != encoder.hidden_size() {
-                return Err(fail(format!(
-                    "it reads token states of width {}, but the text encoder's are {}",
-                    model.config().input_dim,
-                    encoder.hidden_size()
-                )));
-            }
             if let Some(tap) = model.tap() {
                 if tap > encoder.num_layers() {
                     return Err(fail(format!("it continues from layer {tap}, but the text encoder has {} layers", encoder.num_layers())));
@@ -365,21 +353,7 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                     if reads.is_none() {
                         tracing::warn!(source = %shown, "the entity tagger does not say which text model it was trained on");
                     }
-                    let encoder = fitting_encoder(&slots, &reads).ok_or_else(|| {
-                        fail(format!(
-                            "it was trained on the states of text encoder weights {}, but the text-encoder slot holds {}; load \
-                             that encoder first, or retrain it on a loaded one (concierge train-tagger --encoder-dir ...)",
-                            reads.as_deref().unwrap_or("?"),
-                            held_encoders(&slots)
-                        ))
-                    })?;
-                    if model.config().input_dim != encoder.hidden_size() {
-                        return Err(fail(format!(
-                            "it reads token states of width {}, but the text encoder's are {}",
-                            model.config().input_dim,
-                            encoder.hidden_size()
-                        )));
-                    }
+                    let encoder = head_encoder(&slots, &reads, model.config().input_dim, "concierge train-tagger").map_err(fail)?;
                     let tokens = warm_up_tokens(encoder)?;
                     let states = encoder.token_states(&[&tokens[0]]).map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
                     let x = states.hidden.unsqueeze(0).map_err(|e| fail(one_line(&e)))?;
@@ -399,6 +373,23 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
             Ok(Built::Tagger(Version { label, id, source: shown.into(), weights, dimension, loaded_at: SystemTime::now(), loaded: tagger }))
         }
     }
+}
+
+/// The held text encoder a head runs on (it reads `reads`'s states, `input_dim` wide), or why
+/// none can; `retrain` is the command that trains such a head.
+fn head_encoder<'a>(slots: &'a Slots, reads: &Option<String>, input_dim: usize, retrain: &str) -> Result<&'a Arc<Version<TextEncoder>>, String> {
+    let encoder = fitting_encoder(slots, reads).ok_or_else(|| {
+        format!(
+            "it was trained on the states of text encoder weights {}, but the text-encoder slot holds {}; load that \
+             encoder into the text-encoder slot first, or retrain it on a loaded one ({retrain} --encoder-dir ...)",
+            reads.as_deref().unwrap_or("?"),
+            held_encoders(slots)
+        )
+    })?;
+    if input_dim != encoder.hidden_size() {
+        return Err(format!("it reads token states of width {input_dim}, but the text encoder's are {}", encoder.hidden_size()));
+    }
+    Ok(encoder)
 }
 
 /// The held text encoder version a head reading `reads` runs on: the active one first.
