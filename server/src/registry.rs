@@ -630,18 +630,28 @@ impl Registry {
 
 /// Gauges of what each slot serves: `concierge_model_version_info{slot,version,state}` = 1 and
 /// `concierge_model_candidate_share{slot}` (0..1).
+/// A version's series that no longer holds is set to 0 (Prometheus keeps the last value).
 fn publish_metrics(slots: &Slots) {
+    static SHOWN: Mutex<Vec<(SlotName, String, &'static str)>> = Mutex::new(Vec::new());
+    let mut now = Vec::new();
     for name in SlotName::ALL {
         let view = slots.view(name);
         metrics::gauge!("concierge_model_candidate_share", "slot" => name.as_str())
             .set(if view.candidate.is_some() { view.share as f64 / BUCKETS as f64 } else { 0.0 });
         for (v, state) in [(&view.active, "active"), (&view.candidate, "candidate"), (&view.previous, "previous")] {
             if let Some(v) = v {
-                metrics::gauge!("concierge_model_version_info", "slot" => name.as_str(), "version" => v.label.clone(), "state" => state)
-                    .set(1.0);
+                now.push((name, v.label.clone(), state));
             }
         }
     }
+    let mut shown = SHOWN.lock().unwrap_or_else(|e| e.into_inner());
+    for (slot, label, state) in shown.iter().filter(|s| !now.contains(s)) {
+        metrics::gauge!("concierge_model_version_info", "slot" => slot.as_str(), "version" => label.clone(), "state" => *state).set(0.0);
+    }
+    for (slot, label, state) in &now {
+        metrics::gauge!("concierge_model_version_info", "slot" => slot.as_str(), "version" => label.clone(), "state" => *state).set(1.0);
+    }
+    *shown = now;
 }
 
 /// The bucket of a routing key: a stable 64-bit FNV-1a hash of it, mixed, modulo [`BUCKETS`]
