@@ -23,7 +23,7 @@ pub struct Config {
     /// The admin token: `concierge.v1.Models` calls must bear `authorization: Bearer <token>`.
     /// Unset (and no --admin-token-file): the admin API refuses every call.
     #[arg(long, env = "CONCIERGE_ADMIN_TOKEN", hide_env_values = true)]
-    pub admin_token: Option<String>,
+    pub admin_token: Option<Secret>,
 
     /// A file holding the admin token (first line), so it is not on the command line.
     #[arg(long, env = "CONCIERGE_ADMIN_TOKEN_FILE")]
@@ -222,6 +222,23 @@ pub struct Config {
     pub log_format: LogFormat,
 }
 
+/// A value that must not reach the logs (the configuration is logged at start-up).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Secret(s.to_string()))
+    }
+}
+
 /// A candidate named in the config file: loaded once the server is up, then given its share.
 #[derive(Debug, Clone)]
 pub struct StartCandidate {
@@ -283,7 +300,7 @@ impl Config {
 
     /// The admin token, from --admin-token or the first line of --admin-token-file.
     pub fn admin_token(&self) -> anyhow::Result<Option<String>> {
-        if let Some(t) = &self.admin_token {
+        if let Some(Secret(t)) = &self.admin_token {
             return Ok(Some(t.trim().to_string()).filter(|t| !t.is_empty()));
         }
         match &self.admin_token_file {
@@ -505,7 +522,9 @@ traffic_percent = 10
         assert_eq!(c.version_label("intent"), Some("int-v1"));
         assert_eq!(c.candidates.len(), 1);
         assert_eq!((c.candidates[0].slot.as_str(), c.candidates[0].version.as_str(), c.candidates[0].traffic_percent), ("intent", "int-v2", 10.0));
-        let c = args(&["--max-batch-size", "9"]);
+        let c = args(&["--max-batch-size", "9", "--admin-token", "hunter2"]);
+        assert!(!format!("{c:?}").contains("hunter2"), "the logged configuration must not show the admin token");
+        assert_eq!(c.admin_token().unwrap().as_deref(), Some("hunter2"));
         assert_eq!(c.max_batch_size, 9, "the command line overrides the file");
         std::fs::write(&path, "[models.intnet]\ndir = \"x\"\n").unwrap();
         let e = Config::parse_from_with_file(vec!["concierge".into(), "--config".into(), path.clone().into()]).unwrap_err();
