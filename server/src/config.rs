@@ -70,6 +70,11 @@ pub struct Config {
     #[arg(long, env = "CONCIERGE_DEVICE", default_value = "cpu")]
     pub device: String,
 
+    /// Run on the CPU (with a warning) when the --device GPU cannot be opened, instead of
+    /// failing start-up.
+    #[arg(long, env = "CONCIERGE_DEVICE_FALLBACK_CPU")]
+    pub device_fallback_cpu: bool,
+
     /// Floating-point type of the weights and activations.
     #[arg(long, env = "CONCIERGE_DTYPE", value_enum, default_value_t = DTypeArg::F32)]
     pub dtype: DTypeArg,
@@ -339,7 +344,9 @@ impl Config {
         Duration::from_millis(self.max_wait_ms)
     }
 
-    /// The device named by --device.
+    /// The device named by --device. A GPU that cannot be opened (no CUDA in this build, no
+    /// driver, no such device, a card older than the build's compute capability) fails start-up
+    /// with what to fix, or, with --device-fallback-cpu, runs on the CPU with a warning.
     pub fn candle_device(&self) -> anyhow::Result<candle_core::Device> {
         let d = self.device.trim();
         if d == "cpu" {
@@ -350,10 +357,14 @@ impl Config {
             .or_else(|| (d == "cuda").then_some("0"))
             .and_then(|n| n.parse::<usize>().ok())
             .ok_or_else(|| anyhow::anyhow!("--device {d:?}: expected `cpu` or `cuda:N`"))?;
-        if !candle_core::utils::cuda_is_available() {
-            anyhow::bail!("--device {d}: this binary was built without CUDA; rebuild with `--features cuda` or use --device cpu");
+        match open_cuda(ordinal) {
+            Ok(device) => Ok(device),
+            Err(e) if self.device_fallback_cpu => {
+                tracing::warn!("{e:#}; --device-fallback-cpu is set, so every model runs on the CPU");
+                Ok(candle_core::Device::Cpu)
+            }
+            Err(e) => Err(e),
         }
-        Ok(candle_core::Device::new_cuda(ordinal)?)
     }
 
     /// Settings that cannot work together, caught before anything starts.
@@ -386,6 +397,61 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Opens GPU `ordinal` and checks that this build's kernels can run on it.
+fn open_cuda(ordinal: usize) -> anyhow::Result<candle_core::Device> {
+    let flag = format!("--device cuda:{ordinal}");
+    if !candle_core::utils::cuda_is_available() {
+        anyhow::bail!("{flag}: this binary was built without CUDA; rebuild with `--features cuda` (scripts/build-cuda.sh) or use --device cpu");
+    }
+    // cudarc loads libcuda.so.1 on first use and panics when it cannot.
+    let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal)).map_err(|p| {
+        let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        anyhow::anyhow!("{}", why.unwrap_or_else(|| "the CUDA driver library could not be loaded".into()))
+    });
+    let device = opened.and_then(|r| r.map_err(anyhow::Error::from)).map_err(|e| {
+        anyhow::anyhow!(
+            "{flag}: cannot open the GPU ({e}); check that the NVIDIA driver is installed (libcuda.so.1, `nvidia-smi`), that \
+             LD_LIBRARY_PATH finds libcublas.so.13, libcublasLt.so.13, libcurand.so.10, libcudart.so.13 and libnvrtc.so.13 \
+             (README, CUDA), and that GPU {ordinal} exists; or use --device cpu, or --device-fallback-cpu"
+        )
+    })?;
+    check_compute_capability(&device, &flag)?;
+    Ok(device)
+}
+
+/// The compute capability the CUDA kernels were built for (CUDA_COMPUTE_CAP at build time).
+pub const BUILT_COMPUTE_CAP: Option<&str> = option_env!("CUDA_COMPUTE_CAP");
+
+/// Whether kernels built for compute capability `built` (e.g. 90) run on a card of `card`:
+/// candle's kernels are PTX, which the driver compiles for the same or a newer card, never for
+/// an older one.
+pub fn compute_capability_fits(built: u32, card: u32) -> bool {
+    card >= built
+}
+
+#[cfg(feature = "cuda")]
+fn check_compute_capability(device: &candle_core::Device, flag: &str) -> anyhow::Result<()> {
+    let (major, minor) = device.as_cuda_device()?.cuda_stream().context().compute_capability()?;
+    let card = (major * 10 + minor) as u32;
+    if let Some(built) = BUILT_COMPUTE_CAP.and_then(|c| c.trim().parse::<u32>().ok()) {
+        anyhow::ensure!(
+            compute_capability_fits(built, card),
+            "{flag}: this binary's CUDA kernels were built for compute capability {built}, but the GPU is {major}.{minor}; \
+             rebuild with CUDA_COMPUTE_CAP={card} scripts/build-cuda.sh"
+        );
+        if built != card {
+            tracing::warn!(built, card, "the GPU is newer than the build's compute capability; its kernels are compiled from PTX at start-up");
+        }
+    }
+    tracing::info!(card = %format!("{major}.{minor}"), built = ?BUILT_COMPUTE_CAP, "GPU opened");
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn check_compute_capability(_: &candle_core::Device, _: &str) -> anyhow::Result<()> {
+    Ok(())
 }
 
 /// The model slots, as the config file and --version-label name them.
@@ -529,6 +595,34 @@ traffic_percent = 10
         std::fs::write(&path, "[models.intnet]\ndir = \"x\"\n").unwrap();
         let e = Config::parse_from_with_file(vec!["concierge".into(), "--config".into(), path.clone().into()]).unwrap_err();
         assert!(e.to_string().contains("no slot is called \"intnet\""), "{e}");
+
         std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[cfg(test)]
+mod device_tests {
+    use clap::Parser;
+
+    #[test]
+    fn a_gpu_this_build_cannot_open_fails_start_up_or_falls_back() {
+        let mut c = super::Config::try_parse_from(["concierge", "--device", "cuda:0"]).unwrap();
+        if candle_core::utils::cuda_is_available() {
+            eprintln!("skipped: this is a CUDA build; the GPU checks run on a GPU machine");
+            return;
+        }
+        let e = c.candle_device().unwrap_err().to_string();
+        assert!(e.contains("built without CUDA") && e.contains("--device cpu"), "{e}");
+        c.device_fallback_cpu = true;
+        assert!(c.candle_device().unwrap().is_cpu());
+        let c = super::Config::try_parse_from(["concierge", "--device", "gpu0"]).unwrap();
+        assert!(c.candle_device().unwrap_err().to_string().contains("expected `cpu` or `cuda:N`"));
+    }
+
+    #[test]
+    fn kernels_run_on_the_same_or_a_newer_card_only() {
+        assert!(super::compute_capability_fits(90, 90));
+        assert!(super::compute_capability_fits(80, 90));
+        assert!(!super::compute_capability_fits(90, 86));
     }
 }
