@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the CUDA server binary and strips it into cuda-bin/concierge (git-ignored; ~40 MB, small
-# enough to carry to a GPU machine). With a CUDA toolkit installed (nvcc on PATH or CUDA_ROOT
+# Builds the CUDA server binary and strips it into cuda-bin/concierge (git-ignored; 71 MB, 23 MB
+# gzipped, to carry to a GPU machine). With a CUDA toolkit installed (nvcc on PATH or CUDA_ROOT
 # set) it uses that; otherwise it sets up scripts/cuda-toolchain.sh's pip toolchain first.
 #   usage: scripts/build-cuda.sh            CUDA_COMPUTE_CAP=90 by default (H100/H200)
 # Run time needs the driver's libcuda.so.1 and libcublas.so.13, libcublasLt.so.13,
