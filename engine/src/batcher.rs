@@ -476,11 +476,7 @@ fn run_batch<B: Backend>(lane: &'static str, batch: Vec<Item<B>>) {
         Ok(Ok(out)) if out.len() == inputs.len() => Ok(out),
         Ok(Ok(out)) => Err(format!("model returned {} outputs for {} inputs", out.len(), inputs.len())),
         Ok(Err(e)) => Err(e),
-        Err(panic) => Err(panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-            .unwrap_or_else(|| "panic".into())),
+        Err(panic) => Err(crate::panic_message(panic.as_ref()).unwrap_or_else(|| "panic".into())),
     };
     drop(inputs);
     metrics::histogram!("concierge_inference_seconds", "lane" => lane).record(start.elapsed().as_secs_f64());

@@ -14,6 +14,11 @@ mod error;
 pub use batcher::{BatchLimits, Device, Engine, Pending};
 pub use error::EngineError;
 
+/// The message a caught panic carries (`panic!("...")` with or without formatting), if any.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<String> {
+    payload.downcast_ref::<String>().cloned().or_else(|| payload.downcast_ref::<&str>().map(|s| s.to_string()))
+}
+
 /// A model the engine can run batches of.
 pub trait Backend: Send + Sync + 'static {
     type Input: Send + 'static;

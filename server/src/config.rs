@@ -407,7 +407,7 @@ fn open_cuda(ordinal: usize) -> anyhow::Result<candle_core::Device> {
     }
     // cudarc loads libcuda.so.1 on first use and panics when it cannot.
     let opened = std::panic::catch_unwind(|| candle_core::Device::new_cuda(ordinal)).map_err(|p| {
-        let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
+        let why = concierge_engine::panic_message(p.as_ref());
         anyhow::anyhow!("{}", why.unwrap_or_else(|| "the CUDA driver library could not be loaded".into()))
     });
     let device = opened.and_then(|r| r.map_err(anyhow::Error::from)).map_err(|e| {

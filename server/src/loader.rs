@@ -48,8 +48,8 @@ pub fn load_into(state: &AppState, slot: SlotName, source: &ModelSource, label: 
     // A panic in model code must fail the load, not the server.
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| build(state, slot, source, label, &shown, install)))
         .unwrap_or_else(|p| {
-            let why = p.downcast_ref::<String>().cloned().or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()));
-            Err(ServiceError::Internal(format!("loading panicked: {}", why.unwrap_or_else(|| "(no message)".into()))))
+            let why = concierge_engine::panic_message(p.as_ref()).unwrap_or_else(|| "(no message)".into());
+            Err(ServiceError::Internal(format!("loading panicked: {why}")))
         })
         .and_then(|built| {
             let label = built.label().to_string();

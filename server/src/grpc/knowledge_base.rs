@@ -10,7 +10,7 @@ use concierge_proto::v1 as pb;
 use concierge_proto::v1::knowledge_base_server::KnowledgeBase;
 use tonic::{Request, Response, Status};
 
-use super::{deadline_of, observe, observe_version, routing_bucket, Routed};
+use super::{deadline_of, observe_version, respond, routing_bucket, Routed};
 use crate::error::ServiceError;
 use crate::registry::SlotName;
 use crate::state::AppState;
@@ -400,13 +400,6 @@ impl KnowledgeBaseService {
             pairs: scored.len() as u32,
         })
     }
-}
-
-/// Answers a call: the status from `crate::error`, counted and timed under `rpc`.
-fn respond<T>(rpc: &'static str, start: Instant, result: Result<T, ServiceError>) -> Result<Response<T>, Status> {
-    let result = result.map(Response::new).map_err(Status::from);
-    observe(rpc, start, &result);
-    result
 }
 
 #[tonic::async_trait]

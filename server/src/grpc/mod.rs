@@ -102,6 +102,13 @@ pub(crate) fn check_texts(texts: &[String], limit: usize, what: &str, item: &str
     Ok(())
 }
 
+/// A service method's result as the rpc's answer, counted by [`observe`].
+pub(crate) fn respond<T>(rpc: &'static str, start: Instant, result: Result<T, ServiceError>) -> Result<tonic::Response<T>, Status> {
+    let result = result.map(tonic::Response::new).map_err(Status::from);
+    observe(rpc, start, &result);
+    result
+}
+
 /// Counts a finished request by rpc and status code, and records its latency.
 pub(crate) fn observe<T>(rpc: &'static str, start: Instant, result: &Result<T, Status>) {
     let code = match result {

@@ -14,7 +14,7 @@ use concierge_proto::v1 as pb;
 use concierge_proto::v1::models_server::Models;
 use tonic::{Request, Response, Status};
 
-use super::observe;
+use super::respond;
 use crate::error::ServiceError;
 use crate::loader::{self, Install};
 use crate::registry::{SlotName, SlotView, Stage, VersionView, BUCKETS};
@@ -174,12 +174,6 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
         diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
     }
     diff == 0
-}
-
-fn respond<T>(rpc: &'static str, start: Instant, r: Result<T, ServiceError>) -> Result<Response<T>, Status> {
-    let result = r.map(Response::new).map_err(Status::from);
-    observe(rpc, start, &result);
-    result
 }
 
 #[tonic::async_trait]
