@@ -149,34 +149,41 @@ impl BertLayers {
     /// Runs the layers over packed states `[T, H]` (`lens` sum to T).
     pub fn forward(&self, x: &Tensor, lens: &[usize]) -> Result<Tensor> {
         if x.device().is_cpu() {
-            return concierge_kernels::on_cpu_pool(|| self.forward_inner(x.clone(), lens, None, false).map(|(x, _)| x));
+            return concierge_kernels::on_cpu_pool(|| self.forward_inner(x.clone(), lens, &[], false).map(|(x, _)| x));
         }
-        self.forward_inner(x.clone(), lens, None, false).map(|(x, _)| x)
+        self.forward_inner(x.clone(), lens, &[], false).map(|(x, _)| x)
     }
 
-    /// Runs the layers; with `tap = Some(n)` also returns the states after the first `n` of them,
-    /// and with `stop` runs no further (both results are then those states).
-    fn forward_inner(&self, mut x: Tensor, lens: &[usize], tap: Option<usize>, stop: bool) -> Result<(Tensor, Option<Tensor>)> {
-        if stop && tap == Some(0) {
-            return Ok((x.clone(), Some(x)));
-        }
-        let attention = Attention::new(lens, self.heads, x.device(), x.dtype())?;
-        let mut tapped = (tap == Some(0)).then(|| x.clone());
-        for (n, layer) in self.layers.iter().enumerate() {
-            let qkv = layer.qkv.forward(&x, None, None)?;
-            let ctx = attention.forward(&qkv)?;
-            let a = layer.attn_out.forward(&ctx, None, Some(&x))?;
-            x = layer.attn_ln.forward(&a)?;
-            let i = layer.inter.forward(&x, Some(self.act), None)?;
-            let o = layer.out.forward(&i, None, Some(&x))?;
-            x = layer.out_ln.forward(&o)?;
-            if tap == Some(n + 1) {
-                if stop {
-                    return Ok((x.clone(), Some(x)));
-                }
-                tapped = Some(x.clone());
+    /// Runs the layers; also returns the states after the first `n` of them for each `n` in
+    /// `taps` (in that order), and with `stop` runs no further than the deepest tap (the first
+    /// result is then that tap's states).
+    fn forward_inner(&self, mut x: Tensor, lens: &[usize], taps: &[usize], stop: bool) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut tapped: Vec<Option<Tensor>> = vec![None; taps.len()];
+        let keep = |tapped: &mut Vec<Option<Tensor>>, n: usize, x: &Tensor| {
+            for (slot, _) in tapped.iter_mut().zip(taps).filter(|(_, &t)| t == n) {
+                *slot = Some(x.clone());
+            }
+        };
+        let last = if stop { taps.iter().copied().max().unwrap_or(self.layers.len()) } else { self.layers.len() };
+        keep(&mut tapped, 0, &x);
+        if last > 0 {
+            let attention = Attention::new(lens, self.heads, x.device(), x.dtype())?;
+            for (n, layer) in self.layers.iter().enumerate().take(last) {
+                let qkv = layer.qkv.forward(&x, None, None)?;
+                let ctx = attention.forward(&qkv)?;
+                let a = layer.attn_out.forward(&ctx, None, Some(&x))?;
+                x = layer.attn_ln.forward(&a)?;
+                let i = layer.inter.forward(&x, Some(self.act), None)?;
+                let o = layer.out.forward(&i, None, Some(&x))?;
+                x = layer.out_ln.forward(&o)?;
+                keep(&mut tapped, n + 1, &x);
             }
         }
+        let tapped = tapped
+            .into_iter()
+            .zip(taps)
+            .map(|(t, n)| t.ok_or_else(|| ModelError::Unsupported(format!("tap after layer {n}: the stack has {}", self.layers.len()))))
+            .collect::<Result<Vec<_>>>()?;
         Ok((x, tapped))
     }
 }
@@ -246,27 +253,34 @@ impl BertEncoder {
     }
 
     /// The last layer's states and, with `tap = Some(n)`, also the states after layer `n`
-    /// (`0`: the embeddings), for a head that continues from there with its own top layers.
+    /// (`0`: the embeddings), for a head that continues from there with their own top layers.
     pub fn forward_tapped(&self, batch: &PackedBatch, tap: Option<usize>) -> Result<(Tensor, Option<Tensor>)> {
-        self.run(batch, tap, false)
+        let taps: Vec<usize> = tap.into_iter().collect();
+        self.run(batch, &taps, false).map(|(x, mut t)| (x, t.pop()))
+    }
+
+    /// The last layer's states and the states after each layer in `taps` (`0`: the embeddings),
+    /// in that order: one pass for heads that read several layers or branch at one.
+    pub fn forward_taps(&self, batch: &PackedBatch, taps: &[usize]) -> Result<(Tensor, Vec<Tensor>)> {
+        self.run(batch, taps, false)
     }
 
     /// The states after layer `n` only (`0`: the embeddings): the layers above are not run. For a
     /// batch whose only reader is a head that branches there.
     pub fn forward_until(&self, batch: &PackedBatch, n: usize) -> Result<Tensor> {
-        self.run(batch, Some(n), true).map(|(x, _)| x)
+        self.run(batch, &[n], true).map(|(x, _)| x)
     }
 
-    fn run(&self, batch: &PackedBatch, tap: Option<usize>, stop: bool) -> Result<(Tensor, Option<Tensor>)> {
+    fn run(&self, batch: &PackedBatch, taps: &[usize], stop: bool) -> Result<(Tensor, Vec<Tensor>)> {
         let _enter = self.span.enter();
         if self.device().is_cpu() {
             // The CPU kernels split every op over rayon's pool: run the pass on it.
-            return concierge_kernels::on_cpu_pool(|| self.forward_inner(batch, tap, stop));
+            return concierge_kernels::on_cpu_pool(|| self.forward_inner(batch, taps, stop));
         }
-        self.forward_inner(batch, tap, stop)
+        self.forward_inner(batch, taps, stop)
     }
 
-    fn forward_inner(&self, batch: &PackedBatch, tap: Option<usize>, stop: bool) -> Result<(Tensor, Option<Tensor>)> {
+    fn forward_inner(&self, batch: &PackedBatch, taps: &[usize], stop: bool) -> Result<(Tensor, Vec<Tensor>)> {
         let dev = self.device();
         let total: usize = batch.lens.iter().sum();
         if total != batch.ids.len() || total != batch.type_ids.len() || batch.lens.contains(&0) {
@@ -275,7 +289,7 @@ impl BertEncoder {
         if let Some(&l) = batch.lens.iter().max().filter(|&&l| l > self.max_positions) {
             return Err(ModelError::InputTooLong { index: 0, tokens: l, limit: self.max_positions });
         }
-        if let Some(t) = tap.filter(|&t| t > self.layers.len()) {
+        if let Some(&t) = taps.iter().find(|&&t| t > self.layers.len()) {
             return Err(ModelError::Unsupported(format!("tap after layer {t}: the encoder has {}", self.layers.len())));
         }
         let positions: Vec<u32> = batch.lens.iter().flat_map(|&l| 0..l as u32).collect();
@@ -290,7 +304,7 @@ impl BertEncoder {
                 .add(&self.token_type.index_select(&types, 0)?)?
         };
         let x = self.emb_ln.forward(&x)?;
-        self.layers.forward_inner(x, batch.lens, tap, stop)
+        self.layers.forward_inner(x, batch.lens, taps, stop)
     }
 }
 

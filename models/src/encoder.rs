@@ -156,10 +156,17 @@ impl TextEncoder {
     /// encoder's dtype, for heads that continue from there with their own fine-tuned top layers:
     /// still one pass.
     pub fn token_states_tapped(&self, inputs: &[&TokenizedText], tap: Option<usize>) -> Result<(TokenStates, Option<Tensor>)> {
+        let taps: Vec<usize> = tap.into_iter().collect();
+        self.token_states_taps(inputs, &taps).map(|(s, mut t)| (s, t.pop()))
+    }
+
+    /// [`Self::token_states`], plus the states after each layer in `taps` (`0`: the embeddings)
+    /// in the encoder's dtype, in that order: one pass for every head's reads.
+    pub fn token_states_taps(&self, inputs: &[&TokenizedText], taps: &[usize]) -> Result<(TokenStates, Vec<Tensor>)> {
         let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
         let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
         let type_ids: Vec<u32> = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
-        let (hidden, tapped) = self.bert.forward_tapped(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens }, tap)?;
+        let (hidden, tapped) = self.bert.forward_taps(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens }, taps)?;
         Ok((TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens }, tapped))
     }
 

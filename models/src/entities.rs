@@ -4,7 +4,8 @@
 //! Two kinds of tagger (see [`crate::tagger`]):
 //! - **encoder input** (English, BERT-BiLSTM-CRF): a word's features are the text encoder's state
 //!   of the word's first sub-token, words being the tokenizer's pre-tokenisation (whitespace and
-//!   punctuation). The encoder pass is the one the text lane already runs for embeddings, so a
+//!   punctuation); by default the last layer's state, or the states of several layers side by
+//!   side (`encoder_layers` in its config). The encoder pass is the one the text lane already runs for embeddings, so a
 //!   message needing both pays for one pass.
 //! - **embeddings input** (Chinese): one token per character, the tagger's own embedding table.
 //!
@@ -14,6 +15,7 @@ use candle_core::{DType, Device, Tensor};
 use crate::error::{ModelError, Result};
 use crate::sequence::spans::spans;
 use crate::tagger::{BiLstmCrf, InputKind};
+use crate::encoder::{TextEncoder, TokenStates};
 use crate::tokenize::TokenizedText;
 
 /// The words of one tokenised text: per word, its first token and its byte range in the text.
@@ -120,6 +122,24 @@ pub fn back_project(piece_tags: &[String], source_of: &[usize], n_source: usize)
         }
     }
     out
+}
+
+/// The token states a tagger over encoder states reads from one pass: with `layers` (its
+/// config's `encoder_layers`) the states after those layers, concatenated along features in
+/// that order (f32); without, the last layer's.
+pub fn tagger_states(encoder: &TextEncoder, inputs: &[&TokenizedText], layers: Option<&[usize]>) -> Result<TokenStates> {
+    Ok(match layers {
+        None => encoder.token_states(inputs)?,
+        Some(layers) => {
+            let (last, taps) = encoder.token_states_taps(inputs, layers)?;
+            TokenStates { hidden: concat_taps(&taps)?, lens: last.lens }
+        }
+    })
+}
+
+/// A tagger's features from the taps of its layers (see [`tagger_states`]): `[T, H * n]` f32.
+pub fn concat_taps(taps: &[Tensor]) -> Result<Tensor> {
+    Ok(Tensor::cat(taps, 1)?.to_dtype(DType::F32)?)
 }
 
 /// Word features `[words, hidden]` of one input: the state of each word's first token.

@@ -106,3 +106,31 @@ fn over_long_input_is_refused_with_its_count_unless_truncated() {
     assert_eq!((t.len(), t.original_len), (16, 19));
     assert_eq!(*t.ids.last().unwrap(), 102, "truncation keeps [SEP] last");
 }
+
+#[test]
+fn taps_are_the_states_after_their_layers_in_one_pass() {
+    let enc = TextEncoder::load(&ModelSource::Dir(common::default_model_dir()), &Device::Cpu, DType::F32, None).unwrap();
+    let texts = ["flights from boston to denver", "这款面霜适合敏感肌肤吗？", "ok"];
+    let toks: Vec<_> = texts.iter().enumerate().map(|(i, t)| enc.tokenize(i, t, false).unwrap()).collect();
+    let refs: Vec<_> = toks.iter().collect();
+    let n = enc.num_layers();
+    // Repeated and unordered taps come back in the order asked; each equals a pass stopped there.
+    let taps = [n - 1, 0, 2, n, 2];
+    let (last, got) = enc.token_states_taps(&refs, &taps).unwrap();
+    assert_eq!(got.len(), taps.len());
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 { (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap() };
+    for (t, states) in taps.iter().zip(&got) {
+        let alone = enc.token_states_until(&refs, *t).unwrap();
+        assert_eq!(max_diff(states, &alone.hidden), 0.0, "tap {t}");
+    }
+    assert_eq!(max_diff(&last.hidden, &enc.token_states(&refs).unwrap().hidden), 0.0);
+    assert_eq!(max_diff(&got[3], &last.hidden), 0.0, "the last layer's tap is the last layer's states");
+    // A tagger's features: its layers side by side, or the last layer alone.
+    let side = concierge_models::entities::tagger_states(&enc, &refs, Some(&[2, n])).unwrap();
+    assert_eq!(side.hidden.dims(), &[last.hidden.dim(0).unwrap(), 2 * enc.hidden_size()]);
+    assert_eq!(max_diff(&side.hidden.narrow(1, enc.hidden_size(), enc.hidden_size()).unwrap(), &last.hidden), 0.0);
+    assert_eq!(max_diff(&side.hidden.narrow(1, 0, enc.hidden_size()).unwrap(), &got[2]), 0.0);
+    // Past the last layer is an error that says so.
+    let err = enc.token_states_taps(&refs, &[n + 1]).unwrap_err().to_string();
+    assert!(err.contains(&format!("{}", n + 1)), "{err}");
+}

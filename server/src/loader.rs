@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use candle_core::{DType, Device, Tensor};
+use concierge_models::entities::tagger_states;
 use concierge_models::intent::{IntentFormat, IntentModel};
 use concierge_models::tagger::InputKind;
 use concierge_models::{BiLstmCrf, CrossAttentionFusion, ImageEncoder, ModelSource, TextEncoder, TokenizedText};
@@ -241,7 +242,7 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                     None
                 }
             };
-            let encoder = head_encoder(&slots, &reads, model.config().input_dim, "concierge train-intent").map_err(|why| {
+            let encoder = head_encoder(&slots, &reads, model.config().input_dim, None, "concierge train-intent").map_err(|why| {
                 fail(match model.format() {
                     IntentFormat::HfSequenceClassification if fitting_encoder(&slots, &reads).is_none() => format!(
                         "it is a Hugging Face BertForSequenceClassification: its classifier reads the states of its own \
@@ -353,9 +354,11 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                     if reads.is_none() {
                         tracing::warn!(source = %shown, "the entity tagger does not say which text model it was trained on");
                     }
-                    let encoder = head_encoder(&slots, &reads, model.config().input_dim, "concierge train-tagger").map_err(fail)?;
+                    let layers = model.config().encoder_layers.as_deref();
+                    let encoder = head_encoder(&slots, &reads, model.config().input_dim, layers, "concierge train-tagger").map_err(fail)?;
                     let tokens = warm_up_tokens(encoder)?;
-                    let states = encoder.token_states(&[&tokens[0]]).map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
+                    let states = tagger_states(encoder, &[&tokens[0]], layers)
+                        .map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
                     let x = states.hidden.unsqueeze(0).map_err(|e| fail(one_line(&e)))?;
                     model.forward_emissions(&x, &states.lens)
                 }
@@ -375,9 +378,16 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
     }
 }
 
-/// The held text encoder a head runs on (it reads `reads`'s states, `input_dim` wide), or why
-/// none can; `retrain` is the command that trains such a head.
-fn head_encoder<'a>(slots: &'a Slots, reads: &Option<String>, input_dim: usize, retrain: &str) -> Result<&'a Arc<Version<TextEncoder>>, String> {
+/// The held text encoder a head runs on (it reads `reads`'s states, `input_dim` wide: the
+/// states after `layers` side by side, or the last layer's), or why none can; `retrain` is the
+/// command that trains such a head.
+fn head_encoder<'a>(
+    slots: &'a Slots,
+    reads: &Option<String>,
+    input_dim: usize,
+    layers: Option<&[usize]>,
+    retrain: &str,
+) -> Result<&'a Arc<Version<TextEncoder>>, String> {
     let encoder = fitting_encoder(slots, reads).ok_or_else(|| {
         format!(
             "it was trained on the states of text encoder weights {}, but the text-encoder slot holds {}; load that \
@@ -386,8 +396,18 @@ fn head_encoder<'a>(slots: &'a Slots, reads: &Option<String>, input_dim: usize, 
             held_encoders(slots)
         )
     })?;
-    if input_dim != encoder.hidden_size() {
-        return Err(format!("it reads token states of width {input_dim}, but the text encoder's are {}", encoder.hidden_size()));
+    if let Some(&l) = layers.into_iter().flatten().find(|&&l| l > encoder.num_layers()) {
+        return Err(format!("it reads the states after layer {l}, but the text encoder has {} layers", encoder.num_layers()));
+    }
+    let n = layers.map_or(1, <[usize]>::len);
+    if input_dim != encoder.hidden_size() * n {
+        return Err(match n {
+            1 => format!("it reads token states of width {input_dim}, but the text encoder's are {}", encoder.hidden_size()),
+            _ => format!(
+                "it reads {n} layers' token states side by side, {input_dim} wide, but the text encoder's make {}",
+                encoder.hidden_size() * n
+            ),
+        });
     }
     Ok(encoder)
 }

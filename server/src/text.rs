@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use concierge_engine::{Backend, Engine};
-use concierge_models::entities::{extract_from_states, Entity};
+use concierge_models::entities::{concat_taps, extract_from_states, Entity};
 use concierge_models::intent::IntentModel;
 use concierge_models::{ModelInfo, TextEncoder, TokenStates, TokenizedText};
 
@@ -89,18 +89,34 @@ impl Backend for TextModel {
             true => None,
             false => Some(self.intent.as_ref().ok_or("this text model has no intent head")?),
         };
-        // One pass; a head with its own top layers also gets the states it branches from. When
-        // that head is the batch's only reader, the encoder stops at the branch.
+        let tag: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.entities).collect();
+        let tagger = match tag.is_empty() {
+            true => None,
+            false => Some(&self.tagger.as_ref().ok_or("this text model has no entity tagger")?.model),
+        };
+        // One pass; a head with its own top layers also gets the states it branches from, and a
+        // tagger that reads several layers gets theirs. When the branching head is the batch's
+        // only reader, the encoder stops at the branch.
         let tap = intent.and_then(|h| h.model.tap());
+        let tagger_layers = tagger.and_then(|t| t.config().encoder_layers.as_deref()).unwrap_or(&[]);
+        let taps: Vec<usize> = tap.into_iter().chain(tagger_layers.iter().copied()).collect();
         let only_intents = batch.iter().all(|i| !i.tasks.embed && !i.tasks.entities);
-        let (states, tapped) = match tap {
+        let (states, mut tapped) = match tap {
             Some(n) if only_intents => {
                 let s = self.encoder.token_states_until(&tokens, n).map_err(|e| e.to_string())?;
                 let t = s.hidden.clone();
-                (s, Some(t))
+                (s, vec![t])
             }
-            _ => self.encoder.token_states_tapped(&tokens, tap).map_err(|e| e.to_string())?,
+            _ => self.encoder.token_states_taps(&tokens, &taps).map_err(|e| e.to_string())?,
         };
+        let tagger_states = match tagger_layers.is_empty() {
+            true => None,
+            false => Some(TokenStates {
+                hidden: concat_taps(&tapped.split_off(tap.iter().len())).map_err(|e| e.to_string())?,
+                lens: states.lens.clone(),
+            }),
+        };
+        let tapped = tapped.pop();
         let mut out = vec![TextOutput::default(); batch.len()];
 
         let embed: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.embed).collect();
@@ -120,11 +136,10 @@ impl Backend for TextModel {
             }
         }
 
-        let tag: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].tasks.entities).collect();
-        if !tag.is_empty() {
-            let tagger = &self.tagger.as_ref().ok_or("this text model has no entity tagger")?.model;
+        if let Some(tagger) = tagger {
             let inputs: Vec<&TokenizedText> = tag.iter().map(|&i| tokens[i]).collect();
-            let found = extract_from_states(tagger, &inputs, |k| states.of(tag[k])).map_err(|e| e.to_string())?;
+            let read = tagger_states.as_ref().unwrap_or(&states);
+            let found = extract_from_states(tagger, &inputs, |k| read.of(tag[k])).map_err(|e| e.to_string())?;
             for (&i, ents) in tag.iter().zip(found) {
                 out[i].entities = Some(ents);
             }

@@ -447,6 +447,42 @@ mod sharing {
             assert!(err < 1e-4, "the branch over the encoder's own top layers differs from the last layer's head by {err}");
         }
     }
+
+    /// The default tagger reads several layers side by side and the default intent head branches
+    /// at layer 4: one batch asking for everything still runs one pass, and each answer equals
+    /// the input alone asking for one thing.
+    #[test]
+    fn one_pass_serves_intents_and_a_tagger_reading_several_layers() {
+        let mut model = text_model(&checkpoint());
+        let tagger = concierge_models::BiLstmCrf::load(&common::repo_path("checkpoints/entities-en-atis"), &Device::Cpu, DType::F32).unwrap();
+        assert!(tagger.config().encoder_layers.as_ref().is_some_and(|l| l.len() > 1), "the default tagger reads one layer");
+        let tags = tagger.tags().len();
+        let tagger = concierge_server::registry::Tagger { model: tagger, reads: None };
+        model.tagger = Some(concierge_server::registry::Version::wrap("tagger", "tagger", tags, tagger));
+        let texts = ["flights from boston to denver tomorrow morning", "where is my parcel", "cheapest fare from dallas to miami"];
+        let run = |tasks: &[(usize, Tasks)]| {
+            let inputs: Vec<TextInput> = tasks
+                .iter()
+                .map(|&(i, tasks)| TextInput { tokens: model.encoder.tokenize(i, texts[i], false).unwrap(), normalize: true, tasks, images: Vec::new() })
+                .collect();
+            model.run(&inputs.iter().collect::<Vec<_>>()).unwrap()
+        };
+        let all = Tasks { embed: true, entities: true, intent: true };
+        let out = run(&[(0, all), (1, Tasks::INTENT), (2, Tasks::ENTITIES)]);
+        let spans = |e: &[concierge_models::entities::Entity]| e.iter().map(|e| (e.label.clone(), e.start, e.end)).collect::<Vec<_>>();
+        for (i, got) in [(0, &out[0]), (2, &out[2])] {
+            let alone = run(&[(i, Tasks::ENTITIES)]).remove(0).entities.unwrap();
+            assert!(!alone.is_empty(), "the tagger found nothing in {:?}", texts[i]);
+            assert_eq!(spans(&alone), spans(got.entities.as_ref().unwrap()), "input {i}");
+        }
+        for (i, got) in [(0, &out[0]), (1, &out[1])] {
+            let alone = run(&[(i, Tasks::INTENT)]).remove(0).intent.unwrap();
+            assert!(worst(&alone, got.intent.as_ref().unwrap()) < 1e-5, "input {i}");
+        }
+        let alone = run(&[(0, Tasks::EMBED)]).remove(0).embedding.unwrap();
+        assert!(worst(&alone, out[0].embedding.as_ref().unwrap()) < 1e-5);
+        assert!(out[1].entities.is_none() && out[2].intent.is_none() && out[1].embedding.is_none());
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -364,6 +364,13 @@ async fn broken_checkpoints_are_refused_and_the_active_version_serves_on() {
             c.to_string().into_bytes()
         })
     });
+    let deeper_layer = checkpoint_copy(&tagger_dir(), "tagger-layer", |d| {
+        rewrite(d, "config.json", |b| {
+            let mut c: serde_json::Value = serde_json::from_slice(&b).unwrap();
+            c["encoder_layers"][0] = serde_json::json!(7);
+            c.to_string().into_bytes()
+        })
+    });
     let truncated = checkpoint_copy(&common::model_dir(), "encoder-truncated", |d| {
         rewrite(d, "model.safetensors", |b| b[..b.len() - 1000].to_vec())
     });
@@ -374,6 +381,7 @@ async fn broken_checkpoints_are_refused_and_the_active_version_serves_on() {
         ("intent", &fewer_labels, "shape mismatch for head.out.weight, expected: [150, 384], got: [151, 384]"),
         ("intent", &renamed_label, "the label sets must match"),
         ("tagger", &wrong_shapes, "shape mismatch for lstm.weight_ih_l0"),
+        ("tagger", &deeper_layer, "it reads the states after layer 7, but the text encoder has 6 layers"),
         ("text-encoder", &truncated, "truncated"),
         ("intent", &not_a_folder, "not a folder"),
     ] {

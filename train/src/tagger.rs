@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::{Args, ValueEnum};
-use concierge_models::entities::{back_project, joined, pad_batch, project_tags, source_of, word_features, words_of};
+use concierge_models::entities::{back_project, joined, pad_batch, project_tags, source_of, tagger_states, word_features, words_of};
 use concierge_models::sequence::conlleval::Evaluation;
 use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
 use concierge_models::tagger::{BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab};
@@ -57,6 +57,10 @@ pub struct TrainTagger {
     /// Text encoder folder (encoder input).
     #[arg(long, default_value = "model-store/all-MiniLM-L6-v2")]
     pub encoder_dir: PathBuf,
+    /// Encoder input: the layers whose states are concatenated as features, e.g. `3,4,5,6`
+    /// (`0`: the embeddings); default: the last layer alone.
+    #[arg(long, value_delimiter = ',')]
+    pub encoder_layers: Option<Vec<usize>>,
     /// Where the checkpoint goes.
     #[arg(long)]
     pub out: PathBuf,
@@ -144,6 +148,8 @@ impl Example {
 struct Featurizer {
     input: Input,
     encoder: Option<TextEncoder>,
+    /// Encoder input: the layers concatenated (None: the last).
+    layers: Option<Vec<usize>>,
     vocab: Option<Vocab>,
 }
 
@@ -184,7 +190,7 @@ impl Featurizer {
                         maps.push((words, src));
                     }
                     let refs: Vec<_> = toks.iter().collect();
-                    let states = enc.token_states(&refs)?;
+                    let states = tagger_states(enc, &refs, self.layers.as_deref())?;
                     for (i, (s, (words, src))) in chunk.iter().zip(maps).enumerate() {
                         // A truncated sentence loses its tail words: they count as O-predicted.
                         let pieces = project_tags(&s.tags, &src);
@@ -347,12 +353,17 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         Input::Encoder => {
             let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
                 .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
-            let mut cfg = TaggerConfig::encoder(enc.hidden_size(), args.hidden, tag_list.len());
+            if let Some(&bad) = args.encoder_layers.iter().flatten().find(|&&l| l > enc.num_layers()) {
+                bail!("--encoder-layers: layer {bad} is past the encoder's {} layers", enc.num_layers());
+            }
+            let n = args.encoder_layers.as_ref().map_or(1, Vec::len).max(1);
+            let mut cfg = TaggerConfig::encoder(enc.hidden_size() * n, args.hidden, tag_list.len());
+            cfg.encoder_layers = args.encoder_layers.clone().filter(|l| !l.is_empty());
             cfg.extra.insert(
                 "encoder".into(),
                 serde_json::json!({"id": enc.info().id, "version": enc.info().version, "words": "first sub-token of each tokenizer word"}),
             );
-            (Featurizer { input, encoder: Some(enc), vocab: None }, cfg)
+            (Featurizer { input, encoder: Some(enc), layers: cfg.encoder_layers.clone(), vocab: None }, cfg)
         }
         Input::Chars => {
             let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
@@ -369,7 +380,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             }
             let vocab = Vocab::new(ids, "<unk>")?;
             let cfg = TaggerConfig::embeddings(vocab.id_bound(), args.char_dim, args.hidden, tag_list.len());
-            (Featurizer { input, encoder: None, vocab: Some(vocab) }, cfg)
+            (Featurizer { input, encoder: None, layers: None, vocab: Some(vocab) }, cfg)
         }
     };
     cfg.num_layers = args.layers;
@@ -460,7 +471,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
         "seed": args.seed,
-        "hidden": args.hidden, "layers": args.layers, "dropout": args.dropout, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
         "best_epoch": best_epoch, "best_dev_f1": best_f1, "train_seconds": train_secs,
         "epochs": log,
@@ -489,7 +500,7 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
         }
         InputKind::Embeddings => (Input::Chars, None),
     };
-    let fz = Featurizer { input, encoder, vocab: model.vocab().cloned() };
+    let fz = Featurizer { input, encoder, layers: model.config().encoder_layers.clone(), vocab: model.vocab().cloned() };
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
     let ex = fz.examples(&sentences, &tag_ids, "test", false)?;

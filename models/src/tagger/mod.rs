@@ -39,6 +39,11 @@ pub struct TaggerConfig {
     pub input: InputKind,
     /// Width of a token's features: the encoder's hidden size, or the embedding width.
     pub input_dim: usize,
+    /// Encoder input: the layers whose token states are concatenated, in this order, as a
+    /// token's features (`0`: the embeddings; `n` of an `n`-layer encoder: its last layer), so
+    /// `input_dim` is the encoder's width times their number. None: the last layer alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encoder_layers: Option<Vec<usize>>,
     /// Rows of the embedding table (embeddings input only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab_size: Option<usize>,
@@ -74,6 +79,7 @@ impl TaggerConfig {
         Self {
             input: InputKind::Encoder,
             input_dim,
+            encoder_layers: None,
             vocab_size: None,
             hidden_size,
             num_layers: 1,
@@ -107,10 +113,19 @@ impl TaggerConfig {
         if !(0.0..1.0).contains(&self.dropout) {
             return bad("dropout must be in [0, 1)");
         }
+        if self.encoder_layers.as_ref().is_some_and(|l| l.is_empty() || self.input != InputKind::Encoder) {
+            return bad("encoder_layers must name at least one layer, and only for encoder input");
+        }
         match (self.input, self.vocab_size) {
             (InputKind::Embeddings, None | Some(0)) => bad("embeddings input needs a positive vocab_size"),
             _ => Ok(()),
         }
+    }
+
+    /// Encoder input: the layers it reads from an encoder of `num_layers` layers (its config's
+    /// `encoder_layers`, or the last layer).
+    pub fn reads_layers(&self, num_layers: usize) -> Vec<usize> {
+        self.encoder_layers.clone().unwrap_or_else(|| vec![num_layers])
     }
 
     /// The unknown token's `vocab.json` key.
