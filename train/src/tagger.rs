@@ -96,6 +96,10 @@ pub struct TrainTagger {
     /// Batch sentences of similar length together (less padding; long, uneven data like MSRA).
     #[arg(long)]
     pub length_buckets: bool,
+    /// Start from this checkpoint's weights (same data, tag set and vocabulary, e.g. to train
+    /// an earlier run further) instead of a seeded initialisation.
+    #[arg(long)]
+    pub init: Option<PathBuf>,
     /// No progress bar (logs only).
     #[arg(long)]
     pub quiet: bool,
@@ -296,6 +300,28 @@ fn seeded_init(varmap: &VarMap, cfg: &TaggerConfig, rng: &mut Rng) -> anyhow::Re
     Ok(())
 }
 
+/// Loads an earlier checkpoint's weights into `varmap`: it must have the same tag set (and
+/// vocabulary), and every parameter by name with the same shape.
+fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], vocab: Option<&Vocab>) -> anyhow::Result<()> {
+    let from = BiLstmCrf::load(dir, &Device::Cpu, DType::F32).with_context(|| format!("--init {}", dir.display()))?;
+    if from.tags() != tags {
+        bail!("--init {}: its tag set differs from this data's ({} vs {} tags)", dir.display(), from.tags().len(), tags.len());
+    }
+    if from.vocab() != vocab {
+        bail!("--init {}: its vocabulary differs from this training set's", dir.display());
+    }
+    let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
+    let data = varmap.data().lock().expect("varmap lock");
+    for (name, var) in data.iter() {
+        let w = weights.get(name).with_context(|| format!("--init {}: no tensor {name}", dir.display()))?;
+        if w.shape() != var.shape() {
+            bail!("--init {}: {name} is {:?}, this model's is {:?}", dir.display(), w.dims(), var.dims());
+        }
+        var.set(&w.to_dtype(var.dtype())?)?;
+    }
+    Ok(())
+}
+
 /// One epoch's record in `training.json`.
 #[derive(serde::Serialize)]
 struct EpochLog {
@@ -400,6 +426,10 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         model = model.with_vocab(v.clone())?;
     }
     seeded_init(&varmap, &cfg, &mut rng)?;
+    if let Some(dir) = &args.init {
+        warm_start(&varmap, dir, &tag_list, fz.vocab.as_ref())?;
+        eprintln!("train-tagger: starting from the weights in {}", dir.display());
+    }
     let mut opt = AdamW::new(
         varmap.all_vars(),
         ParamsAdamW { lr: args.lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() },
@@ -473,6 +503,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "seed": args.seed,
         "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
+        "init": args.init.as_ref().map(|p| p.display().to_string()),
         "best_epoch": best_epoch, "best_dev_f1": best_f1, "train_seconds": train_secs,
         "epochs": log,
     });

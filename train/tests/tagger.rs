@@ -81,5 +81,21 @@ fn msra_over_characters_learns() {
     assert!(loss[1] < loss[0], "the loss did not fall: {loss:?}");
     let m = concierge_models::BiLstmCrf::load(&out, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
     assert!(m.vocab().is_some() && m.tags().iter().any(|t| t == "S-PER" || t == "B-PER"));
+    // --init trains a checkpoint further: it starts where that run ended, not from scratch.
+    let more = out.with_extension("more");
+    let again = |init: &std::path::Path, limit: usize| {
+        train(&args(&[
+            "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", more.display()),
+            format!("--limit={limit}"), "--epochs=1".into(), "--hidden=32".into(), "--char-dim=32".into(), "--batch=32".into(),
+            "--lr=1e-2".into(), "--dev-fraction=0.004".into(), format!("--init={}", init.display()),
+        ]))
+    };
+    again(&out, 400).unwrap();
+    let (continued, _) = losses(&more);
+    assert!(continued[0] < loss[0] * 0.9, "a continued run's first epoch ({continued:?}) is no better than a fresh one's ({loss:?})");
+    // Another training set has another vocabulary (or tag set): refused, saying so.
+    let err = again(&out, 200).unwrap_err().to_string();
+    assert!(err.contains("differs"), "{err}");
     std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&more).unwrap();
 }
