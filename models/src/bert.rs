@@ -22,8 +22,11 @@ struct LayerNorm {
 }
 
 impl LayerNorm {
+    /// Weights in f32 whatever the checkpoint's dtype: a half-precision encoder normalises its
+    /// f32 residual stream (see [`BertLayers`]).
     fn load(vb: VarBuilder, size: usize, eps: f64) -> Result<Self> {
-        Ok(Self { weight: vb.get(size, "weight")?, bias: vb.get(size, "bias")?, eps: eps as f32 })
+        let get = |name: &str| -> Result<Tensor> { Ok(vb.get(size, name)?.to_dtype(DType::F32)?) };
+        Ok(Self { weight: get("weight")?, bias: get("bias")?, eps: eps as f32 })
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         if fast_cpu(x) {
@@ -165,17 +168,38 @@ impl BertLayers {
             }
         };
         let last = if stop { taps.iter().copied().max().unwrap_or(self.layers.len()) } else { self.layers.len() };
+        // Half-precision weights (f16/bf16): the dense products run in that dtype, but the
+        // residual stream, its sums and the LayerNorms stay in f32, and bf16's attention runs in
+        // f32 (all-bf16 gave cosine 0.9985 to f32 on a 256-token sentence, 0.99992 this way;
+        // benches/RESULTS.md "GPU").
+        let weights = self.layers.first().map(|l| l.qkv.wt.dtype()).unwrap_or(DType::F32);
+        if weights != DType::F32 {
+            x = x.to_dtype(DType::F32)?;
+        }
         keep(&mut tapped, 0, &x);
         if last > 0 {
-            let attention = Attention::new(lens, self.heads, x.device(), x.dtype())?;
+            // bf16's 8-bit mantissa rounds attention scores too coarsely (a score of 10 moves by
+            // 0.06 before the softmax): bf16 attention runs in f32, f16 stays in f16.
+            let attn_dtype = if weights == DType::BF16 { DType::F32 } else { weights };
+            let attention = Attention::new(lens, self.heads, x.device(), attn_dtype)?;
             for (n, layer) in self.layers.iter().enumerate().take(last) {
-                let qkv = layer.qkv.forward(&x, None, None)?;
-                let ctx = attention.forward(&qkv)?;
-                let a = layer.attn_out.forward(&ctx, None, Some(&x))?;
-                x = layer.attn_ln.forward(&a)?;
-                let i = layer.inter.forward(&x, Some(self.act), None)?;
-                let o = layer.out.forward(&i, None, Some(&x))?;
-                x = layer.out_ln.forward(&o)?;
+                if weights == DType::F32 {
+                    let qkv = layer.qkv.forward(&x, None, None)?;
+                    let ctx = attention.forward(&qkv)?;
+                    let a = layer.attn_out.forward(&ctx, None, Some(&x))?;
+                    x = layer.attn_ln.forward(&a)?;
+                    let i = layer.inter.forward(&x, Some(self.act), None)?;
+                    let o = layer.out.forward(&i, None, Some(&x))?;
+                    x = layer.out_ln.forward(&o)?;
+                } else {
+                    let qkv = layer.qkv.forward(&x.to_dtype(weights)?, None, None)?.to_dtype(attn_dtype)?;
+                    let ctx = attention.forward(&qkv)?.to_dtype(weights)?;
+                    let a = layer.attn_out.forward(&ctx, None, None)?.to_dtype(DType::F32)?;
+                    x = layer.attn_ln.forward(&(a + &x)?)?;
+                    let i = layer.inter.forward(&x.to_dtype(weights)?, Some(self.act), None)?;
+                    let o = layer.out.forward(&i, None, None)?.to_dtype(DType::F32)?;
+                    x = layer.out_ln.forward(&(o + &x)?)?;
+                }
                 keep(&mut tapped, n + 1, &x);
             }
         }
@@ -303,7 +327,7 @@ impl BertEncoder {
             (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
                 .add(&self.token_type.index_select(&types, 0)?)?
         };
-        let x = self.emb_ln.forward(&x)?;
+        let x = self.emb_ln.forward(&x.to_dtype(DType::F32)?)?;
         self.layers.forward_inner(x, batch.lens, taps, stop)
     }
 }

@@ -152,8 +152,8 @@ impl TextEncoder {
         self.token_states_tapped(inputs, None).map(|(s, _)| s)
     }
 
-    /// [`Self::token_states`], plus (with `tap = Some(n)`) the states after layer `n` in the
-    /// encoder's dtype, for heads that continue from there with their own fine-tuned top layers:
+    /// [`Self::token_states`], plus (with `tap = Some(n)`) the states after layer `n` (f32:
+    /// the residual stream is f32 whatever the weights' dtype), for heads that continue from there with their own fine-tuned top layers:
     /// still one pass.
     pub fn token_states_tapped(&self, inputs: &[&TokenizedText], tap: Option<usize>) -> Result<(TokenStates, Option<Tensor>)> {
         let taps: Vec<usize> = tap.into_iter().collect();
@@ -161,7 +161,7 @@ impl TextEncoder {
     }
 
     /// [`Self::token_states`], plus the states after each layer in `taps` (`0`: the embeddings)
-    /// in the encoder's dtype, in that order: one pass for every head's reads.
+    /// in f32, in that order: one pass for every head's reads.
     pub fn token_states_taps(&self, inputs: &[&TokenizedText], taps: &[usize]) -> Result<(TokenStates, Vec<Tensor>)> {
         let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
         let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
@@ -170,7 +170,7 @@ impl TextEncoder {
         Ok((TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens }, tapped))
     }
 
-    /// The states after layer `n` alone (the layers above are skipped), in the encoder's dtype:
+    /// The states after layer `n` alone (the layers above are skipped), in f32:
     /// for a batch whose only reader is a head branching at `n`.
     pub fn token_states_until(&self, inputs: &[&TokenizedText], n: usize) -> Result<TokenStates> {
         let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
