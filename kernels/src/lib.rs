@@ -31,7 +31,8 @@ pub fn on_cpu_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
 
 static PORTABLE_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Tests: make attention and LayerNorm take their portable code path (no AVX-512) as well.
+/// Tests: make attention, LayerNorm and the Viterbi step take their portable code path (no
+/// AVX-512) as well.
 #[doc(hidden)]
 pub fn set_portable_only(on: bool) {
     PORTABLE_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);

@@ -51,15 +51,20 @@ pub fn topk(scores: &Tensor, k: usize) -> Result<(Tensor, Tensor)> {
 /// elements of a row have the same key. `cuda/topk.cu` computes the same.
 #[inline(always)]
 pub fn rank_key(score: f32, index: u32) -> u64 {
+    ((order_key(score) as u64) << 32) | (!index) as u64
+}
+
+/// The high half of [`rank_key`]: the float's place in the order, NaN lowest.
+#[inline(always)]
+fn order_key(score: f32) -> u32 {
     let bits = if score == 0.0 { 0 } else { score.to_bits() };
-    let order = if score.is_nan() {
+    if score.is_nan() {
         0
     } else if bits & 0x8000_0000 != 0 {
         !bits
     } else {
         bits | 0x8000_0000
-    };
-    ((order as u64) << 32) | (!index) as u64
+    }
 }
 
 struct TopKOp {
@@ -123,13 +128,24 @@ fn topk_row(row: &[f32], out: &mut [u32]) {
     let k = out.len();
     let keys = row.iter().enumerate().map(|(i, &v)| rank_key(v, i as u32));
     let mut best: Vec<u64> = if k * 8 <= row.len() {
-        let mut heap = std::collections::BinaryHeap::with_capacity(k);
-        for key in keys {
-            if heap.len() < k {
-                heap.push(Reverse(key));
-            } else if let Some(mut min) = heap.peek_mut() {
-                if key > min.0 {
-                    *min = Reverse(key);
+        let mut heap: std::collections::BinaryHeap<Reverse<u64>> = keys.take(k).map(Reverse).collect();
+        // The heap's minimum, cached. A block of 16 scores is looked at one by one only when one
+        // of them could enter (its order key reaches the minimum's): a test that vectorises,
+        // and that almost every block of a long row fails.
+        let mut floor = heap.peek().map_or(0, |m| m.0);
+        for (b, block) in row[k..].chunks(16).enumerate() {
+            let low = (floor >> 32) as u32;
+            if !block.iter().fold(false, |any, &v| any | (order_key(v) >= low)) {
+                continue;
+            }
+            let base = k + b * 16;
+            for (j, &v) in block.iter().enumerate() {
+                let key = rank_key(v, (base + j) as u32);
+                if key > floor {
+                    if let Some(mut min) = heap.peek_mut() {
+                        *min = Reverse(key);
+                    }
+                    floor = heap.peek().map_or(0, |m| m.0);
                 }
             }
         }

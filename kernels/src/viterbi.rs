@@ -164,15 +164,8 @@ const PARALLEL_WORK: usize = 1 << 16;
 fn decode_cpu(em: &[f32], params: &[f32], lengths: &[usize], l: usize, t: usize) -> Vec<u32> {
     let (start, rest) = params.split_at(t);
     let (end, trans) = rest.split_at(t);
-    // Transposed, so the inner loop over `from` reads one contiguous row per `to`.
-    let mut trans_t = vec![0f32; t * t];
-    for i in 0..t {
-        for j in 0..t {
-            trans_t[j * t + i] = trans[i * t + j];
-        }
-    }
     let mut out = vec![0u32; lengths.len() * (l + 1)];
-    let one = |((out, em), &n): ((&mut [u32], &[f32]), &usize)| decode_one(em, n, start, end, &trans_t, t, out);
+    let one = |((out, em), &n): ((&mut [u32], &[f32]), &usize)| decode_one(em, n, start, end, trans, t, out);
     let work: usize = lengths.iter().map(|&n| n * t * t).sum();
     if work < PARALLEL_WORK || lengths.len() == 1 {
         out.chunks_mut(l + 1).zip(em.chunks(l * t)).zip(lengths).for_each(one);
@@ -183,28 +176,14 @@ fn decode_cpu(em: &[f32], params: &[f32], lengths: &[usize], l: usize, t: usize)
 }
 
 /// One sequence: `em` is its `[L, T]` block, `out` its `[L + 1]` output row (zeroed).
-fn decode_one(em: &[f32], len: usize, start: &[f32], end: &[f32], trans_t: &[f32], t: usize, out: &mut [u32]) {
+fn decode_one(em: &[f32], len: usize, start: &[f32], end: &[f32], trans: &[f32], t: usize, out: &mut [u32]) {
     let mut cur: Vec<f32> = em[..t].iter().zip(start).map(|(&e, &s)| e + s).collect();
     let mut next = vec![0f32; t];
     // back[(step - 1) * t + to]: the best `from` at step - 1 given `to` at step.
     let mut back = vec![0u32; (len - 1) * t];
     for step in 1..len {
         let e = &em[step * t..(step + 1) * t];
-        let bp = &mut back[(step - 1) * t..step * t];
-        for (to, ((slot, bp), &ej)) in next.iter_mut().zip(bp).zip(e).enumerate() {
-            let col = &trans_t[to * t..(to + 1) * t];
-            let mut best = (cur[0] + col[0]) + ej;
-            let mut arg = 0;
-            for (from, (&s, &tr)) in cur.iter().zip(col).enumerate().skip(1) {
-                let v = (s + tr) + ej;
-                if v > best {
-                    best = v;
-                    arg = from;
-                }
-            }
-            *slot = best;
-            *bp = arg as u32;
-        }
+        step_scores(&cur, trans, e, &mut next, &mut back[(step - 1) * t..step * t]);
         std::mem::swap(&mut cur, &mut next);
     }
     let mut best = cur[0] + end[0];
@@ -221,5 +200,44 @@ fn decode_one(em: &[f32], len: usize, start: &[f32], end: &[f32], trans_t: &[f32
     for step in (1..len).rev() {
         tag = back[(step - 1) * t + tag] as usize;
         out[step - 1] = tag as u32;
+    }
+}
+
+/// One Viterbi step: for every `to`, the best `(cur[from] + trans[from][to]) + e[to]` over
+/// `from` (into `next`) and that `from` (into `bp`). `from` is the outer loop, so the inner one
+/// runs along a row of `trans` and vectorises; each `to` still sees its candidates in
+/// increasing `from` and keeps a new one only when strictly greater, so the first maximum wins
+/// exactly as in a per-`to` argmax.
+fn step_scores(cur: &[f32], trans: &[f32], e: &[f32], next: &mut [f32], bp: &mut [u32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512f") && !crate::portable_only() {
+        // SAFETY: the CPU has AVX-512F.
+        return unsafe { step_scores_avx512(cur, trans, e, next, bp) };
+    }
+    step_scores_generic(cur, trans, e, next, bp)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn step_scores_avx512(cur: &[f32], trans: &[f32], e: &[f32], next: &mut [f32], bp: &mut [u32]) {
+    step_scores_generic(cur, trans, e, next, bp)
+}
+
+#[inline(always)]
+fn step_scores_generic(cur: &[f32], trans: &[f32], e: &[f32], next: &mut [f32], bp: &mut [u32]) {
+    let t = cur.len();
+    let (next, bp, e) = (&mut next[..t], &mut bp[..t], &e[..t]);
+    for (((n, b), &tr), &ej) in next.iter_mut().zip(bp.iter_mut()).zip(&trans[..t]).zip(e) {
+        *n = (cur[0] + tr) + ej;
+        *b = 0;
+    }
+    for (from, (&s, row)) in cur.iter().zip(trans.chunks_exact(t)).enumerate().skip(1) {
+        let from = from as u32;
+        for (((n, b), &tr), &ej) in next.iter_mut().zip(bp.iter_mut()).zip(row).zip(e) {
+            let v = (s + tr) + ej;
+            let better = v > *n;
+            *n = if better { v } else { *n };
+            *b = if better { from } else { *b };
+        }
     }
 }
