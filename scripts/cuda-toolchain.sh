@@ -9,8 +9,8 @@
 #   link/  unversioned names of those for `-l`, and a stub libcuda.so (SONAME libcuda.so.1) that
 #          defines every driver entry point of cuda.h, for linking: at run time the driver's
 #          real libcuda.so.1 is loaded. Each stub function returns CUDA_ERROR_STUB_LIBRARY (34),
-#          as NVIDIA's own stub does, so a binary run against it here (LD_LIBRARY_PATH=link/)
-#          finds "no driver" at cuInit instead of reading garbage.
+#          as NVIDIA's own stub does, so a binary run against it here (LD_LIBRARY_PATH=link/,
+#          which also names it libcuda.so.1) finds "no driver" at cuInit, not garbage.
 # What matters to the build: PATH (nvcc), CUDA_ROOT, CUDA_COMPUTE_CAP (90 -> sm_90a) and
 # LIBRARY_PATH; CUDAFORGE_THREADS sets how many kernels nvcc compiles at once.
 set -euo pipefail
@@ -38,6 +38,7 @@ if [ ! -e "$LINK/libcuda.so" ] || ! grep -q 'return 34' "$LINK/stub.c" 2>/dev/nu
     ln -sf "${pair#*:}" "$LINK/lib${pair%%:*}.so"
   done
 fi
+[ -e "$LINK/libcuda.so.1" ] || ln -s libcuda.so "$LINK/libcuda.so.1"
 cat <<ENV
 export CUDA_ROOT=$ROOT CUDA_PATH=$ROOT CUDA_HOME=$ROOT
 export PATH=$ROOT/bin:\$PATH
