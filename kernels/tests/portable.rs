@@ -1,8 +1,11 @@
-//! The portable (non-AVX-512) code paths of attention and LayerNorm, against plain candle ops.
-//! Its own test binary: the switch is process-wide.
+//! The portable (non-AVX-512) code paths of attention and LayerNorm, against plain candle ops,
+//! and of the Viterbi step, against a textbook Viterbi. Its own test binary: the switch is
+//! process-wide.
+mod common;
+
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
-use concierge_kernels::{attention, norm};
+use concierge_kernels::{attention, norm, viterbi};
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
@@ -34,5 +37,30 @@ fn portable_attention_and_layer_norm_match_candle() -> Result<()> {
     let (g, b) = (Tensor::randn(0f32, 1f32, 384, &dev)?, Tensor::randn(0f32, 1f32, 384, &dev)?);
     let err = max_abs_diff(&norm::layer_norm(&x, &g, &b, 1e-12)?, &candle_nn::ops::layer_norm(&x, &g, &b, 1e-12)?)?;
     assert!(err < 1e-5, "portable layer_norm: max abs err {err}");
+    Ok(())
+}
+
+#[test]
+fn portable_viterbi_matches_textbook() -> Result<()> {
+    concierge_kernels::set_portable_only(true);
+    let mut rng = common::Rng(0x9047_ab1e);
+    let (b, l, t) = (3, 17, 37);
+    let lengths = [17usize, 1, 9];
+    let (em, trans, start, end) =
+        (rng.floats(b * l * t, 3.0), rng.floats(t * t, 2.0), rng.floats(t, 2.0), rng.floats(t, 2.0));
+    let dev = Device::Cpu;
+    let (paths, scores) = viterbi::viterbi_decode(
+        &Tensor::from_slice(&em, (b, l, t), &dev)?,
+        &lengths,
+        &Tensor::from_slice(&trans, (t, t), &dev)?,
+        &Tensor::from_slice(&start, t, &dev)?,
+        &Tensor::from_slice(&end, t, &dev)?,
+    )?;
+    let trans2: Vec<Vec<f32>> = trans.chunks(t).map(<[f32]>::to_vec).collect();
+    for (s, &n) in lengths.iter().enumerate() {
+        let seq: Vec<Vec<f32>> = (0..n).map(|i| em[(s * l + i) * t..(s * l + i + 1) * t].to_vec()).collect();
+        let (want, want_score) = common::viterbi_ref(&seq, &trans2, &start, &end);
+        assert_eq!((&paths[s], scores[s].to_bits()), (&want, want_score.to_bits()), "sequence {s}");
+    }
     Ok(())
 }

@@ -4,8 +4,8 @@
 //!
 //! Everything that carries a gradient is plain candle tensor ops, so it runs on any device and
 //! trains through candle's autograd: the forward algorithm (log partition), the gold path score,
-//! and so the negative log-likelihood. Viterbi runs on the device too and only its back-pointers
-//! come to the host for the trace-back. Scores are in f32 whatever the emissions' dtype: a
+//! and so the negative log-likelihood. Viterbi (no gradient) is the kernels crate's custom op on
+//! the CPU and tensor ops on other devices. Scores are in f32 whatever the emissions' dtype: a
 //! log-sum-exp chain in half precision loses too much.
 //!
 //! Shapes: emissions `[B, L, T]` (batch, padded length, tags), one length per sequence with
@@ -203,7 +203,37 @@ impl Crf {
 
     /// Viterbi: the highest-scoring tag path of each sequence and its score (pytorch-crf's
     /// `_viterbi_decode`, with the score it leaves out). Exact ties go where the device's argmax puts them.
+    ///
+    /// On the CPU this runs `concierge_kernels::viterbi::viterbi_decode`, one pass over the
+    /// emissions with the same sums in the same order and the same tie rule (the lowest tag) as
+    /// [`Self::decode_tensor_ops`], so the same paths and scores. On other devices it runs the
+    /// tensor ops: the kernel's CUDA version has not been run on a GPU yet.
     pub fn decode(&self, emissions: &Tensor, lengths: &[usize]) -> Result<Vec<TagPath>> {
+        if !(emissions.device().is_cpu() && self.start.device().is_cpu()) {
+            return self.decode_tensor_ops(emissions, lengths);
+        }
+        let (b, l, t) = emissions.dims3()?;
+        if t != self.num_tags {
+            return Err(ModelError::InvalidInput(format!(
+                "emissions have {t} tags in their last dimension; the crf has {}",
+                self.num_tags
+            )));
+        }
+        check_lengths(lengths, b, l)?;
+        let (paths, scores) = concierge_kernels::viterbi::viterbi_decode(
+            &emissions.detach(),
+            lengths,
+            &self.transitions.detach(),
+            &self.start.detach(),
+            &self.end.detach(),
+        )?;
+        Ok(paths.into_iter().zip(scores).map(|(tags, score)| TagPath { tags, score }).collect())
+    }
+
+    /// [`Self::decode`] in candle tensor ops, on any device: per position a `[B, T, T]` tensor of
+    /// candidates, its argmax and a gather; only the back-pointers come to the host, for the
+    /// trace-back.
+    pub fn decode_tensor_ops(&self, emissions: &Tensor, lengths: &[usize]) -> Result<Vec<TagPath>> {
         let (em, mask) = self.prepare(&emissions.detach(), lengths)?;
         let (b, l, _) = em.dims3()?;
         let trans = self.transitions.detach().unsqueeze(0)?;
