@@ -96,6 +96,13 @@ impl Crf {
 
     /// The emissions in f32 on the parameters' device, and the `[B, L]` 0/1 mask of `lengths`.
     fn prepare(&self, emissions: &Tensor, lengths: &[usize]) -> Result<(Tensor, Tensor)> {
+        let l = self.check(emissions, lengths)?;
+        let mask = length_mask(lengths, l, self.start.device())?;
+        Ok((emissions.to_dtype(DType::F32)?, mask))
+    }
+
+    /// That `emissions` `[B, L, T]` has this CRF's tags and `lengths` fit it; returns L.
+    fn check(&self, emissions: &Tensor, lengths: &[usize]) -> Result<usize> {
         let (b, l, t) = emissions.dims3()?;
         if t != self.num_tags {
             return Err(ModelError::InvalidInput(format!(
@@ -104,8 +111,7 @@ impl Crf {
             )));
         }
         check_lengths(lengths, b, l)?;
-        let mask = length_mask(lengths, l, self.start.device())?;
-        Ok((emissions.to_dtype(DType::F32)?, mask))
+        Ok(l)
     }
 
     /// The forward algorithm's `alpha_t` for every position (`[B, L, T]`: the log-sum of the
@@ -212,14 +218,7 @@ impl Crf {
         if !(emissions.device().is_cpu() && self.start.device().is_cpu()) {
             return self.decode_tensor_ops(emissions, lengths);
         }
-        let (b, l, t) = emissions.dims3()?;
-        if t != self.num_tags {
-            return Err(ModelError::InvalidInput(format!(
-                "emissions have {t} tags in their last dimension; the crf has {}",
-                self.num_tags
-            )));
-        }
-        check_lengths(lengths, b, l)?;
+        self.check(emissions, lengths)?;
         let (paths, scores) = concierge_kernels::viterbi::viterbi_decode(
             &emissions.detach(),
             lengths,
