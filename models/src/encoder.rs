@@ -23,6 +23,13 @@ pub struct ModelInfo {
     pub max_input_tokens: usize,
 }
 
+/// A batch's token ids, type ids and lengths, laid end to end (see [`PackedBatch`]).
+fn packed(inputs: &[&TokenizedText]) -> (Vec<u32>, Vec<u32>, Vec<usize>) {
+    let ids = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
+    let type_ids = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
+    (ids, type_ids, inputs.iter().map(|t| t.len()).collect())
+}
+
 /// Packed token states of one batch (see [`TextEncoder::token_states`]).
 #[derive(Debug, Clone)]
 pub struct TokenStates {
@@ -163,9 +170,7 @@ impl TextEncoder {
     /// [`Self::token_states`], plus the states after each layer in `taps` (`0`: the embeddings)
     /// in f32, in that order: one pass for every head's reads.
     pub fn token_states_taps(&self, inputs: &[&TokenizedText], taps: &[usize]) -> Result<(TokenStates, Vec<Tensor>)> {
-        let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
-        let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
-        let type_ids: Vec<u32> = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
+        let (ids, type_ids, lens) = packed(inputs);
         let (hidden, tapped) = self.bert.forward_taps(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens }, taps)?;
         Ok((TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens }, tapped))
     }
@@ -173,9 +178,7 @@ impl TextEncoder {
     /// The states after layer `n` alone (the layers above are skipped), in f32:
     /// for a batch whose only reader is a head branching at `n`.
     pub fn token_states_until(&self, inputs: &[&TokenizedText], n: usize) -> Result<TokenStates> {
-        let lens: Vec<usize> = inputs.iter().map(|t| t.len()).collect();
-        let ids: Vec<u32> = inputs.iter().flat_map(|t| t.ids.iter().copied()).collect();
-        let type_ids: Vec<u32> = inputs.iter().flat_map(|t| t.type_ids.iter().copied()).collect();
+        let (ids, type_ids, lens) = packed(inputs);
         let hidden = self.bert.forward_until(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens }, n)?;
         Ok(TokenStates { hidden, lens })
     }
