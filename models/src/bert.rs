@@ -157,6 +157,18 @@ impl BertLayers {
         self.forward_inner(x.clone(), lens, &[], false).map(|(x, _)| x)
     }
 
+    /// Runs the layers over packed states `[T, H]`; also returns the states after the first `n`
+    /// of them for each `n` in `taps` (`0`: `x` itself), in that order, f32.
+    pub fn forward_taps(&self, x: &Tensor, lens: &[usize], taps: &[usize]) -> Result<(Tensor, Vec<Tensor>)> {
+        if let Some(&t) = taps.iter().find(|&&t| t > self.layers.len()) {
+            return Err(ModelError::Unsupported(format!("tap after layer {t} of a stack of {}", self.layers.len())));
+        }
+        if x.device().is_cpu() {
+            return concierge_kernels::on_cpu_pool(|| self.forward_inner(x.clone(), lens, taps, false));
+        }
+        self.forward_inner(x.clone(), lens, taps, false)
+    }
+
     /// Runs the layers; also returns the states after the first `n` of them for each `n` in
     /// `taps` (in that order), and with `stop` runs no further than the deepest tap (the first
     /// result is then that tap's states).

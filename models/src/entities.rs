@@ -124,10 +124,10 @@ pub fn back_project(piece_tags: &[String], source_of: &[usize], n_source: usize)
     out
 }
 
-/// The token states a tagger over encoder states reads from one pass: with `layers` (its
-/// config's `encoder_layers`) the states after those layers, concatenated along features in
-/// that order (f32); without, the last layer's.
-pub fn tagger_states(encoder: &TextEncoder, inputs: &[&TokenizedText], layers: Option<&[usize]>) -> Result<TokenStates> {
+/// The states after `layers` of one pass, concatenated along features in that order (f32);
+/// None: the last layer's. What a tagger without fine-tuned layers reads (training uses it
+/// before a tagger exists; serving goes through [`tagger_states`]).
+pub fn layer_states(encoder: &TextEncoder, inputs: &[&TokenizedText], layers: Option<&[usize]>) -> Result<TokenStates> {
     Ok(match layers {
         None => encoder.token_states(inputs)?,
         Some(layers) => {
@@ -135,6 +135,59 @@ pub fn tagger_states(encoder: &TextEncoder, inputs: &[&TokenizedText], layers: O
             TokenStates { hidden: concat_taps(&taps)?, lens: last.lens }
         }
     })
+}
+
+/// The token states `tagger` (encoder input) reads from one pass of `encoder`: the states after
+/// its `encoder_layers` side by side (or the last layer's), those above its `branch_from` from
+/// its own fine-tuned layers.
+pub fn tagger_states(encoder: &TextEncoder, inputs: &[&TokenizedText], tagger: &BiLstmCrf) -> Result<TokenStates> {
+    let n = encoder.num_layers();
+    let taps = encoder_taps(tagger, n);
+    let (last, tapped) = encoder.token_states_taps(inputs, &taps)?;
+    Ok(match features_from_taps(tagger, n, tapped, &last.lens)? {
+        None => last,
+        Some(hidden) => TokenStates { hidden, lens: last.lens },
+    })
+}
+
+/// The taps `tagger` asks of a shared pass of an encoder with `num_layers` layers, for
+/// [`features_from_taps`]: its `encoder_layers`; with fine-tuned layers, those at or below
+/// `branch_from` and then `branch_from` itself (where its layers start). Empty: it reads the
+/// last layer's states, which the pass returns anyway.
+pub fn encoder_taps(tagger: &BiLstmCrf, num_layers: usize) -> Vec<usize> {
+    let cfg = tagger.config();
+    match (cfg.branch_from, &cfg.encoder_layers) {
+        (None, None) => Vec::new(),
+        (None, Some(layers)) => layers.clone(),
+        (Some(k), _) => cfg.reads_layers(num_layers).into_iter().filter(|&l| l <= k).chain([k]).collect(),
+    }
+}
+
+/// The tagger's token features `[T, input_dim]` (f32) from the taps [`encoder_taps`] asked
+/// for, in that order, running its fine-tuned layers if it has them; None when it reads the
+/// last layer's states as they are.
+pub fn features_from_taps(tagger: &BiLstmCrf, num_layers: usize, mut taps: Vec<Tensor>, lens: &[usize]) -> Result<Option<Tensor>> {
+    let cfg = tagger.config();
+    let Some(k) = cfg.branch_from else {
+        return match taps.is_empty() {
+            true => Ok(None),
+            false => concat_taps(&taps).map(Some),
+        };
+    };
+    let branch = tagger
+        .branch()
+        .ok_or_else(|| ModelError::Unsupported("the tagger's config has branch_from but its fine-tuned layers are not loaded".into()))?;
+    let from = taps.pop().ok_or_else(|| ModelError::Unsupported("no states at the tagger's branch_from layer".into()))?;
+    let layers = cfg.reads_layers(num_layers);
+    let above: Vec<usize> = layers.iter().filter(|&&l| l > k).map(|&l| l - k).collect();
+    let (_, upper) = branch.layers().forward_taps(&from, lens, &above)?;
+    let (mut fixed, mut upper) = (taps.into_iter(), upper.into_iter());
+    let parts = layers
+        .iter()
+        .map(|&l| if l <= k { fixed.next() } else { upper.next() })
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| ModelError::Unsupported("the taps do not match the tagger's layers".into()))?;
+    concat_taps(&parts).map(Some)
 }
 
 /// A tagger's features from the taps of its layers (see [`tagger_states`]): `[T, H * n]` f32.

@@ -126,7 +126,7 @@ fn taps_are_the_states_after_their_layers_in_one_pass() {
     assert_eq!(max_diff(&last.hidden, &enc.token_states(&refs).unwrap().hidden), 0.0);
     assert_eq!(max_diff(&got[3], &last.hidden), 0.0, "the last layer's tap is the last layer's states");
     // A tagger's features: its layers side by side, or the last layer alone.
-    let side = concierge_models::entities::tagger_states(&enc, &refs, Some(&[2, n])).unwrap();
+    let side = concierge_models::entities::layer_states(&enc, &refs, Some(&[2, n])).unwrap();
     assert_eq!(side.hidden.dims(), &[last.hidden.dim(0).unwrap(), 2 * enc.hidden_size()]);
     assert_eq!(max_diff(&side.hidden.narrow(1, enc.hidden_size(), enc.hidden_size()).unwrap(), &last.hidden), 0.0);
     assert_eq!(max_diff(&side.hidden.narrow(1, 0, enc.hidden_size()).unwrap(), &got[2]), 0.0);
@@ -162,4 +162,75 @@ fn half_precision_embeddings_stay_within_cosine_0_999() {
         eprintln!("{dtype:?}: lowest cosine to sentence-transformers {lowest:.6}");
         assert!(lowest >= 0.999, "{dtype:?}: lowest cosine {lowest}");
     }
+}
+
+/// A tagger with fine-tuned top layers (`branch_from`): the shared pass is tapped where its
+/// layers start and its own copies run from there. With copies equal to the encoder's layers
+/// it must read exactly what a tagger over the frozen encoder reads; with one copy changed, the
+/// layers above the branch point change and the ones below do not.
+#[test]
+fn a_taggers_fine_tuned_layers_continue_the_shared_pass() {
+    use concierge_models::entities::{encoder_taps, layer_states, tagger_states};
+    use concierge_models::tagger::{BiLstmCrf, TaggerConfig};
+    let dir = common::default_model_dir();
+    let enc = TextEncoder::load(&ModelSource::Dir(dir.clone()), &Device::Cpu, DType::F32, None).unwrap();
+    let n = enc.num_layers();
+    let h = enc.hidden_size();
+    let texts = ["flights from boston to denver on monday", "这款面霜适合敏感肌肤吗？", "ok"];
+    let toks: Vec<_> = texts.iter().enumerate().map(|(i, t)| enc.tokenize(i, t, false).unwrap()).collect();
+    let refs: Vec<_> = toks.iter().collect();
+    let layers = vec![n - 3, n - 1, n];
+    let from = n - 2;
+
+    // A tagger checkpoint: random BiLSTM-CRF, plus the encoder's own layers from..n as its copies.
+    let out = std::env::temp_dir().join(format!("concierge-branch-tagger-{}", std::process::id()));
+    let mut cfg = TaggerConfig::encoder(h * layers.len(), 8, 3);
+    cfg.encoder_layers = Some(layers.clone());
+    cfg.branch_from = Some(from);
+    let varmap = candle_nn::VarMap::new();
+    let tags = vec!["O".to_string(), "B-x".into(), "I-x".into()];
+    BiLstmCrf::new(VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu), &cfg, tags).unwrap().save(&out).unwrap();
+    let encoder_weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+    let write = |scale_one: Option<f64>| {
+        let mut ts = candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+        for (name, t) in &encoder_weights {
+            let name = name.strip_prefix("bert.").unwrap_or(name);
+            let own = (from..n).any(|i| name.starts_with(&format!("encoder.layer.{i}.")));
+            if own {
+                let changed = scale_one.filter(|_| name == format!("encoder.layer.{}.output.dense.weight", n - 1));
+                let t = match changed {
+                    Some(s) => (t * s).unwrap(),
+                    None => t.clone(),
+                };
+                ts.insert(name.to_string(), t);
+            }
+        }
+        candle_core::safetensors::save(&ts, out.join("model.safetensors")).unwrap();
+        std::fs::copy(dir.join("config.json"), out.join("encoder_config.json")).unwrap();
+        BiLstmCrf::load(&out, &Device::Cpu, DType::F32).unwrap()
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| -> f32 { (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap() };
+
+    let same = write(None);
+    assert_eq!(encoder_taps(&same, n), vec![n - 3, from], "the frozen layer, then where its own layers start");
+    let frozen = layer_states(&enc, &refs, Some(&layers)).unwrap();
+    let branched = tagger_states(&enc, &refs, &same).unwrap();
+    assert_eq!(branched.lens, frozen.lens);
+    let d = max_diff(&branched.hidden, &frozen.hidden);
+    assert!(d <= 1e-5, "copies of the encoder's layers must read what the encoder gives: max diff {d}");
+
+    let changed = write(Some(0.5));
+    let other = tagger_states(&enc, &refs, &changed).unwrap();
+    let part = |t: &Tensor, k: usize| t.narrow(1, k * h, h).unwrap();
+    assert!(max_diff(&part(&other.hidden, 0), &part(&frozen.hidden, 0)) <= 1e-5, "layer {} is below the branch", n - 3);
+    assert!(max_diff(&part(&other.hidden, 1), &part(&frozen.hidden, 1)) <= 1e-5, "layer {} is the unchanged copy", n - 1);
+    assert!(max_diff(&part(&other.hidden, 2), &part(&frozen.hidden, 2)) > 1e-2, "layer {n} runs the changed copy");
+
+    // A branch starting past the layers its encoder_config.json has is refused, naming the file.
+    let mut bert: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("encoder_config.json")).unwrap()).unwrap();
+    bert["num_hidden_layers"] = serde_json::json!(from);
+    std::fs::write(out.join("encoder_config.json"), bert.to_string()).unwrap();
+    let err = BiLstmCrf::load(&out, &Device::Cpu, DType::F32).unwrap_err().to_string();
+    assert!(err.contains(&format!("branch_from {from}")) && err.contains("encoder_config.json"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
 }

@@ -357,7 +357,17 @@ fn build(state: &AppState, slot: SlotName, source: &ModelSource, label: Option<&
                     let layers = model.config().encoder_layers.as_deref();
                     let encoder = head_encoder(&slots, &reads, model.config().input_dim, layers, "concierge train-tagger").map_err(fail)?;
                     let tokens = warm_up_tokens(encoder)?;
-                    let states = tagger_states(encoder, &[&tokens[0]], layers)
+                    if let Some(branch) = model.branch() {
+                        let (first, end) = (branch.layers().first(), branch.layers().first() + branch.layers().len());
+                        if end != encoder.num_layers() {
+                            return Err(fail(format!(
+                                "its fine-tuned encoder layers are {first}..{end}, but the text encoder has {} layers; \
+                                 serve it with the {end}-layer encoder it was trained on",
+                                encoder.num_layers()
+                            )));
+                        }
+                    }
+                    let states = tagger_states(encoder, &[&tokens[0]], &model)
                         .map_err(|e| fail(format!("the warm-up pass failed: {}", one_line(&e))))?;
                     let x = states.hidden.unsqueeze(0).map_err(|e| fail(one_line(&e)))?;
                     model.forward_emissions(&x, &states.lens)

@@ -11,7 +11,7 @@ use std::time::Instant;
 
 use candle_core::Tensor;
 use concierge_engine::{Backend, Engine};
-use concierge_models::entities::{concat_taps, extract_from_states, Entity};
+use concierge_models::entities::{encoder_taps, extract_from_states, features_from_taps, Entity};
 use concierge_models::intent::IntentModel;
 use concierge_models::{ModelInfo, TextEncoder, TokenStates, TokenizedText};
 
@@ -98,8 +98,9 @@ impl Backend for TextModel {
         // tagger that reads several layers gets theirs. When the branching head is the batch's
         // only reader, the encoder stops at the branch.
         let tap = intent.and_then(|h| h.model.tap());
-        let tagger_layers = tagger.and_then(|t| t.config().encoder_layers.as_deref()).unwrap_or(&[]);
-        let taps: Vec<usize> = tap.into_iter().chain(tagger_layers.iter().copied()).collect();
+        let layers = self.encoder.num_layers();
+        let tagger_taps = tagger.map(|t| encoder_taps(t, layers)).unwrap_or_default();
+        let taps: Vec<usize> = tap.into_iter().chain(tagger_taps.iter().copied()).collect();
         let only_intents = batch.iter().all(|i| !i.tasks.embed && !i.tasks.entities);
         let (states, mut tapped) = match tap {
             Some(n) if only_intents => {
@@ -109,12 +110,16 @@ impl Backend for TextModel {
             }
             _ => self.encoder.token_states_taps(&tokens, &taps).map_err(|e| e.to_string())?,
         };
-        let tagger_states = match tagger_layers.is_empty() {
-            true => None,
-            false => Some(TokenStates {
-                hidden: concat_taps(&tapped.split_off(tap.iter().len())).map_err(|e| e.to_string())?,
-                lens: states.lens.clone(),
-            }),
+        // A tagger reading the last layer alone reads `states`; one reading other layers, or its
+        // own fine-tuned top layers, gets its features from its taps.
+        let tagger_states = match tagger {
+            Some(t) if !tagger_taps.is_empty() => {
+                let own = tapped.split_off(tap.iter().len());
+                features_from_taps(t, layers, own, &states.lens)
+                    .map_err(|e| e.to_string())?
+                    .map(|hidden| TokenStates { hidden, lens: states.lens.clone() })
+            }
+            _ => None,
         };
         let tapped = tapped.pop();
         let mut out = vec![TextOutput::default(); batch.len()];

@@ -483,6 +483,69 @@ mod sharing {
         assert!(worst(&alone, out[0].embedding.as_ref().unwrap()) < 1e-5);
         assert!(out[1].entities.is_none() && out[2].intent.is_none() && out[1].embedding.is_none());
     }
+
+    /// A tagger with its own fine-tuned top layers (`branch_from`) beside the intent head's
+    /// branch: the pass is tapped for both, and each continues from its own tap. Built here from
+    /// the default tagger with copies of the encoder's own layers 4..6, it must find exactly what
+    /// the default tagger finds, in a batch with intents and alone.
+    #[test]
+    fn a_tagger_with_fine_tuned_layers_shares_the_pass_with_the_intent_branch() {
+        let src = common::repo_path("checkpoints/entities-en-atis");
+        let encoder_dir = common::repo_path("model-store/all-MiniLM-L6-v2");
+        let dir = std::env::temp_dir().join(format!("concierge-branch-tagger-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["config.json", "tags.json", "model.safetensors"] {
+            std::fs::copy(src.join(f), dir.join(f)).unwrap();
+        }
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        cfg["branch_from"] = serde_json::json!(4);
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        std::fs::copy(encoder_dir.join("config.json"), dir.join("encoder_config.json")).unwrap();
+        let mut ts = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu).unwrap();
+        for (name, t) in candle_core::safetensors::load(encoder_dir.join("model.safetensors"), &Device::Cpu).unwrap() {
+            let name = name.strip_prefix("bert.").unwrap_or(&name).to_string();
+            if name.starts_with("encoder.layer.4.") || name.starts_with("encoder.layer.5.") {
+                ts.insert(name, t);
+            }
+        }
+        candle_core::safetensors::save(&ts, dir.join("model.safetensors")).unwrap();
+
+        let texts = ["flights from boston to denver tomorrow morning", "where is my parcel", "cheapest fare from dallas to miami"];
+        // Spans, and confidences (CRF marginals) to 1e-4: any change in the features shows there.
+        let spans = |e: &[concierge_models::entities::Entity]| {
+            e.iter().map(|e| (e.label.clone(), e.start, e.end, (e.confidence * 1e4).round() as i64)).collect::<Vec<_>>()
+        };
+        let with_tagger = |tagger_dir: &Path| {
+            let mut model = text_model(&checkpoint());
+            let tagger = concierge_models::BiLstmCrf::load(tagger_dir, &Device::Cpu, DType::F32).unwrap();
+            let tags = tagger.tags().len();
+            let tagger = concierge_server::registry::Tagger { model: tagger, reads: None };
+            model.tagger = Some(concierge_server::registry::Version::wrap("tagger", "tagger", tags, tagger));
+            model
+        };
+        let run = |model: &TextModel, tasks: &[(usize, Tasks)]| {
+            let inputs: Vec<TextInput> = tasks
+                .iter()
+                .map(|&(i, tasks)| TextInput { tokens: model.encoder.tokenize(i, texts[i], false).unwrap(), normalize: true, tasks, images: Vec::new() })
+                .collect();
+            model.run(&inputs.iter().collect::<Vec<_>>()).unwrap()
+        };
+        let frozen = with_tagger(&src);
+        let branched = with_tagger(&dir);
+        assert!(branched.tagger.as_ref().unwrap().model.branch().is_some());
+        let all = Tasks { embed: true, entities: true, intent: true };
+        let mixed = run(&branched, &[(0, all), (1, Tasks::INTENT), (2, Tasks::ENTITIES)]);
+        for (i, got) in [(0, &mixed[0]), (2, &mixed[2])] {
+            let want = run(&frozen, &[(i, Tasks::ENTITIES)]).remove(0).entities.unwrap();
+            assert!(!want.is_empty(), "the tagger found nothing in {:?}", texts[i]);
+            assert_eq!(spans(got.entities.as_ref().unwrap()), spans(&want), "input {i} in a batch with intents");
+            let alone = run(&branched, &[(i, Tasks::ENTITIES)]).remove(0).entities.unwrap();
+            assert_eq!(spans(&alone), spans(&want), "input {i} alone");
+        }
+        let intent = run(&frozen, &[(1, Tasks::INTENT)]).remove(0).intent.unwrap();
+        assert!(worst(&intent, mixed[1].intent.as_ref().unwrap()) < 1e-5);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,12 +11,16 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use clap::{Args, ValueEnum};
-use concierge_models::entities::{back_project, joined, pad_batch, project_tags, source_of, tagger_states, word_features, words_of};
+use concierge_models::bert::Config as BertConfig;
+use concierge_models::entities::{
+    back_project, concat_taps, joined, layer_states, pad_batch, project_tags, source_of, tagger_states, word_features, words_of,
+};
 use concierge_models::sequence::conlleval::Evaluation;
 use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
 use concierge_models::tagger::{BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab};
-use concierge_models::{ModelSource, TextEncoder};
+use concierge_models::{ModelSource, TextEncoder, TokenStates};
 
+use crate::layers::{pad_rows, Dropout, TrainLayer};
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -61,6 +65,21 @@ pub struct TrainTagger {
     /// (`0`: the embeddings); default: the last layer alone.
     #[arg(long, value_delimiter = ',')]
     pub encoder_layers: Option<Vec<usize>>,
+    /// Encoder input: fine-tune the encoder's top N layers with the tagger (0: frozen states).
+    /// The checkpoint then carries its own copies of those layers, which the server runs from
+    /// the shared pass's states below them (`branch_from` in its config).
+    #[arg(long, default_value_t = 0)]
+    pub train_layers: usize,
+    /// Learning rate of the fine-tuned encoder layers (--lr is the tagger's).
+    #[arg(long, default_value_t = 5e-5)]
+    pub encoder_lr: f64,
+    /// Dropout inside the fine-tuned encoder layers (attention output and feed-forward).
+    #[arg(long, default_value_t = 0.1)]
+    pub encoder_dropout: f32,
+    /// Save the fine-tuned encoder layers in f32 instead of f16 (f16 halves them; the test
+    /// split is scored on the checkpoint as saved).
+    #[arg(long = "branch-f32", action = clap::ArgAction::SetFalse)]
+    pub branch_f16: bool,
     /// Where the checkpoint goes.
     #[arg(long)]
     pub out: PathBuf,
@@ -130,8 +149,13 @@ fn read(format: Format, path: &Path) -> anyhow::Result<Vec<Sentence>> {
 /// A sentence turned into model input: features (encoder) or char ids, gold piece tags, and the
 /// map back to its source words.
 struct Example {
-    /// `[pieces, dim]` f32 encoder features, or None for chars input.
+    /// `[pieces, dim]` f32 encoder features, or None for chars input. With fine-tuned layers:
+    /// the features of the frozen layers alone (None if it reads none of them).
     features: Option<Tensor>,
+    /// With fine-tuned layers: every token's states `[tokens, H]` where they start, and each
+    /// piece's first token.
+    tokens: Option<Tensor>,
+    first_token: Vec<usize>,
     /// Character ids (chars input).
     ids: Vec<u32>,
     /// Gold tag ids per piece (unknown tags -> O).
@@ -152,9 +176,19 @@ impl Example {
 struct Featurizer {
     input: Input,
     encoder: Option<TextEncoder>,
-    /// Encoder input: the layers concatenated (None: the last).
-    layers: Option<Vec<usize>>,
+    reads: Reads,
     vocab: Option<Vocab>,
+}
+
+/// What an encoder-input example is made of.
+enum Reads {
+    /// The states after these layers side by side (None: the last layer's), frozen.
+    Layers(Option<Vec<usize>>),
+    /// Training fine-tuned layers from `from` up: the frozen layers' features (`fixed`, at or
+    /// below `from`) and the states at `from` for the trainable layers.
+    Branch { fixed: Vec<usize>, from: usize },
+    /// A saved tagger's own features, as the server computes them (its fine-tuned layers too).
+    Tagger(Box<BiLstmCrf>),
 }
 
 impl Featurizer {
@@ -168,6 +202,8 @@ impl Featurizer {
                     .iter()
                     .map(|s| Example {
                         features: None,
+                        tokens: None,
+                        first_token: Vec::new(),
                         ids: s.tokens.iter().map(|c| vocab.id(c)).collect(),
                         tags: s.tags.iter().map(|t| id_of(t)).collect(),
                         source_of: (0..s.tokens.len()).collect(),
@@ -194,12 +230,27 @@ impl Featurizer {
                         maps.push((words, src));
                     }
                     let refs: Vec<_> = toks.iter().collect();
-                    let states = tagger_states(enc, &refs, self.layers.as_deref())?;
+                    // Per sentence: word features (or None) and, when training layers, token states.
+                    let (states, tokens) = match &self.reads {
+                        Reads::Layers(layers) => (Some(layer_states(enc, &refs, layers.as_deref())?), None),
+                        Reads::Tagger(tagger) => (Some(tagger_states(enc, &refs, tagger)?), None),
+                        Reads::Branch { fixed, from } => {
+                            let taps: Vec<usize> = fixed.iter().copied().chain([*from]).collect();
+                            let (last, mut tapped) = enc.token_states_taps(&refs, &taps)?;
+                            let start = TokenStates { hidden: tapped.pop().expect("the branch tap"), lens: last.lens.clone() };
+                            let fixed = (!tapped.is_empty())
+                                .then(|| Ok::<_, anyhow::Error>(TokenStates { hidden: concat_taps(&tapped)?, lens: last.lens }))
+                                .transpose()?;
+                            (fixed, Some(start))
+                        }
+                    };
                     for (i, (s, (words, src))) in chunk.iter().zip(maps).enumerate() {
                         // A truncated sentence loses its tail words: they count as O-predicted.
                         let pieces = project_tags(&s.tags, &src);
                         out.push(Example {
-                            features: Some(word_features(&states.of(i)?, &words)?),
+                            features: states.as_ref().map(|st| word_features(&st.of(i)?, &words)).transpose()?,
+                            tokens: tokens.as_ref().map(|st| st.of(i)).transpose()?,
+                            first_token: words.first_token.clone(),
                             ids: Vec::new(),
                             tags: pieces.iter().map(|t| id_of(t)).collect(),
                             source_of: src,
@@ -222,16 +273,8 @@ impl Featurizer {
                 let feats: Vec<Tensor> = examples.iter().map(|e| e.features.clone().expect("features")).collect();
                 let x = pad_batch(&feats, dim, device)?;
                 Ok(match dropout {
-                    Some((p, rng)) if p > 0.0 => {
-                        let n = x.elem_count();
-                        let keep = 1.0 / (1.0 - p);
-                        let mask: Vec<f32> = (0..n).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
-                        {
-                        let m = Tensor::from_vec(mask, x.shape(), device)?;
-                        (x * m)?
-                    }
-                    }
-                    _ => x,
+                    Some((p, rng)) => feature_dropout(x, p, rng)?,
+                    None => x,
                 })
             }
             Input::Chars => {
@@ -248,8 +291,70 @@ impl Featurizer {
     }
 }
 
+/// Input dropout (seeded masks) on features.
+fn feature_dropout(x: Tensor, p: f32, rng: &mut Rng) -> anyhow::Result<Tensor> {
+    if p <= 0.0 {
+        return Ok(x);
+    }
+    let keep = 1.0 / (1.0 - p);
+    let mask: Vec<f32> = (0..x.elem_count()).map(|_| if rng.uniform() < p { 0.0 } else { keep }).collect();
+    let m = Tensor::from_vec(mask, x.shape(), x.device())?;
+    Ok((x * m)?)
+}
+
+/// The encoder's top layers, trained with the tagger (`--train-layers`): they continue from the
+/// states after layer `from`; the tagger reads the frozen layers' features, then the outputs of
+/// these layers `above` (counted from `from`), side by side in that order.
+struct TrainBranch {
+    layers: Vec<TrainLayer>,
+    above: Vec<usize>,
+}
+
+impl TrainBranch {
+    /// Features `[B, words, dim]` of a batch (zero past each sentence's words).
+    fn features(&self, examples: &[&Example], drop: &mut Dropout, device: &Device) -> anyhow::Result<Tensor> {
+        let rows: Vec<&Tensor> = examples.iter().map(|e| e.tokens.as_ref().expect("token states")).collect();
+        let (mut x, mask) = pad_rows(&rows, device)?;
+        let key_mask = ((mask - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
+        let (b, s, h) = x.dims3()?;
+        let mut outs = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            x = layer.forward(&x, &key_mask, drop)?;
+            outs.push(x.clone());
+        }
+        let w = examples.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
+        let mut idx = Vec::with_capacity(b * w);
+        let mut live = Vec::with_capacity(b * w);
+        for (i, e) in examples.iter().enumerate() {
+            for k in 0..w {
+                idx.push((i * s + e.first_token.get(k).copied().unwrap_or(0)) as u32);
+                live.push(if k < e.len() { 1f32 } else { 0.0 });
+            }
+        }
+        let idx = Tensor::from_vec(idx, b * w, device)?;
+        let live = Tensor::from_vec(live, (b, w, 1), device)?;
+        let mut parts = Vec::with_capacity(self.above.len() + 1);
+        if examples[0].features.is_some() {
+            let fixed: Vec<Tensor> = examples.iter().map(|e| e.features.clone().expect("frozen features")).collect();
+            let dim = fixed[0].dim(1)?;
+            parts.push(pad_batch(&fixed, dim, device)?);
+        }
+        for &n in &self.above {
+            let words = outs[n - 1].reshape((b * s, h))?.index_select(&idx, 0)?.reshape((b, w, h))?;
+            parts.push(words.broadcast_mul(&live)?);
+        }
+        Ok(Tensor::cat(&parts, 2)?)
+    }
+}
+
 /// Scores a tagger on examples: conlleval over the source words.
-fn evaluate(model: &BiLstmCrf, fz: &Featurizer, examples: &[Example], device: &Device) -> anyhow::Result<Evaluation> {
+fn evaluate(
+    model: &BiLstmCrf,
+    fz: &Featurizer,
+    examples: &[Example],
+    device: &Device,
+    branch: Option<&TrainBranch>,
+) -> anyhow::Result<Evaluation> {
     let mut eval = Evaluation::new();
     let dim = model.config().input_dim;
     // Length-sorted batches waste little on padding.
@@ -258,7 +363,10 @@ fn evaluate(model: &BiLstmCrf, fz: &Featurizer, examples: &[Example], device: &D
     let mut preds: Vec<Option<Vec<String>>> = vec![None; examples.len()];
     for chunk in order.chunks(256) {
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
-        let x = fz.batch(&batch, dim, device, None)?;
+        let x = match branch {
+            Some(br) => br.features(&batch, &mut Dropout(None), device)?,
+            None => fz.batch(&batch, dim, device, None)?,
+        };
         let lengths: Vec<usize> = batch.iter().map(|e| e.len()).collect();
         let paths = model.decode(&x, &lengths)?;
         for (&i, path) in chunk.iter().zip(paths) {
@@ -319,6 +427,34 @@ fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], vocab: Option<&Vocab
         }
         var.set(&w.to_dtype(var.dtype())?)?;
     }
+    Ok(())
+}
+
+/// Sets every `encoder.*` variable of `varmap` to the encoder checkpoint's tensor of that name.
+fn copy_encoder_weights(varmap: &VarMap, encoder_dir: &Path) -> anyhow::Result<()> {
+    let path = encoder_dir.join("model.safetensors");
+    let weights = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        let t = weights
+            .get(name)
+            .or_else(|| weights.get(&format!("bert.{name}")))
+            .with_context(|| format!("{} has no {name}", path.display()))?;
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    Ok(())
+}
+
+/// Adds the fine-tuned layers to the checkpoint `dir` (its `model.safetensors`, f16 if asked)
+/// with the encoder's `config.json` as `encoder_config.json`.
+fn save_branch(dir: &Path, branch: &VarMap, encoder_dir: &Path, f16: bool) -> anyhow::Result<()> {
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    for (name, var) in branch.data().lock().expect("varmap lock").iter() {
+        let t = var.as_tensor().detach();
+        tensors.insert(name.clone(), if f16 { t.to_dtype(DType::F16)? } else { t });
+    }
+    candle_core::safetensors::save(&tensors, &path)?;
+    std::fs::copy(encoder_dir.join("config.json"), dir.join("encoder_config.json"))?;
     Ok(())
 }
 
@@ -389,7 +525,23 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 "encoder".into(),
                 serde_json::json!({"id": enc.info().id, "version": enc.info().version, "words": "first sub-token of each tokenizer word"}),
             );
-            (Featurizer { input, encoder: Some(enc), layers: cfg.encoder_layers.clone(), vocab: None }, cfg)
+            let reads = match args.train_layers {
+                0 => Reads::Layers(cfg.encoder_layers.clone()),
+                t if t > enc.num_layers() => bail!("--train-layers {t}: the encoder has {} layers", enc.num_layers()),
+                t => {
+                    let from = enc.num_layers() - t;
+                    let layers = cfg.reads_layers(enc.num_layers());
+                    if layers.windows(2).any(|w| w[0] >= w[1]) {
+                        bail!("--encoder-layers: with --train-layers, name the layers in ascending order, each once");
+                    }
+                    if !layers.iter().any(|&l| l > from) {
+                        bail!("--train-layers {t}: the tagger reads no layer above {from}, so no fine-tuned layer would reach it");
+                    }
+                    cfg.branch_from = Some(from);
+                    Reads::Branch { fixed: layers.into_iter().filter(|&l| l <= from).collect(), from }
+                }
+            };
+            (Featurizer { input, encoder: Some(enc), reads, vocab: None }, cfg)
         }
         Input::Chars => {
             let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
@@ -406,11 +558,15 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             }
             let vocab = Vocab::new(ids, "<unk>")?;
             let cfg = TaggerConfig::embeddings(vocab.id_bound(), args.char_dim, args.hidden, tag_list.len());
-            (Featurizer { input, encoder: None, layers: None, vocab: Some(vocab) }, cfg)
+            if args.train_layers > 0 {
+                bail!("--train-layers fine-tunes the text encoder: it needs encoder input");
+            }
+            (Featurizer { input, encoder: None, reads: Reads::Layers(None), vocab: Some(vocab) }, cfg)
         }
     };
     cfg.num_layers = args.layers;
     cfg.extra.insert("scheme".into(), serde_json::json!(if bmes { "bmes" } else { "bio" }));
+    let mut fz = fz;
     let train_ex = fz.examples(&train_set, &tag_ids, "train", args.quiet)?;
     let dev_ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
     tracing::info!(train = train_ex.len(), dev = dev_ex.len(), tags = tag_list.len(), ?input, "data ready");
@@ -434,6 +590,30 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         varmap.all_vars(),
         ParamsAdamW { lr: args.lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() },
     )?;
+    // Fine-tuned encoder layers: their own VarMap (copies of the encoder's weights) and optimiser.
+    let branch_map = VarMap::new();
+    let (branch, mut branch_opt) = match (cfg.branch_from, &fz.reads) {
+        (Some(from), Reads::Branch { .. }) => {
+            let bert_path = args.encoder_dir.join("config.json");
+            let bert: BertConfig = serde_json::from_str(&std::fs::read_to_string(&bert_path)?)
+                .with_context(|| format!("reading {}", bert_path.display()))?;
+            let bvb = VarBuilder::from_varmap(&branch_map, DType::F32, &device);
+            let layers = (from..bert.num_hidden_layers)
+                .map(|i| TrainLayer::new(bvb.pp(format!("encoder.layer.{i}")), &bert))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            copy_encoder_weights(&branch_map, &args.encoder_dir)?;
+            let above = cfg.reads_layers(bert.num_hidden_layers).into_iter().filter(|&l| l > from).map(|l| l - from).collect();
+            let opt = AdamW::new(
+                branch_map.all_vars(),
+                ParamsAdamW { lr: args.encoder_lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() },
+            )?;
+            (Some(TrainBranch { layers, above }), Some(opt))
+        }
+        _ => (None, None),
+    };
+    if let (Some(dir), Some(_)) = (&args.init, &branch) {
+        bail!("--init with --train-layers: continuing a run with fine-tuned layers is not supported; start afresh ({})", dir.display());
+    }
 
     let dim = cfg.input_dim;
     let mut order: Vec<usize> = (0..train_ex.len()).filter(|&i| train_ex[i].len() > 0).collect();
@@ -463,10 +643,20 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         let mut total = 0.0f64;
         for (step, chunk) in batches.into_iter().enumerate() {
             let batch: Vec<&Example> = chunk.iter().map(|&i| &train_ex[i]).collect();
-            let x = fz.batch(&batch, dim, &device, Some((args.dropout, &mut rng)))?;
+            let x = match &branch {
+                Some(br) => {
+                    let f = br.features(&batch, &mut Dropout(Some((args.encoder_dropout, &mut rng))), &device)?;
+                    feature_dropout(f, args.dropout, &mut rng)?
+                }
+                None => fz.batch(&batch, dim, &device, Some((args.dropout, &mut rng)))?,
+            };
             let gold: Vec<Vec<u32>> = batch.iter().map(|e| e.tags.clone()).collect();
             let loss = model.nll(&x, &gold, Reduction::Mean)?;
-            opt.backward_step(&loss)?;
+            let grads = loss.backward()?;
+            opt.step(&grads)?;
+            if let Some(o) = branch_opt.as_mut() {
+                o.step(&grads)?;
+            }
             total += loss.to_scalar::<f32>()? as f64;
             bar.inc(1);
             if step % 20 == 0 {
@@ -474,7 +664,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             }
         }
         bar.finish_and_clear();
-        let dev = evaluate(&model, &fz, &dev_ex, &device)?;
+        let dev = evaluate(&model, &fz, &dev_ex, &device, branch.as_ref())?;
         let loss = total / steps_per_epoch as f64;
         let secs = t0.elapsed().as_secs_f64();
         eprintln!("epoch {epoch}: loss {loss:.4}, dev F1 {:.2} ({secs:.1} s)", dev.f1() * 100.0);
@@ -482,6 +672,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         if dev.f1() > best_f1 {
             (best_f1, best_epoch, since_best) = (dev.f1(), epoch, 0);
             model.save(&args.out).with_context(|| format!("writing the checkpoint to {}", args.out.display()))?;
+            if branch.is_some() {
+                save_branch(&args.out, &branch_map, &args.encoder_dir, args.branch_f16)?;
+            }
         } else {
             since_best += 1;
         }
@@ -507,11 +700,25 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "best_epoch": best_epoch, "best_dev_f1": best_f1, "train_seconds": train_secs,
         "epochs": log,
     });
+    if branch.is_some() {
+        // The saved checkpoint (rounded layers and all) through the server's feature path:
+        // what every figure below is of.
+        let best = BiLstmCrf::load(&args.out, &device, DType::F32)?;
+        fz.reads = Reads::Tagger(Box::new(best.clone()));
+        let ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
+        let served = evaluate(&best, &fz, &ex, &device, None)?.f1();
+        eprintln!("the saved checkpoint as served: dev F1 {:.2} (trained model {:.2})", served * 100.0, best_f1 * 100.0);
+        summary["served_dev_f1"] = serde_json::json!(served);
+        summary["train_layers"] = serde_json::json!(args.train_layers);
+        summary["encoder_lr"] = serde_json::json!(args.encoder_lr);
+        summary["encoder_dropout"] = serde_json::json!(args.encoder_dropout);
+        summary["branch_f16"] = serde_json::json!(args.branch_f16);
+    }
     if let Some(test) = &args.test {
         let best = BiLstmCrf::load(&args.out, &device, DType::F32)?;
         let test_set = read(args.format, test)?;
         let ex = fz.examples(&test_set, &tag_ids, "test", args.quiet)?;
-        let eval = evaluate(&best, &fz, &ex, &device)?;
+        let eval = evaluate(&best, &fz, &ex, &device, None)?;
         println!("test ({}): {} sentences\n{eval}", test.display(), test_set.len());
         summary["test"] = serde_json::json!({"path": test.display().to_string(), "f1": eval.f1(), "precision": eval.precision(), "recall": eval.recall()});
     }
@@ -531,11 +738,11 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
         }
         InputKind::Embeddings => (Input::Chars, None),
     };
-    let fz = Featurizer { input, encoder, layers: model.config().encoder_layers.clone(), vocab: model.vocab().cloned() };
+    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned() };
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
     let ex = fz.examples(&sentences, &tag_ids, "test", false)?;
-    let eval = evaluate(&model, &fz, &ex, &device)?;
+    let eval = evaluate(&model, &fz, &ex, &device, None)?;
     println!("{}: {} sentences, scored in {:.1} s\n{eval}", args.test.display(), sentences.len(), t0.elapsed().as_secs_f64());
     Ok(eval)
 }

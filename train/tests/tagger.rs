@@ -63,6 +63,49 @@ fn atis_over_encoder_states_learns_and_repeats_with_a_seed() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// `--train-layers`: the encoder's top layer is fine-tuned with the tagger; the checkpoint
+/// carries it (f16) and, loaded as the server loads it, scores the dev set as the trained model
+/// did (f16 rounding may move a tag: within 1 point of F1).
+#[test]
+fn atis_with_a_fine_tuned_encoder_layer_learns_and_serves_as_trained() {
+    let data = repo("model-store/data/atis/train_dev");
+    let encoder = repo("model-store/all-MiniLM-L6-v2");
+    if !data.is_file() || !encoder.is_dir() {
+        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("concierge-train-atis-ft-{}", std::process::id()));
+    train(&args(&[
+        "--format=atis".into(), format!("--train={}", data.display()), format!("--encoder-dir={}", encoder.display()),
+        format!("--out={}", out.display()), "--limit=250".into(), "--epochs=3".into(), "--hidden=48".into(),
+        "--batch=16".into(), "--lr=5e-3".into(), "--seed=5".into(), "--encoder-layers=5,6".into(),
+        "--train-layers=1".into(), "--encoder-lr=1e-4".into(),
+    ]))
+    .unwrap();
+    let (loss, f1) = losses(&out);
+    assert!(loss[loss.len() - 1] < loss[0] * 0.6, "the loss did not fall: {loss:?}");
+    let best = f1.iter().cloned().fold(0.0, f64::max);
+    assert!(best > 0.5, "dev F1 stayed low: {f1:?}");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    let served = summary["served_dev_f1"].as_f64().unwrap();
+    assert!((served - best).abs() <= 0.01, "the saved checkpoint scores dev F1 {served}, the trained model {best}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["branch_from"], 5);
+    assert!(out.join("encoder_config.json").is_file());
+    let test = repo("model-store/data/atis/test");
+    let e = eval(&EvalTagger { model: out.clone(), format: concierge_train::tagger::Format::Atis, test, encoder_dir: encoder.clone() }).unwrap();
+    assert!(e.f1() > 0.5, "test F1 {}", e.f1());
+    // A fine-tuned layer needs encoder input and a layer above the branch point to feed.
+    let err = train(&args(&[
+        "--format=atis".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+        format!("--encoder-dir={}", encoder.display()), "--encoder-layers=3,4".into(), "--train-layers=1".into(), "--limit=10".into(),
+    ]))
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("reads no layer above 5"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 #[test]
 fn msra_over_characters_learns() {
     let data = repo("model-store/data/msra/msra_train.txt");

@@ -21,6 +21,7 @@ use serde::{Deserialize, Serialize};
 pub use crf::{Crf, Reduction, TagPath};
 pub use lstm::BiLstm;
 
+use crate::bert::{BertLayers, Config as BertConfig};
 use crate::error::{ModelError, Result};
 
 /// Where the tagger's token features come from.
@@ -44,6 +45,14 @@ pub struct TaggerConfig {
     /// `input_dim` is the encoder's width times their number. None: the last layer alone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoder_layers: Option<Vec<usize>>,
+    /// Encoder input with fine-tuned top layers: the checkpoint carries its own copies of the
+    /// encoder's layers after this one (`encoder.layer.N.*` for N from `branch_from` up, in the
+    /// encoder's names, with the encoder's `encoder_config.json` beside them). The shared encoder
+    /// pass is tapped after layer `branch_from` and the tagger runs its copies from there; the
+    /// layers in `encoder_layers` above `branch_from` are read from its copies. None: the
+    /// encoder's own states only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch_from: Option<usize>,
     /// Rows of the embedding table (embeddings input only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab_size: Option<usize>,
@@ -80,6 +89,7 @@ impl TaggerConfig {
             input: InputKind::Encoder,
             input_dim,
             encoder_layers: None,
+            branch_from: None,
             vocab_size: None,
             hidden_size,
             num_layers: 1,
@@ -115,6 +125,14 @@ impl TaggerConfig {
         }
         if self.encoder_layers.as_ref().is_some_and(|l| l.is_empty() || self.input != InputKind::Encoder) {
             return bad("encoder_layers must name at least one layer, and only for encoder input");
+        }
+        if self.branch_from.is_some() && self.input != InputKind::Encoder {
+            return bad("branch_from (fine-tuned encoder layers) is only for encoder input");
+        }
+        if let (Some(from), Some(layers)) = (self.branch_from, &self.encoder_layers) {
+            if !layers.iter().any(|&l| l > from) {
+                return bad("with branch_from, encoder_layers must read at least one layer above it (its fine-tuned layers)");
+            }
         }
         match (self.input, self.vocab_size) {
             (InputKind::Embeddings, None | Some(0)) => bad("embeddings input needs a positive vocab_size"),
@@ -213,10 +231,28 @@ impl Params {
     }
 }
 
+/// A tagger's own copies of the encoder's top layers (see [`TaggerConfig::branch_from`]).
+#[derive(Clone)]
+pub struct Branch(std::sync::Arc<BertLayers>);
+
+impl std::fmt::Debug for Branch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Branch(layers {}..{})", self.0.first(), self.0.first() + self.0.len())
+    }
+}
+
+impl Branch {
+    pub fn layers(&self) -> &BertLayers {
+        &self.0
+    }
+}
+
 /// The BiLSTM-CRF tagger. See the module header for the layout.
 #[derive(Debug, Clone)]
 pub struct BiLstmCrf {
     cfg: TaggerConfig,
+    /// Fine-tuned encoder layers (`branch_from`), attached by [`Self::load`].
+    branch: Option<Branch>,
     tags: Vec<String>,
     vocab: Option<Vocab>,
     embedding: Option<Embedding>,
@@ -278,7 +314,7 @@ impl BiLstmCrf {
         ] {
             params.record(&cvb, name, t.clone())?;
         }
-        Ok(Self { cfg: cfg.clone(), tags, vocab: None, embedding, lstm, emission, emission_name, crf, params })
+        Ok(Self { cfg: cfg.clone(), branch: None, tags, vocab: None, embedding, lstm, emission, emission_name, crf, params })
     }
 
     /// Loads a checkpoint folder: `config.json`, `model.safetensors`, `tags.json`, and
@@ -307,14 +343,31 @@ impl BiLstmCrf {
         // SAFETY: memory-mapped read-only; checkpoint folders are replaced, never edited in place.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&weights], dtype, device) }
             .map_err(|e| ModelError::BadFile { path: weights.clone(), reason: e.to_string() })?;
-        let model = Self::new(vb, &cfg, tags).map_err(|e| match e {
+        let mismatch = |e: ModelError| match e {
             ModelError::Candle(c) => ModelError::BadFile {
                 path: weights.clone(),
                 reason: format!("does not match {}: {c}", config.display()),
             },
             ModelError::Unsupported(reason) => ModelError::BadFile { path: tags_path.clone(), reason },
             other => other,
-        })?;
+        };
+        let mut model = Self::new(vb.clone(), &cfg, tags).map_err(mismatch)?;
+        if let Some(from) = cfg.branch_from {
+            let path = file("encoder_config.json", "the config.json of the encoder whose top layers it fine-tuned")?;
+            let bert: BertConfig = crate::encoder::read_json(&path, "a BERT config.json")?;
+            if from >= bert.num_hidden_layers {
+                let reason = format!("branch_from {from}, but {} has {} layers", path.display(), bert.num_hidden_layers);
+                return Err(ModelError::BadFile { path: config.clone(), reason });
+            }
+            let layers = BertLayers::load(vb, &bert, from..bert.num_hidden_layers).map_err(|e| match e {
+                ModelError::Candle(c) => ModelError::BadFile {
+                    path: weights.clone(),
+                    reason: format!("its fine-tuned encoder layers {from}..{} (branch_from): {c}", bert.num_hidden_layers),
+                },
+                other => other,
+            })?;
+            model.branch = Some(Branch(std::sync::Arc::new(layers)));
+        }
         let model = match cfg.input {
             InputKind::Encoder => model,
             InputKind::Embeddings => {
@@ -362,6 +415,10 @@ impl BiLstmCrf {
 
     pub fn config(&self) -> &TaggerConfig {
         &self.cfg
+    }
+    /// Its fine-tuned encoder layers, if its config has `branch_from`.
+    pub fn branch(&self) -> Option<&Branch> {
+        self.branch.as_ref()
     }
     pub fn tags(&self) -> &[String] {
         &self.tags
