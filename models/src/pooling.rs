@@ -122,6 +122,10 @@ impl Pooling {
             let t = match mode {
                 PoolingMode::Cls => hidden.index_select(&starts(lens, 0, device)?, 0)?,
                 PoolingMode::LastToken => hidden.index_select(&starts(lens, 1, device)?, 0)?,
+                // The fused kernel on the CPU (one pass, f32 sums, no [B, T] weight matrix); its
+                // CUDA version waits for a GPU run (scripts/device-check.sh), so other devices
+                // keep the matmul.
+                PoolingMode::Mean if device.is_cpu() => concierge_kernels::pool::masked_mean_l2(hidden, lens, false)?,
                 PoolingMode::Mean => segment_weights(lens, false, device)?.matmul(hidden)?,
                 PoolingMode::MeanSqrtLen => segment_weights(lens, true, device)?.matmul(hidden)?,
                 PoolingMode::Max => {
@@ -179,6 +183,18 @@ mod tests {
         let got = Pooling::from_file(&path);
         std::fs::remove_file(&path).unwrap();
         got
+    }
+
+    #[test]
+    fn mean_pooling_on_the_cpu_kernel_equals_the_weighted_matmul() {
+        let lens = [1usize, 7, 3, 16];
+        let t: usize = lens.iter().sum();
+        let values: Vec<f32> = (0..t * 24).map(|i| ((i * 7919 % 1000) as f32 / 250.0) - 2.0).collect();
+        let hidden = Tensor::from_vec(values, (t, 24), &Device::Cpu).unwrap();
+        let got = Pooling::mean().pool(&hidden, &lens).unwrap();
+        let want = segment_weights(&lens, false, &Device::Cpu).unwrap().matmul(&hidden).unwrap();
+        let diff: f32 = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap();
+        assert!(diff <= 1e-6, "max diff {diff}");
     }
 
     #[test]
