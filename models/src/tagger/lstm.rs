@@ -1,15 +1,12 @@
-//! The bidirectional, multi-layer LSTM of the tagger over padded batches, on candle-nn's LSTM
-//! cell (PyTorch's gate order i, f, g, o and its weight names, so `nn.LSTM` checkpoints load).
+//! The bidirectional, multi-layer LSTM of the tagger over padded batches, in candle tensor ops
+//! (PyTorch's gate order i, f, g, o and its weight names, so `nn.LSTM` checkpoints load).
 //!
 //! Padding never reaches a real position: the forward direction reads left to right, so the
 //! padding after a sequence comes too late to matter; the backward direction runs on each
 //! sequence reversed within its own length (its padding stays at the end) and is reversed back,
 //! which is what PyTorch's packed sequences compute. Outputs at padded positions are zero, as
 //! `pad_packed_sequence` leaves them.
-use std::collections::HashMap;
-
-use candle_core::Tensor;
-use candle_nn::rnn::{Direction, LSTMConfig, LSTM, RNN};
+use candle_core::{IndexOp, Tensor};
 use candle_nn::{Init, VarBuilder};
 
 use super::crf::{check_lengths, length_mask};
@@ -19,9 +16,75 @@ use crate::error::Result;
 #[derive(Debug, Clone)]
 pub struct BiLstm {
     /// (forward, backward) per layer.
-    layers: Vec<(LSTM, LSTM)>,
+    layers: Vec<(Cell, Cell)>,
+    /// Per layer, both directions' input projections packed for the CPU GEMM (inference, f32 on
+    /// the CPU; see [`Self::pack_for_cpu`]).
+    packed: Option<Vec<Packed>>,
     hidden: usize,
     dropout: f32,
+}
+
+/// `[W_ih fwd; W_ih bwd]^T` with the summed biases, packed once.
+#[derive(Clone)]
+struct Packed(concierge_kernels::linear::PackedLinear);
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Packed({} -> {})", self.0.in_dim(), self.0.out_dim())
+    }
+}
+
+/// One direction of one layer: PyTorch's `weight_ih` `[4H, D]`, `weight_hh` `[4H, H]` and the
+/// two biases, gates in the order i, f, g, o.
+#[derive(Debug, Clone)]
+struct Cell {
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor,
+    b_hh: Tensor,
+}
+
+impl Cell {
+    /// Hidden states `[B, L, H]` over `x` `[B, L, D]` from zero state, left to right. The input
+    /// projection of every step is one matrix product up front (the bulk of the work when D is
+    /// wide, as a tagger over several encoder layers is); each step then adds `h @ W_hh^T` and
+    /// runs the gates. The same arithmetic as candle-nn's LSTM cell, which steps both products.
+    fn seq(&self, x: &Tensor) -> Result<Tensor> {
+        self.steps(&self.project(x)?)
+    }
+
+    /// `x @ W_ih^T + b_ih + b_hh`, `[B, L, 4H]`.
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let h4 = self.w_hh.dim(0)?;
+        Ok(x.reshape((b * l, d))?
+            .matmul(&self.w_ih.t()?)?
+            .broadcast_add(&self.b_ih)?
+            .broadcast_add(&self.b_hh)?
+            .reshape((b, l, h4))?)
+    }
+
+    /// The recurrence over projected inputs `xw` `[B, L, 4H]`: hidden states `[B, L, H]`.
+    fn steps(&self, xw: &Tensor) -> Result<Tensor> {
+        let (b, l, h4) = xw.dims3()?;
+        let hidden = h4 / 4;
+        let w_hh_t = self.w_hh.t()?;
+        let mut h = Tensor::zeros((b, hidden), xw.dtype(), xw.device())?;
+        let mut c = h.clone();
+        let mut out = Vec::with_capacity(l);
+        for t in 0..l {
+            let gates = (xw.i((.., t, ..))? + h.matmul(&w_hh_t)?)?;
+            let chunks = gates.chunk(4, 1)?;
+            let i = candle_nn::ops::sigmoid(&chunks[0])?;
+            let f = candle_nn::ops::sigmoid(&chunks[1])?;
+            let g = chunks[2].tanh()?;
+            let o = candle_nn::ops::sigmoid(&chunks[3])?;
+            c = ((f * &c)? + (i * g)?)?;
+            h = (o * c.tanh()?)?;
+            out.push(h.clone());
+        }
+        Ok(Tensor::stack(&out, 1)?)
+    }
 }
 
 impl BiLstm {
@@ -42,26 +105,39 @@ impl BiLstm {
         for k in 0..num_layers {
             let in_dim = if k == 0 { input_dim } else { 2 * hidden };
             let mut pair = Vec::with_capacity(2);
-            for (direction, suffix) in [(Direction::Forward, ""), (Direction::Backward, "_reverse")] {
-                // Fetched here, under their full names, so `save` has them; the cell gets the
-                // same tensors (shared storage, and the same variables when training).
-                let mut ts = HashMap::new();
-                for (name, shape) in [
-                    (format!("weight_ih_l{k}{suffix}"), vec![4 * hidden, in_dim]),
-                    (format!("weight_hh_l{k}{suffix}"), vec![4 * hidden, hidden]),
-                    (format!("bias_ih_l{k}{suffix}"), vec![4 * hidden]),
-                    (format!("bias_hh_l{k}{suffix}"), vec![4 * hidden]),
-                ] {
-                    ts.insert(name.clone(), params.get(vb, &shape, &name, init)?);
-                }
-                let cfg = LSTMConfig { layer_idx: k, direction, ..LSTMConfig::default() };
-                let cell_vb = VarBuilder::from_tensors(ts, vb.dtype(), vb.device());
-                pair.push(candle_nn::rnn::lstm(in_dim, hidden, cfg, cell_vb)?);
+            for suffix in ["", "_reverse"] {
+                // Under their full names, so `save` has them (and, training, the variables).
+                let mut get = |name: String, shape: Vec<usize>| params.get(vb, &shape, &name, init);
+                pair.push(Cell {
+                    w_ih: get(format!("weight_ih_l{k}{suffix}"), vec![4 * hidden, in_dim])?,
+                    w_hh: get(format!("weight_hh_l{k}{suffix}"), vec![4 * hidden, hidden])?,
+                    b_ih: get(format!("bias_ih_l{k}{suffix}"), vec![4 * hidden])?,
+                    b_hh: get(format!("bias_hh_l{k}{suffix}"), vec![4 * hidden])?,
+                });
             }
             let bwd = pair.pop().unwrap();
             layers.push((pair.pop().unwrap(), bwd));
         }
-        Ok(Self { layers, hidden, dropout })
+        Ok(Self { layers, packed: None, hidden, dropout })
+    }
+
+    /// Packs every layer's input projections (both directions in one matrix) for the CPU GEMM
+    /// the encoder uses, for inference on f32 CPU weights; no-op otherwise. A tagger reading
+    /// several encoder layers has wide inputs (1,536 for four MiniLM layers): this product is
+    /// most of the LSTM's work.
+    pub(super) fn pack_for_cpu(&mut self) -> Result<()> {
+        let Some((first, _)) = self.layers.first() else { return Ok(()) };
+        if !first.w_ih.device().is_cpu() || first.w_ih.dtype() != candle_core::DType::F32 {
+            return Ok(());
+        }
+        let mut packed = Vec::with_capacity(self.layers.len());
+        for (f, b) in &self.layers {
+            let wt = Tensor::cat(&[&f.w_ih, &b.w_ih], 0)?.t()?.contiguous()?;
+            let bias = Tensor::cat(&[(&f.b_ih + &f.b_hh)?, (&b.b_ih + &b.b_hh)?], 0)?;
+            packed.push(Packed(concierge_kernels::linear::PackedLinear::new(&wt, Some(&bias))?));
+        }
+        self.packed = Some(packed);
+        Ok(())
     }
 
     /// Width of the output: both directions' hidden states, forward first (as PyTorch).
@@ -93,8 +169,19 @@ impl BiLstm {
             if train && k > 0 && self.dropout > 0.0 {
                 h = candle_nn::ops::dropout(&h, self.dropout)?;
             }
-            let f = fwd.states_to_tensor(&fwd.seq(&h)?)?;
-            let r = reverse(&bwd.states_to_tensor(&bwd.seq(&reverse(&h)?)?)?)?;
+            let (f, r) = match self.packed.as_ref().filter(|_| !train) {
+                Some(packed) => {
+                    // Both directions' projections in one product; the backward one's rows are
+                    // then reversed like its input would have been.
+                    let (bb, ll, d) = h.dims3()?;
+                    let h4 = 4 * self.hidden;
+                    let xw = packed[k].0.forward(&h.reshape((bb * ll, d))?.contiguous()?, concierge_kernels::linear::Act::None, None)?;
+                    let xf = xw.narrow(1, 0, h4)?.reshape((bb, ll, h4))?;
+                    let xb = xw.narrow(1, h4, h4)?.reshape((bb, ll, h4))?;
+                    (fwd.steps(&xf)?, reverse(&bwd.steps(&reverse(&xb)?)?)?)
+                }
+                None => (fwd.seq(&h)?, reverse(&bwd.seq(&reverse(&h)?)?)?),
+            };
             h = Tensor::cat(&[f, r], 2)?;
         }
         let mask = length_mask(lengths, longest, h.device())?.to_dtype(h.dtype())?;

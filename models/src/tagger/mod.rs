@@ -352,6 +352,7 @@ impl BiLstmCrf {
             other => other,
         };
         let mut model = Self::new(vb.clone(), &cfg, tags).map_err(mismatch)?;
+        model.lstm.pack_for_cpu()?;
         if let Some(from) = cfg.branch_from {
             let path = file("encoder_config.json", "the config.json of the encoder whose top layers it fine-tuned")?;
             let bert: BertConfig = crate::encoder::read_json(&path, "a BERT config.json")?;
