@@ -137,6 +137,10 @@ pub struct EvalTagger {
     /// Text encoder folder (encoder-input taggers).
     #[arg(long, default_value = "model-store/all-MiniLM-L6-v2")]
     pub encoder_dir: PathBuf,
+    /// Also write every token with its gold and predicted tag (`token gold predicted`, a blank
+    /// line between sentences: conlleval's input format), for error analysis.
+    #[arg(long)]
+    pub predictions: Option<PathBuf>,
 }
 
 fn read(format: Format, path: &Path) -> anyhow::Result<Vec<Sentence>> {
@@ -355,6 +359,17 @@ fn evaluate(
     device: &Device,
     branch: Option<&TrainBranch>,
 ) -> anyhow::Result<Evaluation> {
+    Ok(predict(model, fz, examples, device, branch)?.0)
+}
+
+/// [`evaluate`], with each example's predicted tags over its source words.
+fn predict(
+    model: &BiLstmCrf,
+    fz: &Featurizer,
+    examples: &[Example],
+    device: &Device,
+    branch: Option<&TrainBranch>,
+) -> anyhow::Result<(Evaluation, Vec<Vec<String>>)> {
     let mut eval = Evaluation::new();
     let dim = model.config().input_dim;
     // Length-sorted batches waste little on padding.
@@ -374,11 +389,12 @@ fn evaluate(
             preds[i] = Some(back_project(&pieces, &examples[i].source_of, examples[i].gold.len()));
         }
     }
-    for (e, p) in examples.iter().zip(preds) {
-        let p = p.unwrap_or_else(|| vec!["O".to_string(); e.gold.len()]);
-        eval.add(&e.gold, &p)?;
+    let preds: Vec<Vec<String>> =
+        examples.iter().zip(preds).map(|(e, p)| p.unwrap_or_else(|| vec!["O".to_string(); e.gold.len()])).collect();
+    for (e, p) in examples.iter().zip(&preds) {
+        eval.add(&e.gold, p)?;
     }
-    Ok(eval)
+    Ok((eval, preds))
 }
 
 /// Seeded re-initialisation of every parameter, PyTorch's defaults: LSTM and linear weights
@@ -742,7 +758,17 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
     let ex = fz.examples(&sentences, &tag_ids, "test", false)?;
-    let eval = evaluate(&model, &fz, &ex, &device, None)?;
+    let (eval, preds) = predict(&model, &fz, &ex, &device, None)?;
+    if let Some(path) = &args.predictions {
+        let mut text = String::new();
+        for (s, p) in sentences.iter().zip(&preds) {
+            for ((token, gold), pred) in s.tokens.iter().zip(&s.tags).zip(p) {
+                text.push_str(&format!("{token} {gold} {pred}\n"));
+            }
+            text.push('\n');
+        }
+        std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     println!("{}: {} sentences, scored in {:.1} s\n{eval}", args.test.display(), sentences.len(), t0.elapsed().as_secs_f64());
     Ok(eval)
 }

@@ -55,8 +55,25 @@ fn atis_over_encoder_states_learns_and_repeats_with_a_seed() {
     // The saved best checkpoint scores as the run said, through eval-tagger, on the same dev
     // sentences is not possible (they are held out inside); score it on the real test file.
     let test = repo("model-store/data/atis/test");
-    let e = eval(&EvalTagger { model: a.clone(), format: concierge_train::tagger::Format::Atis, test, encoder_dir: encoder.clone() }).unwrap();
+    let predictions = tmp.join("predictions.txt");
+    let e = eval(&EvalTagger {
+        model: a.clone(),
+        format: concierge_train::tagger::Format::Atis,
+        test: test.clone(),
+        encoder_dir: encoder.clone(),
+        predictions: Some(predictions.clone()),
+    })
+    .unwrap();
     assert!(e.f1() > 0.5, "test F1 {}", e.f1());
+    // `token gold predicted` per token, a blank line after each sentence; the gold column is the file's.
+    let written = std::fs::read_to_string(&predictions).unwrap();
+    let sentences = concierge_models::sequence::data::read_atis(&test).unwrap();
+    assert_eq!(written.matches("\n\n").count(), sentences.len());
+    let first: Vec<&str> = written.lines().take(sentences[0].tokens.len()).collect();
+    for ((line, token), gold) in first.iter().zip(&sentences[0].tokens).zip(&sentences[0].tags) {
+        let f: Vec<&str> = line.split(' ').collect();
+        assert_eq!((f.len(), f[0], f[1]), (3, token.as_str(), gold.as_str()), "{line}");
+    }
     // Same seed, same run.
     let b = run("b");
     assert_eq!(losses(&a), losses(&b), "two runs with one seed differ");
@@ -93,7 +110,8 @@ fn atis_with_a_fine_tuned_encoder_layer_learns_and_serves_as_trained() {
     assert_eq!(config["branch_from"], 5);
     assert!(out.join("encoder_config.json").is_file());
     let test = repo("model-store/data/atis/test");
-    let e = eval(&EvalTagger { model: out.clone(), format: concierge_train::tagger::Format::Atis, test, encoder_dir: encoder.clone() }).unwrap();
+    let e = eval(&EvalTagger { model: out.clone(), format: concierge_train::tagger::Format::Atis, test, encoder_dir: encoder.clone(), predictions: None })
+        .unwrap();
     assert!(e.f1() > 0.5, "test F1 {}", e.f1());
     // A fine-tuned layer needs encoder input and a layer above the branch point to feed.
     let err = train(&args(&[
