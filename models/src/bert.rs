@@ -301,6 +301,12 @@ impl BertEncoder {
         self.run(batch, taps, false)
     }
 
+    /// The states after each layer in `taps`, running no further than the deepest of them (the
+    /// first result is that layer's states): for a batch whose readers need nothing above.
+    pub fn forward_taps_until(&self, batch: &PackedBatch, taps: &[usize]) -> Result<(Tensor, Vec<Tensor>)> {
+        self.run(batch, taps, true)
+    }
+
     /// The states after layer `n` only (`0`: the embeddings): the layers above are not run. For a
     /// batch whose only reader is a head that branches there.
     pub fn forward_until(&self, batch: &PackedBatch, n: usize) -> Result<Tensor> {

@@ -175,6 +175,15 @@ impl TextEncoder {
         Ok((TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens }, tapped))
     }
 
+    /// [`Self::token_states_taps`], stopping after the deepest tap (the layers above are
+    /// skipped; the returned states are that tap's): for a batch no reader of the last layer
+    /// is in.
+    pub fn token_states_taps_until(&self, inputs: &[&TokenizedText], taps: &[usize]) -> Result<(TokenStates, Vec<Tensor>)> {
+        let (ids, type_ids, lens) = packed(inputs);
+        let (hidden, tapped) = self.bert.forward_taps_until(&PackedBatch { ids: &ids, type_ids: &type_ids, lens: &lens }, taps)?;
+        Ok((TokenStates { hidden: hidden.to_dtype(DType::F32)?, lens }, tapped))
+    }
+
     /// The states after layer `n` alone (the layers above are skipped), in f32:
     /// for a batch whose only reader is a head branching at `n`.
     pub fn token_states_until(&self, inputs: &[&TokenizedText], n: usize) -> Result<TokenStates> {

@@ -125,6 +125,12 @@ fn taps_are_the_states_after_their_layers_in_one_pass() {
     }
     assert_eq!(max_diff(&last.hidden, &enc.token_states(&refs).unwrap().hidden), 0.0);
     assert_eq!(max_diff(&got[3], &last.hidden), 0.0, "the last layer's tap is the last layer's states");
+    // Stopping at the deepest tap gives the same taps; its states are that tap's.
+    let (stopped, early) = enc.token_states_taps_until(&refs, &[2, 0, n - 2]).unwrap();
+    assert_eq!(max_diff(&stopped.hidden, &enc.token_states_until(&refs, n - 2).unwrap().hidden), 0.0);
+    for (t, states) in [2, 0, n - 2].iter().zip(&early) {
+        assert_eq!(max_diff(states, &enc.token_states_until(&refs, *t).unwrap().hidden), 0.0, "stopped pass, tap {t}");
+    }
     // A tagger's features: its layers side by side, or the last layer alone.
     let side = concierge_models::entities::layer_states(&enc, &refs, Some(&[2, n])).unwrap();
     assert_eq!(side.hidden.dims(), &[last.hidden.dim(0).unwrap(), 2 * enc.hidden_size()]);

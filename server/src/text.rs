@@ -102,12 +102,16 @@ impl Backend for TextModel {
         let tagger_taps = tagger.map(|t| encoder_taps(t, layers)).unwrap_or_default();
         let taps: Vec<usize> = tap.into_iter().chain(tagger_taps.iter().copied()).collect();
         let only_intents = batch.iter().all(|i| !i.tasks.embed && !i.tasks.entities);
+        // Pooling reads the last layer, and so does a tagger that asks for no taps; otherwise the
+        // pass stops at the deepest tap (a tagger with its own top layers, an intent branch).
+        let reads_last = batch.iter().any(|i| i.tasks.embed) || (tagger.is_some() && tagger_taps.is_empty());
         let (states, mut tapped) = match tap {
             Some(n) if only_intents => {
                 let s = self.encoder.token_states_until(&tokens, n).map_err(|e| e.to_string())?;
                 let t = s.hidden.clone();
                 (s, vec![t])
             }
+            _ if !reads_last && !taps.is_empty() => self.encoder.token_states_taps_until(&tokens, &taps).map_err(|e| e.to_string())?,
             _ => self.encoder.token_states_taps(&tokens, &taps).map_err(|e| e.to_string())?,
         };
         // A tagger reading the last layer alone reads `states`; one reading other layers, or its
