@@ -24,7 +24,7 @@ use concierge_models::intent::{is_out_of_scope_name, EncoderRef, IntentConfig, I
 use concierge_models::{ImageEncoder, ModelSource, TextEncoder, TokenizedText};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{pad_rows, Dense, Dropout, TrainLayer};
+use crate::layers::{encoder_weight, pad_rows, Dense, Dropout, TrainLayer};
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -848,11 +848,7 @@ fn init_parameters(varmap: &VarMap, encoder_dir: &Path, rng: &mut Rng) -> anyhow
     for name in names {
         let var = &data[name];
         if name.starts_with("encoder.") {
-            let t = weights
-                .get(name)
-                .or_else(|| weights.get(&format!("bert.{name}")))
-                .with_context(|| format!("{} has no {name}", path.display()))?;
-            var.set(&t.to_dtype(DType::F32)?)?;
+            var.set(&encoder_weight(&weights, name, &path)?)?;
             continue;
         }
         let dims = var.dims().to_vec();

@@ -1,6 +1,10 @@
 //! Trainable (autograd) BERT pieces the trainers share: a dense layer, a LayerNorm built from
 //! basic ops (candle's fused one has no backward pass), BERT's post-LN transformer layer in
 //! PyTorch's names, and dropout with masks from our seeded RNG.
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context;
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 use concierge_models::bert::Config as BertConfig;
@@ -123,3 +127,13 @@ pub(crate) fn pad_rows(rows: &[&Tensor], device: &Device) -> anyhow::Result<(Ten
     Ok((Tensor::stack(&padded, 0)?, Tensor::from_vec(mask, (rows.len(), max), device)?))
 }
 
+
+/// The encoder checkpoint's tensor for a trainable layer's variable `name` (`encoder.layer...`,
+/// also found under the `bert.` prefix), as f32; `path` names the checkpoint in the error.
+pub(crate) fn encoder_weight(weights: &HashMap<String, Tensor>, name: &str, path: &Path) -> anyhow::Result<Tensor> {
+    let t = weights
+        .get(name)
+        .or_else(|| weights.get(&format!("bert.{name}")))
+        .with_context(|| format!("{} has no {name}", path.display()))?;
+    Ok(t.to_dtype(DType::F32)?)
+}

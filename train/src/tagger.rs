@@ -20,7 +20,7 @@ use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
 use concierge_models::tagger::{BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab};
 use concierge_models::{ModelSource, TextEncoder, TokenStates};
 
-use crate::layers::{pad_rows, Dropout, TrainLayer};
+use crate::layers::{encoder_weight, pad_rows, Dropout, TrainLayer};
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -451,11 +451,7 @@ fn copy_encoder_weights(varmap: &VarMap, encoder_dir: &Path) -> anyhow::Result<(
     let path = encoder_dir.join("model.safetensors");
     let weights = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
-        let t = weights
-            .get(name)
-            .or_else(|| weights.get(&format!("bert.{name}")))
-            .with_context(|| format!("{} has no {name}", path.display()))?;
-        var.set(&t.to_dtype(DType::F32)?)?;
+        var.set(&encoder_weight(&weights, name, &path)?)?;
     }
     Ok(())
 }
@@ -527,7 +523,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     let tag_list: Vec<String> = std::iter::once("O".to_string()).chain(tags).collect();
     let tag_ids: HashMap<String, u32> = tag_list.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
 
-    let (fz, mut cfg) = match input {
+    let (mut fz, mut cfg) = match input {
         Input::Encoder => {
             let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
                 .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
@@ -582,7 +578,6 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     };
     cfg.num_layers = args.layers;
     cfg.extra.insert("scheme".into(), serde_json::json!(if bmes { "bmes" } else { "bio" }));
-    let mut fz = fz;
     let train_ex = fz.examples(&train_set, &tag_ids, "train", args.quiet)?;
     let dev_ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
     tracing::info!(train = train_ex.len(), dev = dev_ex.len(), tags = tag_list.len(), ?input, "data ready");
@@ -716,10 +711,10 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "best_epoch": best_epoch, "best_dev_f1": best_f1, "train_seconds": train_secs,
         "epochs": log,
     });
+    // The saved checkpoint: what every figure below is of.
+    let best = BiLstmCrf::load(&args.out, &device, DType::F32)?;
     if branch.is_some() {
-        // The saved checkpoint (rounded layers and all) through the server's feature path:
-        // what every figure below is of.
-        let best = BiLstmCrf::load(&args.out, &device, DType::F32)?;
+        // Its rounded layers and all, through the server's feature path.
         fz.reads = Reads::Tagger(Box::new(best.clone()));
         let ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
         let served = evaluate(&best, &fz, &ex, &device, None)?.f1();
@@ -731,7 +726,6 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         summary["branch_f16"] = serde_json::json!(args.branch_f16);
     }
     if let Some(test) = &args.test {
-        let best = BiLstmCrf::load(&args.out, &device, DType::F32)?;
         let test_set = read(args.format, test)?;
         let ex = fz.examples(&test_set, &tag_ids, "test", args.quiet)?;
         let eval = evaluate(&best, &fz, &ex, &device, None)?;
