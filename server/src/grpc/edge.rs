@@ -1,6 +1,9 @@
 //! A tower layer at the edge of every gRPC service:
 //! - reads the caller's `grpc-timeout` into a [`Deadline`] request extension, so handlers and the
-//!   engine can refuse work that can no longer be answered in time;
+//!   engine can refuse work that can no longer be answered in time, and answers
+//!   DEADLINE_EXCEEDED itself when a call is still unanswered just before its deadline (while its
+//!   message is still arriving or being decoded, say). Without that, tonic's own timer, which
+//!   wraps every service, would answer first, with CANCELLED ("Timeout expired");
 //! - turns tonic's answer to an over-size message (OUT_OF_RANGE) into RESOURCE_EXHAUSTED, the
 //!   code gRPC's status-code guide gives for a message over the receive limit, with a message
 //!   that names the limit and the flag that sets it.
@@ -33,6 +36,7 @@ pub struct Edge<S> {
 impl<S, B, RB> tower::Service<Request<B>> for Edge<S>
 where
     S: tower::Service<Request<B>, Response = Response<RB>> + Send,
+    RB: Default + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = Response<RB>;
@@ -45,12 +49,28 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let received = Instant::now();
-        if let Some(t) = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.to_str().ok()?)) {
-            req.extensions_mut().insert(Deadline(received + t));
+        let deadline = req.headers().get("grpc-timeout").and_then(|v| parse_grpc_timeout(v.to_str().ok()?)).map(|t| received + t);
+        if let Some(d) = deadline {
+            req.extensions_mut().insert(Deadline(d));
         }
         let fut = self.inner.call(req);
         Box::pin(async move {
-            let mut resp = fut.await?;
+            let mut resp = match deadline {
+                None => fut.await?,
+                // The same margin as the handlers' (tonic's timer, set a moment earlier for the
+                // same timeout, fires at the deadline itself; it polls us first, and this timer
+                // polls the call first, so an answer the call has ready always wins).
+                Some(d) => match tokio::time::timeout_at(d.checked_sub(super::DEADLINE_MARGIN).unwrap_or(received).into(), fut).await {
+                    Ok(resp) => resp?,
+                    Err(_) => {
+                        return Ok(tonic::Status::deadline_exceeded(
+                            "the deadline passed before the call could be answered (its message was still arriving or \
+                             being read, or the work was not done); allow the call more time or send less per call",
+                        )
+                        .into_http());
+                    }
+                },
+            };
             rewrite_oversize(resp.headers_mut());
             Ok(resp)
         })

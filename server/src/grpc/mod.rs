@@ -16,7 +16,7 @@ use crate::error::ServiceError;
 
 /// Answer this much before the caller's deadline, so the answer (DEADLINE_EXCEEDED) is ours
 /// and reaches the caller before its own timer fires.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(3);
+pub(crate) const DEADLINE_MARGIN: Duration = Duration::from_millis(3);
 
 /// The caller's deadline, or DEADLINE_EXCEEDED if it passed before any work started.
 pub(crate) fn deadline_of<T>(req: &tonic::Request<T>) -> Result<Option<Instant>, ServiceError> {
