@@ -132,6 +132,100 @@ fn encoder_feature_tagger_matches_pytorch() {
     }
 }
 
+/// The intent-aware tagger (`num_intents`): its intent logits, emissions with the intent term and
+/// Viterbi paths against scripts/make_tagger_intent_fixture.py (NumPy in float64, its BiLSTM
+/// first checked against tagger-tiny's PyTorch reference); packed and unpacked LSTM paths; the
+/// save/load round trip keeps the intent names; the joint loss is the CRF's plus the weighted
+/// cross-entropy and trains both.
+#[test]
+fn an_intent_aware_tagger_matches_its_reference() {
+    for dev in devices() {
+        let dir = fixture_dir("tagger-intent-tiny");
+        let model = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap();
+        assert_eq!(model.config().num_intents, Some(5));
+        assert_eq!(model.intents()[2], "ground_service");
+        let r = Reference::load(&dir, &dev);
+        let (x, lengths) = (r.input(), r.lengths.clone());
+        let out = model.forward(&x, &lengths, false).unwrap();
+        check_close("intent emissions", &out.emissions, &r.t["emissions"]);
+        check_close("intent logits", out.intent_logits.as_ref().unwrap(), &r.t["intent_logits"]);
+        let paths: Vec<Vec<u32>> = model.decode(&x, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
+        assert_eq!(paths, r.rows("paths"), "intent-aware viterbi paths");
+        // The plain tagger with the same BiLSTM decodes differently: the intent term matters.
+        let plain = BiLstmCrf::load(&fixture_dir("tagger-tiny"), &dev, DType::F32).unwrap();
+        let plain_paths: Vec<Vec<u32>> = plain.decode(&x, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
+        assert_ne!(plain_paths, paths);
+        let probs = model.intent_probs(&x, &lengths).unwrap().unwrap();
+        let want = candle_nn::ops::softmax_last_dim(&r.t["intent_logits"]).unwrap();
+        check_close("intent probabilities", &probs, &want);
+
+        // Built straight from the weights (training's unpacked LSTM path).
+        let path = dir.join("model.safetensors");
+        // SAFETY: a read-only map of a fixture file.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &dev) }.unwrap();
+        let built = BiLstmCrf::new(vb, model.config(), model.tags().to_vec()).unwrap();
+        check_close("intent emissions, unpacked", &built.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
+
+        // Save and load: intents.json comes back; without it, loading names the file.
+        let out_dir = tmp_dir("intent");
+        model.save(&out_dir).unwrap();
+        let again = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap();
+        assert_eq!(again.intents(), model.intents());
+        check_close("intent emissions, reloaded", &again.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
+        std::fs::remove_file(out_dir.join("intents.json")).unwrap();
+        let err = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap_err().to_string();
+        assert!(err.contains("intents.json"), "{err}");
+        std::fs::write(out_dir.join("intents.json"), "[\"a\", \"b\"]").unwrap();
+        let err = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap_err().to_string();
+        assert!(err.contains("intents.json") && err.contains("num_intents 5"), "{err}");
+        let _ = std::fs::remove_dir_all(&out_dir);
+
+        // The joint loss: the CRF's mean NLL plus weight x the mean cross-entropy.
+        let gold = r.rows("paths");
+        let intents = [0u32, 2, 4, 1];
+        let nll = model.nll(&x, &gold, Reduction::Mean).unwrap().to_scalar::<f32>().unwrap();
+        let logits = r.t["intent_logits"].to_vec2::<f32>().unwrap();
+        let ce: f32 = logits
+            .iter()
+            .zip(intents)
+            .map(|(row, k)| {
+                let m = row.iter().copied().fold(f32::MIN, f32::max);
+                m + row.iter().map(|v| (v - m).exp()).sum::<f32>().ln() - row[k as usize]
+            })
+            .sum::<f32>()
+            / 4.0;
+        let joint = model.joint_loss(&x, &gold, &intents, 0.5, false).unwrap().to_scalar::<f32>().unwrap();
+        assert!((joint - (nll + 0.5 * ce)).abs() <= TOL * joint.abs().max(1.0), "joint {joint} vs {nll} + 0.5 x {ce}");
+        assert!(model.joint_loss(&x, &gold, &[0, 1, 9, 0], 1.0, false).is_err(), "an intent id past num_intents");
+        assert!(plain.joint_loss(&x, &gold, &intents, 1.0, false).is_err(), "a tagger without intent layers");
+    }
+    // Training: the joint loss falls and the intent layers learn the gold intents.
+    let dev = Device::Cpu;
+    let dir = fixture_dir("tagger-intent-tiny");
+    let r = Reference::load(&dir, &dev);
+    let (x, gold) = (r.input(), r.rows("paths"));
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let mut cfg = TaggerConfig::encoder(12, 8, 7);
+    cfg.num_intents = Some(3);
+    let model = BiLstmCrf::new(vb, &cfg, tag_set(7)).unwrap().with_intents(vec!["a".into(), "b".into(), "c".into()]).unwrap();
+    assert!(BiLstmCrf::new(VarBuilder::from_varmap(&VarMap::new(), DType::F32, &dev), &cfg, tag_set(7))
+        .unwrap()
+        .with_intents(vec!["a".into()])
+        .is_err());
+    let intents = [2u32, 0, 1, 2];
+    let mut opt = AdamW::new(varmap.all_vars(), ParamsAdamW { lr: 0.05, ..ParamsAdamW::default() }).unwrap();
+    let loss = |m: &BiLstmCrf| m.joint_loss(&x, &gold, &intents, 1.0, false).unwrap().to_scalar::<f32>().unwrap();
+    let before = loss(&model);
+    for _ in 0..60 {
+        opt.backward_step(&model.joint_loss(&x, &gold, &intents, 1.0, true).unwrap()).unwrap();
+    }
+    let after = loss(&model);
+    assert!(after < 0.2 * before, "joint loss {before} -> {after}");
+    let best = model.intent_probs(&x, &r.lengths).unwrap().unwrap().argmax(1).unwrap().to_vec1::<u32>().unwrap();
+    assert_eq!(best, intents);
+}
+
 #[test]
 fn character_embedding_tagger_matches_pytorch() {
     for dev in devices() {

@@ -80,6 +80,15 @@ pub struct TrainTagger {
     /// split is scored on the checkpoint as saved).
     #[arg(long = "branch-f32", action = clap::ArgAction::SetFalse)]
     pub branch_f16: bool,
+    /// Joint intent (ATIS: every utterance has one): the tagger also learns the utterance's
+    /// intent from its BiLSTM states and adds an intent-dependent term to its emission scores,
+    /// so tags can follow the intent's conventions. The server needs no intent input: the tagger
+    /// predicts it.
+    #[arg(long)]
+    pub joint_intent: bool,
+    /// With --joint-intent: the weight of the intent cross-entropy in the loss.
+    #[arg(long, default_value_t = 1.0)]
+    pub intent_weight: f64,
     /// Where the checkpoint goes.
     #[arg(long)]
     pub out: PathBuf,
@@ -168,6 +177,9 @@ struct Example {
     source_of: Vec<usize>,
     /// The source words' gold tags (for conlleval on source words).
     gold: Vec<String>,
+    /// The utterance's intent id (--joint-intent; None where the data has none, or one the
+    /// training set has not).
+    intent: Option<u32>,
 }
 
 impl Example {
@@ -212,6 +224,7 @@ impl Featurizer {
                         tags: s.tags.iter().map(|t| id_of(t)).collect(),
                         source_of: (0..s.tokens.len()).collect(),
                         gold: s.tags.clone(),
+                        intent: None,
                     })
                     .collect())
             }
@@ -259,6 +272,7 @@ impl Featurizer {
                             tags: pieces.iter().map(|t| id_of(t)).collect(),
                             source_of: src,
                             gold: s.tags.clone(),
+                            intent: None,
                         });
                     }
                     bar.inc(chunk.len() as u64);
@@ -395,6 +409,31 @@ fn predict(
         eval.add(&e.gold, p)?;
     }
     Ok((eval, preds))
+}
+
+/// An intent-aware tagger's intent accuracy on the examples that have an intent it knows.
+fn intent_accuracy(model: &BiLstmCrf, fz: &Featurizer, examples: &[Example], device: &Device) -> anyhow::Result<Option<(f64, usize)>> {
+    let dim = model.config().input_dim;
+    let scored: Vec<&Example> = examples.iter().filter(|e| e.len() > 0 && e.intent.is_some()).collect();
+    if model.intents().is_empty() || scored.is_empty() {
+        return Ok(None);
+    }
+    let mut right = 0usize;
+    for batch in scored.chunks(256) {
+        let x = fz.batch(batch, dim, device, None)?;
+        let lengths: Vec<usize> = batch.iter().map(|e| e.len()).collect();
+        let probs = model.intent_probs(&x, &lengths)?.context("intent layers")?;
+        let best = probs.argmax(1)?.to_vec1::<u32>()?;
+        right += batch.iter().zip(best).filter(|(e, b)| e.intent == Some(*b)).count();
+    }
+    Ok(Some((right as f64 / scored.len() as f64, scored.len())))
+}
+
+/// Sets each example's intent id from its sentence (same order).
+fn set_intents(examples: &mut [Example], sentences: &[Sentence], ids: &HashMap<String, u32>) {
+    for (e, s) in examples.iter_mut().zip(sentences) {
+        e.intent = s.intent.as_ref().and_then(|i| ids.get(i)).copied();
+    }
 }
 
 /// Seeded re-initialisation of every parameter, PyTorch's defaults: LSTM and linear weights
@@ -578,8 +617,25 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     };
     cfg.num_layers = args.layers;
     cfg.extra.insert("scheme".into(), serde_json::json!(if bmes { "bmes" } else { "bio" }));
-    let train_ex = fz.examples(&train_set, &tag_ids, "train", args.quiet)?;
-    let dev_ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
+    // Joint intent: the training set's intents, sorted (several joined by `;` stay one label).
+    let intent_list: Vec<String> = if args.joint_intent {
+        if args.train_layers > 0 {
+            bail!("--joint-intent with --train-layers is not supported yet; use frozen encoder states");
+        }
+        if let Some(s) = train_set.iter().find(|s| s.intent.is_none()) {
+            bail!("--joint-intent needs an intent for every training sentence; {:?}… has none", s.tokens.iter().take(6).collect::<Vec<_>>());
+        }
+        let set: BTreeSet<String> = train_set.iter().filter_map(|s| s.intent.clone()).collect();
+        cfg.num_intents = Some(set.len());
+        set.into_iter().collect()
+    } else {
+        Vec::new()
+    };
+    let intent_ids: HashMap<String, u32> = intent_list.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let mut train_ex = fz.examples(&train_set, &tag_ids, "train", args.quiet)?;
+    let mut dev_ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
+    set_intents(&mut train_ex, &train_set, &intent_ids);
+    set_intents(&mut dev_ex, &dev_set, &intent_ids);
     tracing::info!(train = train_ex.len(), dev = dev_ex.len(), tags = tag_list.len(), ?input, "data ready");
     eprintln!(
         "train-tagger: {} train / {} dev sentences, {} tags, {:?} input, features ready in {:.1} s",
@@ -591,6 +647,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     let mut model = BiLstmCrf::new(vb, &cfg, tag_list.clone())?;
     if let Some(v) = &fz.vocab {
         model = model.with_vocab(v.clone())?;
+    }
+    if args.joint_intent {
+        model = model.with_intents(intent_list.clone())?;
     }
     seeded_init(&varmap, &cfg, &mut rng)?;
     if let Some(dir) = &args.init {
@@ -662,7 +721,12 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 None => fz.batch(&batch, dim, &device, Some((args.dropout, &mut rng)))?,
             };
             let gold: Vec<Vec<u32>> = batch.iter().map(|e| e.tags.clone()).collect();
-            let loss = model.nll(&x, &gold, Reduction::Mean)?;
+            let loss = if args.joint_intent {
+                let intents: Vec<u32> = batch.iter().map(|e| e.intent.expect("every training sentence has an intent")).collect();
+                model.joint_loss(&x, &gold, &intents, args.intent_weight, false)?
+            } else {
+                model.nll(&x, &gold, Reduction::Mean)?
+            };
             let grads = loss.backward()?;
             opt.step(&grads)?;
             if let Some(o) = branch_opt.as_mut() {
@@ -678,7 +742,11 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         let dev = evaluate(&model, &fz, &dev_ex, &device, branch.as_ref())?;
         let loss = total / steps_per_epoch as f64;
         let secs = t0.elapsed().as_secs_f64();
-        eprintln!("epoch {epoch}: loss {loss:.4}, dev F1 {:.2} ({secs:.1} s)", dev.f1() * 100.0);
+        let intent = match intent_accuracy(&model, &fz, &dev_ex, &device)? {
+            Some((acc, _)) => format!(", dev intent accuracy {:.2}%", acc * 100.0),
+            None => String::new(),
+        };
+        eprintln!("epoch {epoch}: loss {loss:.4}, dev F1 {:.2}{intent} ({secs:.1} s)", dev.f1() * 100.0);
         log.push(EpochLog { epoch, loss, dev_f1: dev.f1(), seconds: secs });
         if dev.f1() > best_f1 {
             (best_f1, best_epoch, since_best) = (dev.f1(), epoch, 0);
@@ -707,6 +775,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "seed": args.seed,
         "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
+        "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),
         "best_epoch": best_epoch, "best_dev_f1": best_f1, "train_seconds": train_secs,
         "epochs": log,
@@ -727,10 +796,16 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     }
     if let Some(test) = &args.test {
         let test_set = read(args.format, test)?;
-        let ex = fz.examples(&test_set, &tag_ids, "test", args.quiet)?;
+        let mut ex = fz.examples(&test_set, &tag_ids, "test", args.quiet)?;
+        set_intents(&mut ex, &test_set, &intent_ids);
         let eval = evaluate(&best, &fz, &ex, &device, None)?;
         println!("test ({}): {} sentences\n{eval}", test.display(), test_set.len());
         summary["test"] = serde_json::json!({"path": test.display().to_string(), "f1": eval.f1(), "precision": eval.precision(), "recall": eval.recall()});
+        if let Some((acc, n)) = intent_accuracy(&best, &fz, &ex, &device)? {
+            println!("the tagger's own intent accuracy: {:.2}% of {n} test utterances with a known intent", acc * 100.0);
+            summary["test"]["intent_accuracy"] = serde_json::json!(acc);
+            summary["test"]["intent_scored"] = serde_json::json!(n);
+        }
     }
     std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
     Ok(())

@@ -71,6 +71,15 @@ pub struct TaggerConfig {
     /// The `vocab.json` key whose id stands for unknown tokens (embeddings input). None: `<unk>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unk_token: Option<String>,
+    /// Joint intent (an intent-aware tagger): the number of utterance intents, named in
+    /// `intents.json`. The tagger then classifies the utterance (`intent`, a linear layer over
+    /// the mean of the BiLSTM's outputs) and adds `intent_emission` (a bias-free linear layer over
+    /// the intent probabilities, `[num_tags, num_intents]`) to every position's emission scores,
+    /// so a tag's score can depend on what the whole utterance asks (ATIS labels a city in a
+    /// ground-transport question `city_name`, in a flight question `toloc.city_name`). None: no
+    /// intent layers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_intents: Option<usize>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -97,6 +106,7 @@ impl TaggerConfig {
             num_tags,
             emission_name: None,
             unk_token: None,
+            num_intents: None,
             extra: BTreeMap::new(),
         }
     }
@@ -125,6 +135,9 @@ impl TaggerConfig {
         }
         if self.encoder_layers.as_ref().is_some_and(|l| l.is_empty() || self.input != InputKind::Encoder) {
             return bad("encoder_layers must name at least one layer, and only for encoder input");
+        }
+        if self.num_intents == Some(0) {
+            return bad("num_intents must be positive (or absent: no intent layers)");
         }
         if self.branch_from.is_some() && self.input != InputKind::Encoder {
             return bad("branch_from (fine-tuned encoder layers) is only for encoder input");
@@ -247,6 +260,22 @@ impl Branch {
     }
 }
 
+/// An intent-aware tagger's intent layers (see [`TaggerConfig::num_intents`]).
+#[derive(Debug, Clone)]
+struct IntentLayers {
+    /// `[num_intents, 2 * hidden]` + bias, over the mean BiLSTM output.
+    classify: Linear,
+    /// `[num_tags, num_intents]`, no bias, over the intent probabilities.
+    emission: Linear,
+}
+
+/// Emission scores and, for an intent-aware tagger, the utterance's intent logits `[B, I]`.
+#[derive(Debug, Clone)]
+pub struct TaggerOutput {
+    pub emissions: Tensor,
+    pub intent_logits: Option<Tensor>,
+}
+
 /// The BiLSTM-CRF tagger. See the module header for the layout.
 #[derive(Debug, Clone)]
 pub struct BiLstmCrf {
@@ -260,6 +289,10 @@ pub struct BiLstmCrf {
     emission: Linear,
     /// The prefix the emission layer was found under.
     emission_name: String,
+    /// Joint intent ([`TaggerConfig::num_intents`]): `intent` and `intent_emission`.
+    intent: Option<IntentLayers>,
+    /// The intent names in id order (`intents.json`); empty without intent layers.
+    intents: Vec<String>,
     crf: Crf,
     params: Params,
 }
@@ -305,6 +338,18 @@ impl BiLstmCrf {
         let w = params.get(&evb, &[cfg.num_tags, in_dim], "weight", init)?;
         let b = params.get(&evb, &[cfg.num_tags], "bias", init)?;
         let emission = Linear::new(w, Some(b));
+        let intent = match cfg.num_intents {
+            None => None,
+            Some(n) => {
+                let ivb = vb.pp("intent");
+                let w = params.get(&ivb, &[n, in_dim], "weight", init)?;
+                let b = params.get(&ivb, &[n], "bias", init)?;
+                let ebound = 1.0 / (n as f64).sqrt();
+                let einit = Init::Uniform { lo: -ebound, up: ebound };
+                let e = params.get(&vb.pp("intent_emission"), &[cfg.num_tags, n], "weight", einit)?;
+                Some(IntentLayers { classify: Linear::new(w, Some(b)), emission: Linear::new(e, None) })
+            }
+        };
         let cvb = vb.pp("crf");
         let crf = Crf::load(&cvb, cfg.num_tags)?;
         for (name, t) in [
@@ -314,7 +359,20 @@ impl BiLstmCrf {
         ] {
             params.record(&cvb, name, t.clone())?;
         }
-        Ok(Self { cfg: cfg.clone(), branch: None, tags, vocab: None, embedding, lstm, emission, emission_name, crf, params })
+        Ok(Self {
+            cfg: cfg.clone(),
+            branch: None,
+            tags,
+            vocab: None,
+            embedding,
+            lstm,
+            emission,
+            emission_name,
+            intent,
+            intents: Vec::new(),
+            crf,
+            params,
+        })
     }
 
     /// Loads a checkpoint folder: `config.json`, `model.safetensors`, `tags.json`, and
@@ -353,6 +411,17 @@ impl BiLstmCrf {
         };
         let mut model = Self::new(vb.clone(), &cfg, tags).map_err(mismatch)?;
         model.lstm.pack_for_cpu()?;
+        if let Some(n) = cfg.num_intents {
+            let path = file("intents.json", "the intent names in id order, a JSON list (num_intents in config.json)")?;
+            let intents: Vec<String> = std::fs::read_to_string(&path)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str(&t).map_err(|e| format!("expected a JSON list of intent names: {e}")))
+                .map_err(|reason| ModelError::BadFile { path: path.clone(), reason })?;
+            model = model.with_intents(intents).map_err(|e| ModelError::BadFile {
+                path: path.clone(),
+                reason: format!("{e} ({} says num_intents {n})", config.display()),
+            })?;
+        }
         if let Some(from) = cfg.branch_from {
             let path = file("encoder_config.json", "the config.json of the encoder whose top layers it fine-tuned")?;
             let bert: BertConfig = crate::encoder::read_json(&path, "a BERT config.json")?;
@@ -394,6 +463,9 @@ impl BiLstmCrf {
         if let Some(vocab) = &self.vocab {
             vocab.save(&dir.join("vocab.json"))?;
         }
+        if self.intent.is_some() {
+            write_json(&dir.join("intents.json"), &self.intents)?;
+        }
         let ts: HashMap<String, Tensor> = self.params.named.iter().cloned().collect();
         let weights = dir.join("model.safetensors");
         candle_core::safetensors::save(&ts, &weights)
@@ -412,6 +484,24 @@ impl BiLstmCrf {
         }
         self.vocab = Some(vocab);
         Ok(self)
+    }
+
+    /// Names the intents of an intent-aware tagger, in id order (`num_intents` of them).
+    pub fn with_intents(mut self, intents: Vec<String>) -> Result<Self> {
+        if self.cfg.num_intents != Some(intents.len()) {
+            return Err(ModelError::Unsupported(format!(
+                "{} intent names for a tagger with {} intents",
+                intents.len(),
+                self.cfg.num_intents.unwrap_or(0)
+            )));
+        }
+        self.intents = intents;
+        Ok(self)
+    }
+
+    /// The intent names of an intent-aware tagger (empty otherwise).
+    pub fn intents(&self) -> &[String] {
+        &self.intents
     }
 
     pub fn config(&self) -> &TaggerConfig {
@@ -458,15 +548,16 @@ impl BiLstmCrf {
         Ok((Tensor::from_vec(flat, (texts.len(), l), device)?, lengths))
     }
 
-    /// Emission scores `[B, L, num_tags]` (zero LSTM state at padding: the emission bias) for
-    /// encoder features `[B, L, input_dim]` or token ids `[B, L]` (u32), as the config says.
+    /// Emission scores `[B, L, num_tags]` (zero LSTM state at padding: the emission bias, plus
+    /// the intent term for an intent-aware tagger) for encoder features `[B, L, input_dim]` or
+    /// token ids `[B, L]` (u32), as the config says.
     pub fn forward_emissions(&self, input: &Tensor, lengths: &[usize]) -> Result<Tensor> {
-        self.emissions(input, lengths, false)
+        Ok(self.forward(input, lengths, false)?.emissions)
     }
 
-    /// As [`Self::forward_emissions`], with dropout when `train` (between LSTM layers and
-    /// before the emission layer).
-    pub fn emissions(&self, input: &Tensor, lengths: &[usize], train: bool) -> Result<Tensor> {
+    /// Emission scores and (intent-aware tagger) intent logits, with dropout when `train`
+    /// (between LSTM layers and before the emission and intent layers).
+    pub fn forward(&self, input: &Tensor, lengths: &[usize], train: bool) -> Result<TaggerOutput> {
         let x = match (&self.embedding, self.cfg.input) {
             (Some(emb), InputKind::Embeddings) => {
                 if input.rank() != 2 || input.dtype().is_float() {
@@ -494,7 +585,31 @@ impl BiLstmCrf {
         if train && self.cfg.dropout > 0.0 {
             h = candle_nn::ops::dropout(&h, self.cfg.dropout)?;
         }
-        Ok(self.emission.forward(&h)?)
+        let emissions = self.emission.forward(&h)?;
+        let Some(intent) = &self.intent else {
+            return Ok(TaggerOutput { emissions, intent_logits: None });
+        };
+        // The mean of each sequence's outputs (zero at padding, so a sum over its length).
+        let inv: Vec<f32> = lengths.iter().map(|&n| 1.0 / n.max(1) as f32).collect();
+        let inv = Tensor::from_vec(inv, (lengths.len(), 1), h.device())?.to_dtype(h.dtype())?;
+        let mean = h.sum(1)?.broadcast_mul(&inv)?;
+        let logits = intent.classify.forward(&mean)?;
+        let probs = candle_nn::ops::softmax_last_dim(&logits)?;
+        let bias = intent.emission.forward(&probs)?.unsqueeze(1)?;
+        Ok(TaggerOutput { emissions: emissions.broadcast_add(&bias)?, intent_logits: Some(logits) })
+    }
+
+    /// As [`Self::forward_emissions`], with dropout when `train`.
+    pub fn emissions(&self, input: &Tensor, lengths: &[usize], train: bool) -> Result<Tensor> {
+        Ok(self.forward(input, lengths, train)?.emissions)
+    }
+
+    /// An intent-aware tagger's intent probabilities `[B, num_intents]` (f32); None otherwise.
+    pub fn intent_probs(&self, input: &Tensor, lengths: &[usize]) -> Result<Option<Tensor>> {
+        match self.forward(input, lengths, false)?.intent_logits {
+            Some(l) => Ok(Some(candle_nn::ops::softmax_last_dim(&l.to_dtype(DType::F32)?)?)),
+            None => Ok(None),
+        }
     }
 
     /// The best tag path per sequence and its score.
@@ -518,6 +633,29 @@ impl BiLstmCrf {
     pub fn training_loss(&self, input: &Tensor, tags: &[Vec<u32>], reduction: Reduction) -> Result<Tensor> {
         let lengths: Vec<usize> = tags.iter().map(Vec::len).collect();
         self.crf.nll(&self.emissions(input, &lengths, true)?, tags, reduction)
+    }
+
+    /// The joint loss of an intent-aware tagger: the CRF's mean negative log-likelihood of the
+    /// gold `tags` plus `intent_weight` times the mean cross-entropy of the gold `intents` (ids,
+    /// one per sequence), with dropout when `train`. A differentiable scalar.
+    pub fn joint_loss(&self, input: &Tensor, tags: &[Vec<u32>], intents: &[u32], intent_weight: f64, train: bool) -> Result<Tensor> {
+        let lengths: Vec<usize> = tags.iter().map(Vec::len).collect();
+        let out = self.forward(input, &lengths, train)?;
+        let nll = self.crf.nll(&out.emissions, tags, Reduction::Mean)?;
+        let Some(logits) = out.intent_logits else {
+            return Err(ModelError::InvalidInput("joint_loss: this tagger has no intent layers (num_intents)".into()));
+        };
+        let n = self.cfg.num_intents.unwrap_or(0);
+        if intents.len() != tags.len() || intents.iter().any(|&i| i as usize >= n) {
+            return Err(ModelError::InvalidInput(format!(
+                "joint_loss: {} intent ids for {} sequences, each below {n}",
+                intents.len(),
+                tags.len()
+            )));
+        }
+        let target = Tensor::from_vec(intents.to_vec(), intents.len(), logits.device())?;
+        let ce = candle_nn::loss::cross_entropy(&logits.to_dtype(DType::F32)?, &target)?;
+        Ok((nll + (ce * intent_weight)?)?)
     }
 }
 
