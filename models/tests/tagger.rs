@@ -226,6 +226,66 @@ fn an_intent_aware_tagger_matches_its_reference() {
     assert_eq!(best, intents);
 }
 
+/// Character bigrams (`bigram_vocab_size`, `bigram_dim`): emissions and Viterbi paths against
+/// scripts/make_tagger_bigram_fixture.py (NumPy in float64, its BiLSTM first checked against
+/// tagger-chars-tiny's PyTorch reference), packed and unpacked; `char_ids` gives the reference's
+/// character and bigram ids for its texts; the round trip keeps `bigrams.json`.
+#[test]
+fn a_character_bigram_tagger_matches_its_reference() {
+    for dev in devices() {
+        let dir = fixture_dir("tagger-bigram-tiny");
+        let model = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap();
+        assert_eq!((model.config().bigram_vocab_size, model.config().bigram_dim), (Some(22), Some(4)));
+        assert_eq!(model.config().lstm_input_dim(), 18);
+        let r = Reference::load(&dir, &dev);
+        let (x, lengths) = (r.input(), r.lengths.clone());
+        assert_eq!(x.dims(), &[5, 7, 3]);
+        check_close("bigram emissions", &model.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
+        let paths: Vec<Vec<u32>> = model.decode(&x, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
+        assert_eq!(paths, r.rows("paths"), "bigram viterbi paths");
+        let path = dir.join("model.safetensors");
+        // SAFETY: a read-only map of a fixture file.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &dev) }.unwrap();
+        let built = BiLstmCrf::new(vb, model.config(), model.tags().to_vec()).unwrap();
+        check_close("bigram emissions, unpacked", &built.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
+
+        // The texts' ids as the server makes them (padding: unknown character and bigram).
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let texts: Vec<&str> = json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
+        assert_eq!(lens, lengths);
+        let ids = ids.to_dtype(DType::I64).unwrap().to_vec3::<i64>().unwrap();
+        for (s, want) in json["ids"].as_array().unwrap().iter().enumerate() {
+            let want: Vec<Vec<i64>> = serde_json::from_value(want.clone()).unwrap();
+            assert_eq!(ids[s][..lens[s]], want[..], "text {s}");
+            assert!(ids[s][lens[s]..].iter().all(|p| p == &[1, 0, 0]), "padding of text {s}: {:?}", &ids[s][lens[s]..]);
+        }
+        // Through char_ids, the texts decode to the reference paths.
+        let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
+        let again: Vec<Vec<u32>> = model.decode(&ids, &lens).unwrap().into_iter().map(|p| p.tags).collect();
+        assert_eq!(again, r.rows("paths"));
+        // Character ids alone are refused, saying what it takes.
+        let err = model.forward_emissions(&x.narrow(2, 0, 1).unwrap().squeeze(2).unwrap(), &lengths).unwrap_err().to_string();
+        assert!(err.contains("[batch, length, 3]"), "{err}");
+
+        let out_dir = tmp_dir("bigram");
+        model.save(&out_dir).unwrap();
+        let again = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap();
+        assert_eq!(again.bigrams(), model.bigrams());
+        check_close("bigram emissions, reloaded", &again.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
+        std::fs::remove_file(out_dir.join("bigrams.json")).unwrap();
+        let err = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap_err().to_string();
+        assert!(err.contains("bigrams.json"), "{err}");
+        let _ = std::fs::remove_dir_all(&out_dir);
+    }
+    // A bigram table needs both fields, positive, and embeddings input.
+    let mut cfg = TaggerConfig::encoder(12, 8, 7);
+    cfg.bigram_vocab_size = Some(10);
+    cfg.bigram_dim = Some(4);
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+    assert!(BiLstmCrf::new(vb, &cfg, tag_set(7)).is_err());
+}
+
 #[test]
 fn character_embedding_tagger_matches_pytorch() {
     for dev in devices() {

@@ -17,7 +17,7 @@ use concierge_models::entities::{
 };
 use concierge_models::sequence::conlleval::Evaluation;
 use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
-use concierge_models::tagger::{BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab};
+use concierge_models::tagger::{BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab, BIGRAM_END, BIGRAM_START};
 use concierge_models::{ModelSource, TextEncoder, TokenStates};
 
 use crate::layers::{encoder_weight, pad_rows, Dropout, TrainLayer};
@@ -99,6 +99,14 @@ pub struct TrainTagger {
     /// Character embedding width (chars input).
     #[arg(long, default_value_t = 128)]
     pub char_dim: usize,
+    /// Chars input: also embed the character bigrams ending and starting at each character,
+    /// this wide each (0: characters alone).
+    #[arg(long, default_value_t = 0)]
+    pub bigram_dim: usize,
+    /// With --bigram-dim: bigrams seen fewer times than this in the training set share the
+    /// unknown bigram's row.
+    #[arg(long, default_value_t = 3)]
+    pub bigram_min_count: usize,
     /// Dropout on the input features (seeded masks).
     #[arg(long, default_value_t = 0.25)]
     pub dropout: f32,
@@ -194,6 +202,8 @@ struct Featurizer {
     encoder: Option<TextEncoder>,
     reads: Reads,
     vocab: Option<Vocab>,
+    /// Character bigrams (chars input with --bigram-dim).
+    bigrams: Option<Vocab>,
 }
 
 /// What an encoder-input example is made of.
@@ -220,7 +230,15 @@ impl Featurizer {
                         features: None,
                         tokens: None,
                         first_token: Vec::new(),
-                        ids: s.tokens.iter().map(|c| vocab.id(c)).collect(),
+                        ids: match &self.bigrams {
+                            None => s.tokens.iter().map(|c| vocab.id(c)).collect(),
+                            Some(b) => s
+                                .tokens
+                                .iter()
+                                .zip(b.encode_bigrams(&s.tokens))
+                                .flat_map(|(c, (l, r))| [vocab.id(c), l, r])
+                                .collect(),
+                        },
                         tags: s.tags.iter().map(|t| id_of(t)).collect(),
                         source_of: (0..s.tokens.len()).collect(),
                         gold: s.tags.clone(),
@@ -298,12 +316,22 @@ impl Featurizer {
             Input::Chars => {
                 let unk = self.vocab.as_ref().expect("vocabulary").unk_id();
                 let l = examples.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
-                let mut flat = Vec::with_capacity(examples.len() * l);
+                // Per position: the character's id, then (with bigrams) its two bigrams' ids.
+                let pad: Vec<u32> = match &self.bigrams {
+                    None => vec![unk],
+                    Some(b) => vec![unk, b.unk_id(), b.unk_id()],
+                };
+                let mut flat = Vec::with_capacity(examples.len() * l * pad.len());
                 for e in examples {
                     flat.extend(e.ids.iter().copied());
-                    flat.extend(std::iter::repeat_n(unk, l - e.ids.len()));
+                    for _ in e.len()..l {
+                        flat.extend(pad.iter().copied());
+                    }
                 }
-                Ok(Tensor::from_vec(flat, (examples.len(), l), device)?)
+                Ok(match pad.len() {
+                    1 => Tensor::from_vec(flat, (examples.len(), l), device)?,
+                    k => Tensor::from_vec(flat, (examples.len(), l, k), device)?,
+                })
             }
         }
     }
@@ -447,7 +475,7 @@ fn seeded_init(varmap: &VarMap, cfg: &TaggerConfig, rng: &mut Rng) -> anyhow::Re
         let n = var.elem_count();
         let values: Vec<f32> = if name.starts_with("crf.") {
             (0..n).map(|_| rng.uniform() * 0.2 - 0.1).collect()
-        } else if name.starts_with("embedding.") {
+        } else if name.starts_with("embedding.") || name.starts_with("bigram_embedding.") {
             (0..n).map(|_| rng.normal()).collect()
         } else if name.starts_with("lstm.") {
             let b = 1.0 / (cfg.hidden_size as f32).sqrt();
@@ -465,13 +493,13 @@ fn seeded_init(varmap: &VarMap, cfg: &TaggerConfig, rng: &mut Rng) -> anyhow::Re
 
 /// Loads an earlier checkpoint's weights into `varmap`: it must have the same tag set (and
 /// vocabulary), and every parameter by name with the same shape.
-fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], vocab: Option<&Vocab>) -> anyhow::Result<()> {
+fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], vocab: Option<&Vocab>, bigrams: Option<&Vocab>) -> anyhow::Result<()> {
     let from = BiLstmCrf::load(dir, &Device::Cpu, DType::F32).with_context(|| format!("--init {}", dir.display()))?;
     if from.tags() != tags {
         bail!("--init {}: its tag set differs from this data's ({} vs {} tags)", dir.display(), from.tags().len(), tags.len());
     }
-    if from.vocab() != vocab {
-        bail!("--init {}: its vocabulary differs from this training set's", dir.display());
+    if from.vocab() != vocab || from.bigrams() != bigrams {
+        bail!("--init {}: its vocabulary (or bigram vocabulary) differs from this training set's", dir.display());
     }
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
     let data = varmap.data().lock().expect("varmap lock");
@@ -592,7 +620,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Reads::Branch { fixed: layers.into_iter().filter(|&l| l <= from).collect(), from }
                 }
             };
-            (Featurizer { input, encoder: Some(enc), reads, vocab: None }, cfg)
+            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None }, cfg)
         }
         Input::Chars => {
             let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
@@ -608,11 +636,38 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 ids.insert(c.to_string(), next);
             }
             let vocab = Vocab::new(ids, "<unk>")?;
-            let cfg = TaggerConfig::embeddings(vocab.id_bound(), args.char_dim, args.hidden, tag_list.len());
+            let mut cfg = TaggerConfig::embeddings(vocab.id_bound(), args.char_dim, args.hidden, tag_list.len());
+            // Bigrams: every adjacent pair of the training set (with <s> / </s> at the ends) seen
+            // --bigram-min-count times, sorted, after <unk> (id 0).
+            let bigrams = match args.bigram_dim {
+                0 => None,
+                dim => {
+                    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+                    for s in &train_set {
+                        let n = s.tokens.len();
+                        for k in 0..=n {
+                            let a = if k == 0 { BIGRAM_START } else { s.tokens[k - 1].as_str() };
+                            let b = if k == n { BIGRAM_END } else { s.tokens[k].as_str() };
+                            *counts.entry(format!("{a}{b}")).or_default() += 1;
+                        }
+                    }
+                    let mut ids: HashMap<String, u32> = HashMap::new();
+                    ids.insert("<unk>".into(), 0);
+                    for (bigram, _) in counts.into_iter().filter(|(_, c)| *c >= args.bigram_min_count.max(1)) {
+                        let next = ids.len() as u32;
+                        ids.insert(bigram, next);
+                    }
+                    let bigrams = Vocab::new(ids, "<unk>")?;
+                    cfg.bigram_vocab_size = Some(bigrams.id_bound());
+                    cfg.bigram_dim = Some(dim);
+                    eprintln!("train-tagger: {} character bigrams (seen {}+ times)", bigrams.len() - 1, args.bigram_min_count);
+                    Some(bigrams)
+                }
+            };
             if args.train_layers > 0 {
                 bail!("--train-layers fine-tunes the text encoder: it needs encoder input");
             }
-            (Featurizer { input, encoder: None, reads: Reads::Layers(None), vocab: Some(vocab) }, cfg)
+            (Featurizer { input, encoder: None, reads: Reads::Layers(None), vocab: Some(vocab), bigrams }, cfg)
         }
     };
     cfg.num_layers = args.layers;
@@ -648,12 +703,15 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(v) = &fz.vocab {
         model = model.with_vocab(v.clone())?;
     }
+    if let Some(b) = &fz.bigrams {
+        model = model.with_bigrams(b.clone())?;
+    }
     if args.joint_intent {
         model = model.with_intents(intent_list.clone())?;
     }
     seeded_init(&varmap, &cfg, &mut rng)?;
     if let Some(dir) = &args.init {
-        warm_start(&varmap, dir, &tag_list, fz.vocab.as_ref())?;
+        warm_start(&varmap, dir, &tag_list, fz.vocab.as_ref(), fz.bigrams.as_ref())?;
         eprintln!("train-tagger: starting from the weights in {}", dir.display());
     }
     let mut opt = AdamW::new(
@@ -773,7 +831,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
         "seed": args.seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),
@@ -823,7 +881,7 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
         }
         InputKind::Embeddings => (Input::Chars, None),
     };
-    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned() };
+    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned() };
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
     let ex = fz.examples(&sentences, &tag_ids, "test", false)?;

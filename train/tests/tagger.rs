@@ -207,3 +207,50 @@ fn msra_over_characters_learns() {
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_dir_all(&more).unwrap();
 }
+
+/// `--bigram-dim`: the character tagger also embeds the bigrams around each character; the
+/// checkpoint carries `bigrams.json` (with `<s>` / `</s>` bigrams from sentence ends), the loss
+/// falls, and eval-tagger scores the checkpoint as the run did.
+#[test]
+fn msra_with_character_bigrams_learns() {
+    let data = repo("model-store/data/msra/msra_train.txt");
+    let test = repo("model-store/data/msra/msra_test.txt");
+    if !data.is_file() || !test.is_file() {
+        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), test.display());
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("concierge-train-msra-bigram-{}", std::process::id()));
+    let small_test = out.with_extension("test.txt");
+    // The first 100 test sentences (blank-line separated).
+    let text = std::fs::read_to_string(&test).unwrap();
+    let first: Vec<&str> = text.split("\n\n").take(100).collect();
+    std::fs::write(&small_test, first.join("\n\n") + "\n").unwrap();
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+        format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=2".into(), "--hidden=32".into(),
+        "--char-dim=32".into(), "--bigram-dim=16".into(), "--bigram-min-count=2".into(), "--batch=32".into(),
+        "--lr=1e-2".into(), "--dev-fraction=0.004".into(),
+    ]))
+    .unwrap();
+    let (loss, _) = losses(&out);
+    assert!(loss[1] < loss[0], "the loss did not fall: {loss:?}");
+    let m = concierge_models::BiLstmCrf::load(&out, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let bigrams = m.bigrams().expect("bigrams.json");
+    assert!(bigrams.len() > 100, "{} bigrams", bigrams.len());
+    assert_eq!(m.config().bigram_dim, Some(16));
+    // Most of MSRA's sentences end in "。", and "我" starts 32 of the first 420.
+    assert_ne!(bigrams.id("。</s>"), bigrams.unk_id(), "a sentence-end bigram is in the vocabulary");
+    assert_ne!(bigrams.id("<s>我"), bigrams.unk_id(), "a sentence-start bigram is in the vocabulary");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    let e = eval(&EvalTagger {
+        model: out.clone(),
+        format: concierge_train::tagger::Format::Msra,
+        test: small_test.clone(),
+        encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
+        predictions: None,
+    })
+    .unwrap();
+    assert_eq!(e.f1(), summary["test"]["f1"].as_f64().unwrap(), "eval-tagger and the training run score the checkpoint alike");
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_file(&small_test).unwrap();
+}

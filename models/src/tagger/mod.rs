@@ -56,6 +56,17 @@ pub struct TaggerConfig {
     /// Rows of the embedding table (embeddings input only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vocab_size: Option<usize>,
+    /// Character bigrams (embeddings input; Zhang and Yang 2018's "bichar"): rows of
+    /// `bigram_embedding.weight`, keyed by `bigrams.json`. Each character's features are then its
+    /// own embedding followed by those of the bigram ending at it and the bigram starting at it
+    /// (`<s>` before the first character, `</s>` after the last), so the BiLSTM's input is
+    /// `input_dim + 2 * bigram_dim` wide, and the input ids are `[B, L, 3]` (character, left
+    /// bigram, right bigram). None: characters alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bigram_vocab_size: Option<usize>,
+    /// Width of a bigram embedding (with `bigram_vocab_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bigram_dim: Option<usize>,
     /// LSTM hidden size per direction; the emission layer sees twice this.
     pub hidden_size: usize,
     #[serde(default = "one")]
@@ -90,6 +101,9 @@ fn one() -> usize {
 
 const EMISSION_NAMES: [&str; 4] = ["hidden2tag", "emission", "fc", "classifier"];
 const DEFAULT_UNK: &str = "<unk>";
+/// Stand-ins for the character before the first and after the last, in bigram keys.
+pub const BIGRAM_START: &str = "<s>";
+pub const BIGRAM_END: &str = "</s>";
 
 impl TaggerConfig {
     /// A config for encoder features with the defaults (one layer, no dropout).
@@ -100,6 +114,8 @@ impl TaggerConfig {
             encoder_layers: None,
             branch_from: None,
             vocab_size: None,
+            bigram_vocab_size: None,
+            bigram_dim: None,
             hidden_size,
             num_layers: 1,
             dropout: 0.0,
@@ -136,6 +152,11 @@ impl TaggerConfig {
         if self.encoder_layers.as_ref().is_some_and(|l| l.is_empty() || self.input != InputKind::Encoder) {
             return bad("encoder_layers must name at least one layer, and only for encoder input");
         }
+        match (self.bigram_vocab_size, self.bigram_dim) {
+            (None, None) => {}
+            (Some(rows), Some(dim)) if rows > 0 && dim > 0 && self.input == InputKind::Embeddings => {}
+            _ => return bad("bigram_vocab_size and bigram_dim go together, both positive, and only with embeddings input"),
+        }
         if self.num_intents == Some(0) {
             return bad("num_intents must be positive (or absent: no intent layers)");
         }
@@ -151,6 +172,11 @@ impl TaggerConfig {
             (InputKind::Embeddings, None | Some(0)) => bad("embeddings input needs a positive vocab_size"),
             _ => Ok(()),
         }
+    }
+
+    /// Width of the BiLSTM's input: `input_dim`, plus two bigram embeddings if it has them.
+    pub fn lstm_input_dim(&self) -> usize {
+        self.input_dim + 2 * self.bigram_dim.unwrap_or(0)
     }
 
     /// Encoder input: the layers it reads from an encoder of `num_layers` layers (its config's
@@ -215,6 +241,20 @@ impl Vocab {
     pub fn encode_chars(&self, text: &str) -> Vec<u32> {
         let mut buf = [0u8; 4];
         text.chars().map(|c| self.id(c.encode_utf8(&mut buf))).collect()
+    }
+
+    /// The ids of the bigrams ending at and starting at each character of `chars` (`<s>` before
+    /// the first, `</s>` after the last): `(left, right)` per character.
+    pub fn encode_bigrams<S: AsRef<str>>(&self, chars: &[S]) -> Vec<(u32, u32)> {
+        let n = chars.len();
+        let at = |i: usize| if i == 0 || i > n { None } else { Some(chars[i - 1].as_ref()) };
+        // Bigram k joins position k-1 and k in 0..=n+1 terms, where 0 is <s> and n+1 is </s>.
+        let bigram = |k: usize| -> u32 {
+            let a = at(k - 1).unwrap_or(BIGRAM_START);
+            let b = at(k).unwrap_or(BIGRAM_END);
+            self.id(&format!("{a}{b}"))
+        };
+        (1..=n).map(|i| (bigram(i), bigram(i + 1))).collect()
     }
 
     /// Writes the token -> id object (keys sorted, so the file is reproducible).
@@ -284,7 +324,10 @@ pub struct BiLstmCrf {
     branch: Option<Branch>,
     tags: Vec<String>,
     vocab: Option<Vocab>,
+    /// Character bigrams: their `bigrams.json` and table.
+    bigrams: Option<Vocab>,
     embedding: Option<Embedding>,
+    bigram_embedding: Option<Embedding>,
     lstm: BiLstm,
     emission: Linear,
     /// The prefix the emission layer was found under.
@@ -321,8 +364,15 @@ impl BiLstmCrf {
                 Some(Embedding::new(w, cfg.input_dim))
             }
         };
+        let bigram_embedding = match (cfg.bigram_vocab_size, cfg.bigram_dim) {
+            (Some(rows), Some(dim)) => {
+                let init = Init::Randn { mean: 0.0, stdev: 1.0 };
+                Some(Embedding::new(params.get(&vb.pp("bigram_embedding"), &[rows, dim], "weight", init)?, dim))
+            }
+            _ => None,
+        };
         let lstm =
-            BiLstm::new(&mut params, &vb.pp("lstm"), cfg.input_dim, cfg.hidden_size, cfg.num_layers, cfg.dropout)?;
+            BiLstm::new(&mut params, &vb.pp("lstm"), cfg.lstm_input_dim(), cfg.hidden_size, cfg.num_layers, cfg.dropout)?;
         let emission_name = match &cfg.emission_name {
             Some(name) => name.clone(),
             None => EMISSION_NAMES
@@ -364,7 +414,9 @@ impl BiLstmCrf {
             branch: None,
             tags,
             vocab: None,
+            bigrams: None,
             embedding,
+            bigram_embedding,
             lstm,
             emission,
             emission_name,
@@ -443,7 +495,15 @@ impl BiLstmCrf {
             InputKind::Embeddings => {
                 let path = file("vocab.json", "the token -> id object of the embedding table")?;
                 let vocab = Vocab::from_file(&path, cfg.unk_token())?;
-                model.with_vocab(vocab).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })?
+                let model = model.with_vocab(vocab).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })?;
+                match cfg.bigram_vocab_size {
+                    None => model,
+                    Some(_) => {
+                        let path = file("bigrams.json", "the character bigram -> id object of the bigram table (bigram_vocab_size)")?;
+                        let bigrams = Vocab::from_file(&path, cfg.unk_token())?;
+                        model.with_bigrams(bigrams).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })?
+                    }
+                }
             }
         };
         tracing::info!(dir = %dir.display(), input = ?cfg.input, cfg.num_layers, cfg.hidden_size, cfg.num_tags,
@@ -462,6 +522,9 @@ impl BiLstmCrf {
         write_json(&dir.join("tags.json"), &self.tags)?;
         if let Some(vocab) = &self.vocab {
             vocab.save(&dir.join("vocab.json"))?;
+        }
+        if let Some(bigrams) = &self.bigrams {
+            bigrams.save(&dir.join("bigrams.json"))?;
         }
         if self.intent.is_some() {
             write_json(&dir.join("intents.json"), &self.intents)?;
@@ -484,6 +547,24 @@ impl BiLstmCrf {
         }
         self.vocab = Some(vocab);
         Ok(self)
+    }
+
+    /// Attaches the bigram vocabulary of a tagger with a bigram table; its ids must fit it.
+    pub fn with_bigrams(mut self, bigrams: Vocab) -> Result<Self> {
+        let rows = self.cfg.bigram_vocab_size.unwrap_or(0);
+        if bigrams.id_bound() > rows {
+            return Err(ModelError::Unsupported(format!(
+                "a bigram vocabulary with ids up to {} does not fit this tagger's {rows} bigram rows",
+                bigrams.id_bound().saturating_sub(1)
+            )));
+        }
+        self.bigrams = Some(bigrams);
+        Ok(self)
+    }
+
+    /// The bigram vocabulary, if the tagger reads character bigrams.
+    pub fn bigrams(&self) -> Option<&Vocab> {
+        self.bigrams.as_ref()
     }
 
     /// Names the intents of an intent-aware tagger, in id order (`num_intents` of them).
@@ -533,19 +614,48 @@ impl BiLstmCrf {
         path.iter().map(|&t| self.tags[t as usize].as_str()).collect()
     }
 
-    /// Character ids of `texts`, padded with the unknown id to the longest: (`[B, L]` u32, lengths),
+    /// Character ids of `texts`, padded with the unknown id to the longest: (`[B, L]` u32, or
+    /// `[B, L, 3]` with character bigrams (character, left bigram, right bigram), and lengths),
     /// ready for [`Self::forward_emissions`]. Embeddings input with a vocabulary only.
     pub fn char_ids(&self, texts: &[&str], device: &Device) -> Result<(Tensor, Vec<usize>)> {
+        let chars: Vec<Vec<String>> = texts.iter().map(|t| t.chars().map(String::from).collect()).collect();
+        let refs: Vec<&[String]> = chars.iter().map(Vec::as_slice).collect();
+        let lengths: Vec<usize> = chars.iter().map(Vec::len).collect();
+        Ok((self.token_ids(&refs, device)?, lengths))
+    }
+
+    /// Ids for sequences of tokens (characters), padded to the longest as [`Self::char_ids`]
+    /// says; with character bigrams, each token's two bigram ids follow its own.
+    pub fn token_ids<S: AsRef<str>>(&self, seqs: &[&[S]], device: &Device) -> Result<Tensor> {
         let vocab = self
             .vocab
             .as_ref()
             .ok_or_else(|| ModelError::InvalidInput("this tagger has no vocabulary: it takes encoder features".into()))?;
-        let seqs: Vec<Vec<u32>> = texts.iter().map(|t| vocab.encode_chars(t)).collect();
-        let lengths: Vec<usize> = seqs.iter().map(Vec::len).collect();
-        let l = lengths.iter().copied().max().unwrap_or(0);
-        let flat: Vec<u32> =
-            seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(vocab.unk_id(), l - s.len()))).collect();
-        Ok((Tensor::from_vec(flat, (texts.len(), l), device)?, lengths))
+        let l = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
+        let unk = vocab.unk_id();
+        match &self.bigrams {
+            None => {
+                let mut flat = Vec::with_capacity(seqs.len() * l);
+                for s in seqs {
+                    flat.extend(s.iter().map(|c| vocab.id(c.as_ref())));
+                    flat.extend(std::iter::repeat_n(unk, l - s.len()));
+                }
+                Ok(Tensor::from_vec(flat, (seqs.len(), l), device)?)
+            }
+            Some(bigrams) => {
+                let bunk = bigrams.unk_id();
+                let mut flat = Vec::with_capacity(seqs.len() * l * 3);
+                for s in seqs {
+                    for (c, (left, right)) in s.iter().zip(bigrams.encode_bigrams(s)) {
+                        flat.extend([vocab.id(c.as_ref()), left, right]);
+                    }
+                    for _ in s.len()..l {
+                        flat.extend([unk, bunk, bunk]);
+                    }
+                }
+                Ok(Tensor::from_vec(flat, (seqs.len(), l, 3), device)?)
+            }
+        }
     }
 
     /// Emission scores `[B, L, num_tags]` (zero LSTM state at padding: the emission bias, plus
@@ -560,14 +670,22 @@ impl BiLstmCrf {
     pub fn forward(&self, input: &Tensor, lengths: &[usize], train: bool) -> Result<TaggerOutput> {
         let x = match (&self.embedding, self.cfg.input) {
             (Some(emb), InputKind::Embeddings) => {
-                if input.rank() != 2 || input.dtype().is_float() {
+                let rank = if self.bigram_embedding.is_some() { 3 } else { 2 };
+                if input.rank() != rank || input.dtype().is_float() || (rank == 3 && input.dim(2)? != 3) {
+                    let want = if rank == 3 { "[batch, length, 3] (character, left bigram, right bigram)" } else { "[batch, length]" };
                     return Err(ModelError::InvalidInput(format!(
-                        "this tagger takes token ids [batch, length]; got {:?} {:?}",
+                        "this tagger takes token ids {want}; got {:?} {:?}",
                         input.dtype(),
                         input.dims()
                     )));
                 }
-                emb.forward(input)?
+                match &self.bigram_embedding {
+                    None => emb.forward(input)?,
+                    Some(bemb) => {
+                        let at = |k: usize| input.narrow(2, k, 1).and_then(|t| t.squeeze(2));
+                        Tensor::cat(&[emb.forward(&at(0)?)?, bemb.forward(&at(1)?)?, bemb.forward(&at(2)?)?], 2)?
+                    }
+                }
             }
             _ => {
                 if input.rank() != 3 || input.dim(2)? != self.cfg.input_dim || !input.dtype().is_float() {
