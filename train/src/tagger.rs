@@ -103,6 +103,10 @@ pub struct TrainTagger {
     /// this wide each (0: characters alone).
     #[arg(long, default_value_t = 0)]
     pub bigram_dim: usize,
+    /// Save the embedding tables (characters, bigrams) in f16, halving a character tagger's
+    /// checkpoint; the test split is scored on the checkpoint as saved.
+    #[arg(long)]
+    pub embeddings_f16: bool,
     /// With --bigram-dim: bigrams seen fewer times than this in the training set share the
     /// unknown bigram's row.
     #[arg(long, default_value_t = 3)]
@@ -537,6 +541,20 @@ fn save_branch(dir: &Path, branch: &VarMap, encoder_dir: &Path, f16: bool) -> an
     Ok(())
 }
 
+/// Rewrites the checkpoint `dir`'s embedding tables (`embedding.weight`, `bigram_embedding.weight`)
+/// in f16; the loader widens them again to the dtype it loads in.
+fn embeddings_to_f16(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("model.safetensors");
+    let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
+    for name in ["embedding.weight", "bigram_embedding.weight"] {
+        if let Some(t) = tensors.get_mut(name) {
+            *t = t.to_dtype(DType::F16)?;
+        }
+    }
+    candle_core::safetensors::save(&tensors, &path)?;
+    Ok(())
+}
+
 /// One epoch's record in `training.json`.
 #[derive(serde::Serialize)]
 struct EpochLog {
@@ -809,6 +827,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         if dev.f1() > best_f1 {
             (best_f1, best_epoch, since_best) = (dev.f1(), epoch, 0);
             model.save(&args.out).with_context(|| format!("writing the checkpoint to {}", args.out.display()))?;
+            if args.embeddings_f16 {
+                embeddings_to_f16(&args.out)?;
+            }
             if branch.is_some() {
                 save_branch(&args.out, &branch_map, &args.encoder_dir, args.branch_f16)?;
             }
@@ -831,7 +852,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
         "seed": args.seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),

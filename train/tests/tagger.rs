@@ -208,7 +208,7 @@ fn msra_over_characters_learns() {
     std::fs::remove_dir_all(&more).unwrap();
 }
 
-/// `--bigram-dim`: the character tagger also embeds the bigrams around each character; the
+/// `--bigram-dim` (and `--embeddings-f16`): the character tagger also embeds the bigrams around each character; the
 /// checkpoint carries `bigrams.json` (with `<s>` / `</s>` bigrams from sentence ends), the loss
 /// falls, and eval-tagger scores the checkpoint as the run did.
 #[test]
@@ -229,7 +229,7 @@ fn msra_with_character_bigrams_learns() {
         "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
         format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=2".into(), "--hidden=32".into(),
         "--char-dim=32".into(), "--bigram-dim=16".into(), "--bigram-min-count=2".into(), "--batch=32".into(),
-        "--lr=1e-2".into(), "--dev-fraction=0.004".into(),
+        "--lr=1e-2".into(), "--dev-fraction=0.004".into(), "--embeddings-f16".into(),
     ]))
     .unwrap();
     let (loss, _) = losses(&out);
@@ -238,6 +238,11 @@ fn msra_with_character_bigrams_learns() {
     let bigrams = m.bigrams().expect("bigrams.json");
     assert!(bigrams.len() > 100, "{} bigrams", bigrams.len());
     assert_eq!(m.config().bigram_dim, Some(16));
+    // --embeddings-f16: the tables are stored in f16, the rest in f32.
+    let saved = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(saved["embedding.weight"].dtype(), candle_core::DType::F16);
+    assert_eq!(saved["bigram_embedding.weight"].dtype(), candle_core::DType::F16);
+    assert_eq!(saved["lstm.weight_ih_l0"].dtype(), candle_core::DType::F32);
     // Most of MSRA's sentences end in "。", and "我" starts 32 of the first 420.
     assert_ne!(bigrams.id("。</s>"), bigrams.unk_id(), "a sentence-end bigram is in the vocabulary");
     assert_ne!(bigrams.id("<s>我"), bigrams.unk_id(), "a sentence-start bigram is in the vocabulary");
