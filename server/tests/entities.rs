@@ -96,22 +96,24 @@ async fn bad_input_gets_clear_statuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_character_tagger_runs_on_its_own_lane_with_exact_offsets() {
-    // The models crate's tiny random character tagger: what it finds is noise, but routing,
-    // batching and offsets are real.
-    let dir = common::repo_path("models/tests/fixtures/tagger-chars-tiny");
-    let running = common::serve(&[&format!("--entity-model-dir={}", dir.display())]).await;
-    let mut client = EntitiesClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
-    let texts = ["北京烤鸭很好吃", "我在上海买了一件蓝色的外套😀", "ok"];
-    let resp = extract(&mut client, &texts).await;
-    check_offsets(&texts, &resp);
-    assert_eq!(resp.model.unwrap().id, "tagger-chars-tiny");
-    let (_, metrics) = common::http_get(running.metrics_addr, "/metrics").await;
-    assert!(common::sample(&metrics, "concierge_batch_size_count{lane=\"entities\"}") >= 1.0, "{metrics}");
-    let long: String = "北".repeat(1001);
-    let err = client.extract(request(&[&long])).await.unwrap_err();
-    assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().contains("1001 characters"), "{}", err.message());
-    running.shutdown().await.unwrap();
+    // The models crate's tiny random character taggers (characters alone, and with character
+    // bigrams): what they find is noise, but routing, batching and offsets are real.
+    for name in ["tagger-chars-tiny", "tagger-bigram-tiny"] {
+        let dir = common::repo_path(&format!("models/tests/fixtures/{name}"));
+        let running = common::serve(&[&format!("--entity-model-dir={}", dir.display())]).await;
+        let mut client = EntitiesClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+        let texts = ["北京烤鸭很好吃", "我在上海买了一件蓝色的外套😀", "ok"];
+        let resp = extract(&mut client, &texts).await;
+        check_offsets(&texts, &resp);
+        assert_eq!(resp.model.unwrap().id, name);
+        let (_, metrics) = common::http_get(running.metrics_addr, "/metrics").await;
+        assert!(common::sample(&metrics, "concierge_batch_size_count{lane=\"entities\"}") >= 1.0, "{metrics}");
+        let long: String = "北".repeat(1001);
+        let err = client.extract(request(&[&long])).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument);
+        assert!(err.message().contains("1001 characters"), "{}", err.message());
+        running.shutdown().await.unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
