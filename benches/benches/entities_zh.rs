@@ -3,11 +3,9 @@
 //! CPU. Prints sentences/s and latency percentiles per batch.
 //!
 //!   cargo bench -p concierge-benches --bench entities_zh -- --seconds 5 [--tagger-dir DIR]
-use std::time::{Duration, Instant};
-
 use candle_core::{DType, Device};
 use clap::Parser;
-use concierge_benches::{fmt_ms, percentile};
+use concierge_benches::{fmt_ms, percentile, time_batches};
 use concierge_models::entities::extract_from_chars;
 use concierge_models::BiLstmCrf;
 
@@ -44,22 +42,12 @@ fn main() -> anyhow::Result<()> {
     );
     println!("| batch | sentences/s | p50 ms | p90 ms | p99 ms |\n|---|---|---|---|---|");
     for batch in [1usize, 32] {
-        let mut lat: Vec<Duration> = Vec::new();
-        let (mut done, mut next) = (0usize, 0usize);
-        let start = Instant::now();
-        while start.elapsed().as_secs_f64() < args.seconds {
-            let chunk: Vec<&str> = (0..batch).map(|k| texts[(next + k) % texts.len()].as_str()).collect();
-            next += batch;
-            let t0 = Instant::now();
-            let out = extract_from_chars(&tagger, &chunk, &dev)?;
-            lat.push(t0.elapsed());
-            done += out.len();
-        }
-        let secs = start.elapsed().as_secs_f64();
-        lat.sort();
+        let (rate, lat) = time_batches(args.seconds, batch, |k| {
+            let chunk: Vec<&str> = (0..batch).map(|i| texts[(k + i) % texts.len()].as_str()).collect();
+            Ok(extract_from_chars(&tagger, &chunk, &dev)?.len())
+        })?;
         println!(
-            "| {batch} | {:.1} | {} | {} | {} |",
-            done as f64 / secs,
+            "| {batch} | {rate:.1} | {} | {} | {} |",
             fmt_ms(percentile(&lat, 50.0)),
             fmt_ms(percentile(&lat, 90.0)),
             fmt_ms(percentile(&lat, 99.0))

@@ -97,6 +97,24 @@ pub fn read_csv_labelled(path: &Path, limit: usize) -> anyhow::Result<Vec<(Strin
         .collect())
 }
 
+/// Calls `run(offset)` back to back for `seconds` (at least 3 calls), `offset` growing by
+/// `batch` each call; `run` handles one batch and returns how many inputs it answered. Returns
+/// inputs/s and the sorted per-call latencies.
+pub fn time_batches(seconds: f64, batch: usize, mut run: impl FnMut(usize) -> anyhow::Result<usize>) -> anyhow::Result<(f64, Vec<Duration>)> {
+    let mut lat = Vec::new();
+    let (mut done, mut offset) = (0usize, 0usize);
+    let start = std::time::Instant::now();
+    while start.elapsed().as_secs_f64() < seconds || lat.len() < 3 {
+        let t0 = std::time::Instant::now();
+        done += run(offset)?;
+        lat.push(t0.elapsed());
+        offset += batch;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    lat.sort();
+    Ok((done as f64 / secs, lat))
+}
+
 /// Runs each named [`Tasks`](concierge_server::text::Tasks) pass of a text model over `texts` at
 /// batch 1 and 32 for `seconds` each (at least 3 batches) and prints inputs/s and batch latency
 /// percentiles, one row per pass and batch size.
@@ -112,27 +130,18 @@ pub fn bench_text_passes(
     println!("{:<w$} {:>6} {:>10} {:>9} {:>9} {:>9}", "pass", "batch", "inputs/s", "p50 ms", "p90 ms", "p99 ms");
     for &(name, tasks) in passes {
         for batch in [1usize, 32] {
-            let mut lat = Vec::new();
-            let (mut done, mut k) = (0usize, 0usize);
-            let start = std::time::Instant::now();
-            while start.elapsed().as_secs_f64() < seconds || lat.len() < 3 {
+            let (rate, lat) = time_batches(seconds, batch, |k| {
                 let inputs: Vec<TextInput> = (0..batch)
                     .map(|i| {
                         let t = &texts[(k + i) % texts.len()];
                         Ok(TextInput { tokens: model.encoder.tokenize(i, t, true)?, normalize: true, tasks, images: Vec::new() })
                     })
                     .collect::<anyhow::Result<_>>()?;
-                k += batch;
-                let t0 = std::time::Instant::now();
-                let out = model.run(&inputs.iter().collect::<Vec<_>>()).map_err(anyhow::Error::msg)?;
-                lat.push(t0.elapsed());
-                done += out.len();
-            }
-            let secs = start.elapsed().as_secs_f64();
-            lat.sort();
+                Ok(model.run(&inputs.iter().collect::<Vec<_>>()).map_err(anyhow::Error::msg)?.len())
+            })?;
             println!(
                 "{:<w$} {:>6} {:>10.1} {:>9} {:>9} {:>9}",
-                name, batch, done as f64 / secs,
+                name, batch, rate,
                 fmt_ms(percentile(&lat, 50.0)), fmt_ms(percentile(&lat, 90.0)), fmt_ms(percentile(&lat, 99.0))
             );
         }
