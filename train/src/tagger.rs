@@ -17,7 +17,7 @@ use concierge_models::entities::{
 };
 use concierge_models::sequence::conlleval::Evaluation;
 use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
-use concierge_models::tagger::{BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab, BIGRAM_END, BIGRAM_START};
+use concierge_models::tagger::{bigram_keys, BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab};
 use concierge_models::{ModelSource, TextEncoder, TokenStates};
 
 use crate::layers::{encoder_weight, pad_rows, Dropout, TrainLayer};
@@ -397,31 +397,35 @@ impl TrainBranch {
     }
 }
 
-/// Scores a tagger on examples: conlleval over the source words.
+/// Scores a tagger on examples: conlleval over the source words, and an intent-aware tagger's
+/// intent accuracy over the examples with an intent it knows (accuracy, how many).
 fn evaluate(
     model: &BiLstmCrf,
     fz: &Featurizer,
     examples: &[Example],
     device: &Device,
     branch: Option<&TrainBranch>,
-) -> anyhow::Result<Evaluation> {
-    Ok(predict(model, fz, examples, device, branch)?.0)
+) -> anyhow::Result<(Evaluation, Option<(f64, usize)>)> {
+    let (eval, _, intent) = predict(model, fz, examples, device, branch)?;
+    Ok((eval, intent))
 }
 
-/// [`evaluate`], with each example's predicted tags over its source words.
+/// [`evaluate`], with each example's predicted tags over its source words. One pass of the
+/// model gives the tags and the intents.
 fn predict(
     model: &BiLstmCrf,
     fz: &Featurizer,
     examples: &[Example],
     device: &Device,
     branch: Option<&TrainBranch>,
-) -> anyhow::Result<(Evaluation, Vec<Vec<String>>)> {
+) -> anyhow::Result<(Evaluation, Vec<Vec<String>>, Option<(f64, usize)>)> {
     let mut eval = Evaluation::new();
     let dim = model.config().input_dim;
     // Length-sorted batches waste little on padding.
     let mut order: Vec<usize> = (0..examples.len()).filter(|&i| examples[i].len() > 0).collect();
     order.sort_by_key(|&i| examples[i].len());
     let mut preds: Vec<Option<Vec<String>>> = vec![None; examples.len()];
+    let (mut intents_right, mut intents_scored) = (0usize, 0usize);
     for chunk in order.chunks(256) {
         let batch: Vec<&Example> = chunk.iter().map(|&i| &examples[i]).collect();
         let x = match branch {
@@ -429,10 +433,20 @@ fn predict(
             None => fz.batch(&batch, dim, device, None)?,
         };
         let lengths: Vec<usize> = batch.iter().map(|e| e.len()).collect();
-        let paths = model.decode(&x, &lengths)?;
+        let out = model.forward(&x, &lengths, false)?;
+        let paths = model.crf().decode(&out.emissions, &lengths)?;
         for (&i, path) in chunk.iter().zip(paths) {
             let pieces: Vec<String> = model.tag_names(&path.tags).into_iter().map(str::to_owned).collect();
             preds[i] = Some(back_project(&pieces, &examples[i].source_of, examples[i].gold.len()));
+        }
+        if let Some(logits) = &out.intent_logits {
+            let best = logits.argmax(1)?.to_vec1::<u32>()?;
+            for (e, b) in batch.iter().zip(best) {
+                if let Some(gold) = e.intent {
+                    intents_scored += 1;
+                    intents_right += usize::from(gold == b);
+                }
+            }
         }
     }
     let preds: Vec<Vec<String>> =
@@ -440,25 +454,8 @@ fn predict(
     for (e, p) in examples.iter().zip(&preds) {
         eval.add(&e.gold, p)?;
     }
-    Ok((eval, preds))
-}
-
-/// An intent-aware tagger's intent accuracy on the examples that have an intent it knows.
-fn intent_accuracy(model: &BiLstmCrf, fz: &Featurizer, examples: &[Example], device: &Device) -> anyhow::Result<Option<(f64, usize)>> {
-    let dim = model.config().input_dim;
-    let scored: Vec<&Example> = examples.iter().filter(|e| e.len() > 0 && e.intent.is_some()).collect();
-    if model.intents().is_empty() || scored.is_empty() {
-        return Ok(None);
-    }
-    let mut right = 0usize;
-    for batch in scored.chunks(256) {
-        let x = fz.batch(batch, dim, device, None)?;
-        let lengths: Vec<usize> = batch.iter().map(|e| e.len()).collect();
-        let probs = model.intent_probs(&x, &lengths)?.context("intent layers")?;
-        let best = probs.argmax(1)?.to_vec1::<u32>()?;
-        right += batch.iter().zip(best).filter(|(e, b)| e.intent == Some(*b)).count();
-    }
-    Ok(Some((right as f64 / scored.len() as f64, scored.len())))
+    let intent = (intents_scored > 0).then(|| (intents_right as f64 / intents_scored as f64, intents_scored));
+    Ok((eval, preds, intent))
 }
 
 /// Sets each example's intent id from its sentence (same order).
@@ -661,13 +658,8 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 0 => None,
                 dim => {
                     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-                    for s in &train_set {
-                        let n = s.tokens.len();
-                        for k in 0..=n {
-                            let a = if k == 0 { BIGRAM_START } else { s.tokens[k - 1].as_str() };
-                            let b = if k == n { BIGRAM_END } else { s.tokens[k].as_str() };
-                            *counts.entry(format!("{a}{b}")).or_default() += 1;
-                        }
+                    for key in train_set.iter().flat_map(|s| bigram_keys(&s.tokens)) {
+                        *counts.entry(key).or_default() += 1;
                     }
                     let mut ids: HashMap<String, u32> = HashMap::new();
                     ids.insert("<unk>".into(), 0);
@@ -815,10 +807,10 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             }
         }
         bar.finish_and_clear();
-        let dev = evaluate(&model, &fz, &dev_ex, &device, branch.as_ref())?;
+        let (dev, dev_intent) = evaluate(&model, &fz, &dev_ex, &device, branch.as_ref())?;
         let loss = total / steps_per_epoch as f64;
         let secs = t0.elapsed().as_secs_f64();
-        let intent = match intent_accuracy(&model, &fz, &dev_ex, &device)? {
+        let intent = match dev_intent {
             Some((acc, _)) => format!(", dev intent accuracy {:.2}%", acc * 100.0),
             None => String::new(),
         };
@@ -865,7 +857,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         // Its rounded layers and all, through the server's feature path.
         fz.reads = Reads::Tagger(Box::new(best.clone()));
         let ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
-        let served = evaluate(&best, &fz, &ex, &device, None)?.f1();
+        let served = evaluate(&best, &fz, &ex, &device, None)?.0.f1();
         eprintln!("the saved checkpoint as served: dev F1 {:.2} (trained model {:.2})", served * 100.0, best_f1 * 100.0);
         summary["served_dev_f1"] = serde_json::json!(served);
         summary["train_layers"] = serde_json::json!(args.train_layers);
@@ -877,10 +869,10 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         let test_set = read(args.format, test)?;
         let mut ex = fz.examples(&test_set, &tag_ids, "test", args.quiet)?;
         set_intents(&mut ex, &test_set, &intent_ids);
-        let eval = evaluate(&best, &fz, &ex, &device, None)?;
+        let (eval, intent) = evaluate(&best, &fz, &ex, &device, None)?;
         println!("test ({}): {} sentences\n{eval}", test.display(), test_set.len());
         summary["test"] = serde_json::json!({"path": test.display().to_string(), "f1": eval.f1(), "precision": eval.precision(), "recall": eval.recall()});
-        if let Some((acc, n)) = intent_accuracy(&best, &fz, &ex, &device)? {
+        if let Some((acc, n)) = intent {
             println!("the tagger's own intent accuracy: {:.2}% of {n} test utterances with a known intent", acc * 100.0);
             summary["test"]["intent_accuracy"] = serde_json::json!(acc);
             summary["test"]["intent_scored"] = serde_json::json!(n);
@@ -906,7 +898,7 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
     let ex = fz.examples(&sentences, &tag_ids, "test", false)?;
-    let (eval, preds) = predict(&model, &fz, &ex, &device, None)?;
+    let (eval, preds, _) = predict(&model, &fz, &ex, &device, None)?;
     if let Some(path) = &args.predictions {
         let mut text = String::new();
         for (s, p) in sentences.iter().zip(&preds) {

@@ -102,8 +102,16 @@ fn one() -> usize {
 const EMISSION_NAMES: [&str; 4] = ["hidden2tag", "emission", "fc", "classifier"];
 const DEFAULT_UNK: &str = "<unk>";
 /// Stand-ins for the character before the first and after the last, in bigram keys.
-pub const BIGRAM_START: &str = "<s>";
-pub const BIGRAM_END: &str = "</s>";
+const BIGRAM_START: &str = "<s>";
+const BIGRAM_END: &str = "</s>";
+
+/// The `n + 1` bigram keys of `n` characters: key `k` joins characters `k - 1` and `k`, with
+/// `<s>` before the first and `</s>` after the last. Character `i`'s bigrams are keys `i` (ending
+/// at it) and `i + 1` (starting at it). The one definition training and serving share.
+pub fn bigram_keys<S: AsRef<str>>(chars: &[S]) -> Vec<String> {
+    let at = |k: usize, edge: &'static str| if k == 0 || k > chars.len() { edge } else { chars[k - 1].as_ref() };
+    (1..=chars.len() + 1).map(|k| format!("{}{}", at(k - 1, BIGRAM_START), at(k, BIGRAM_END))).collect()
+}
 
 impl TaggerConfig {
     /// A config for encoder features with the defaults (one layer, no dropout).
@@ -237,24 +245,11 @@ impl Vocab {
         self.ids.values().map(|&i| i as usize + 1).max().unwrap_or(0)
     }
 
-    /// One id per character (Unicode scalar value) of `text`.
-    pub fn encode_chars(&self, text: &str) -> Vec<u32> {
-        let mut buf = [0u8; 4];
-        text.chars().map(|c| self.id(c.encode_utf8(&mut buf))).collect()
-    }
-
-    /// The ids of the bigrams ending at and starting at each character of `chars` (`<s>` before
-    /// the first, `</s>` after the last): `(left, right)` per character.
+    /// The ids of the bigrams ending at and starting at each character of `chars` (see
+    /// [`bigram_keys`]): `(left, right)` per character.
     pub fn encode_bigrams<S: AsRef<str>>(&self, chars: &[S]) -> Vec<(u32, u32)> {
-        let n = chars.len();
-        let at = |i: usize| if i == 0 || i > n { None } else { Some(chars[i - 1].as_ref()) };
-        // Bigram k joins position k-1 and k in 0..=n+1 terms, where 0 is <s> and n+1 is </s>.
-        let bigram = |k: usize| -> u32 {
-            let a = at(k - 1).unwrap_or(BIGRAM_START);
-            let b = at(k).unwrap_or(BIGRAM_END);
-            self.id(&format!("{a}{b}"))
-        };
-        (1..=n).map(|i| (bigram(i), bigram(i + 1))).collect()
+        let ids: Vec<u32> = bigram_keys(chars).iter().map(|k| self.id(k)).collect();
+        ids.windows(2).map(|w| (w[0], w[1])).collect()
     }
 
     /// Writes the token -> id object (keys sorted, so the file is reproducible).
@@ -618,8 +613,10 @@ impl BiLstmCrf {
     /// `[B, L, 3]` with character bigrams (character, left bigram, right bigram), and lengths),
     /// ready for [`Self::forward_emissions`]. Embeddings input with a vocabulary only.
     pub fn char_ids(&self, texts: &[&str], device: &Device) -> Result<(Tensor, Vec<usize>)> {
-        let chars: Vec<Vec<String>> = texts.iter().map(|t| t.chars().map(String::from).collect()).collect();
-        let refs: Vec<&[String]> = chars.iter().map(Vec::as_slice).collect();
+        // Each character as a slice of its text: no copies.
+        let chars: Vec<Vec<&str>> =
+            texts.iter().map(|t| t.char_indices().map(|(i, c)| &t[i..i + c.len_utf8()]).collect()).collect();
+        let refs: Vec<&[&str]> = chars.iter().map(Vec::as_slice).collect();
         let lengths: Vec<usize> = chars.iter().map(Vec::len).collect();
         Ok((self.token_ids(&refs, device)?, lengths))
     }
