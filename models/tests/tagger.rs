@@ -287,6 +287,58 @@ fn a_character_bigram_tagger_matches_its_reference() {
 }
 
 #[test]
+fn a_lexicon_feature_tagger_matches_its_reference() {
+    for dev in devices() {
+        let dir = fixture_dir("tagger-lexicon-tiny");
+        let model = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap();
+        assert_eq!(model.config().lexicon_classes.as_deref(), Some(&["word".to_string(), "org".to_string()][..]));
+        assert_eq!((model.config().lstm_input_dim(), model.config().id_columns()), (24, 5));
+        assert_eq!(model.lexicon().unwrap().len(), 10);
+        let r = Reference::load(&dir, &dev);
+        let (x, lengths) = (r.input(), r.lengths.clone());
+        assert_eq!(x.dims(), &[5, 7, 5]);
+        check_close("lexicon emissions", &model.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
+        let paths: Vec<Vec<u32>> = model.decode(&x, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
+        assert_eq!(paths, r.rows("paths"), "lexicon viterbi paths");
+
+        // The texts' ids as the server makes them: the matcher agrees with the script's own.
+        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+        let texts: Vec<&str> = json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
+        assert_eq!(lens, lengths);
+        let ids = ids.to_dtype(DType::I64).unwrap().to_vec3::<i64>().unwrap();
+        for (s, want) in json["ids"].as_array().unwrap().iter().enumerate() {
+            let want: Vec<Vec<i64>> = serde_json::from_value(want.clone()).unwrap();
+            assert_eq!(ids[s][..lens[s]], want[..], "text {s}");
+            assert!(ids[s][lens[s]..].iter().all(|p| p == &[1, 0, 0, 0, 8]), "padding of text {s}: {:?}", &ids[s][lens[s]..]);
+        }
+        let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
+        let again: Vec<Vec<u32>> = model.decode(&ids, &lens).unwrap().into_iter().map(|p| p.tags).collect();
+        assert_eq!(again, r.rows("paths"));
+        // Without the lexicon columns the input is refused, saying what it takes.
+        let err = model.forward_emissions(&x.narrow(2, 0, 3).unwrap(), &lengths).unwrap_err().to_string();
+        assert!(err.contains("[batch, length, 5]"), "{err}");
+
+        let out_dir = tmp_dir("lexicon");
+        model.save(&out_dir).unwrap();
+        assert_eq!(std::fs::read(out_dir.join("lexicon.txt")).unwrap(), std::fs::read(dir.join("lexicon.txt")).unwrap());
+        let again = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap();
+        assert_eq!(again.lexicon(), model.lexicon());
+        check_close("lexicon emissions, reloaded", &again.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
+        std::fs::remove_file(out_dir.join("lexicon.txt")).unwrap();
+        let err = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap_err().to_string();
+        assert!(err.contains("lexicon.txt"), "{err}");
+        let _ = std::fs::remove_dir_all(&out_dir);
+    }
+    // Lexicon features need both fields and embeddings input.
+    let mut cfg = TaggerConfig::encoder(12, 8, 7);
+    cfg.lexicon_classes = Some(vec!["word".into()]);
+    cfg.lexicon_dim = Some(4);
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+    assert!(BiLstmCrf::new(vb, &cfg, tag_set(7)).is_err());
+}
+
+#[test]
 fn character_embedding_tagger_matches_pytorch() {
     for dev in devices() {
         let model = check_parity("tagger-chars-tiny", &dev);

@@ -5,6 +5,7 @@ pub mod intent;
 mod layers;
 pub mod rng;
 pub mod tagger;
+pub mod vectors;
 
 /// A progress bar on stderr that says what it counts.
 pub fn progress(len: u64, what: &str) -> indicatif::ProgressBar {

@@ -17,11 +17,12 @@ use concierge_models::entities::{
 };
 use concierge_models::sequence::conlleval::Evaluation;
 use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
-use concierge_models::tagger::{bigram_keys, BiLstmCrf, InputKind, Reduction, TaggerConfig, Vocab};
+use concierge_models::tagger::{bigram_keys, lexicon, BiLstmCrf, IdColumns, InputKind, Lexicon, Reduction, TaggerConfig, Vocab};
 use concierge_models::{ModelSource, TextEncoder, TokenStates};
 
 use crate::layers::{encoder_weight, pad_rows, Dropout, TrainLayer};
 use crate::rng::Rng;
+use crate::vectors::Vectors;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -99,6 +100,22 @@ pub struct TrainTagger {
     /// Character embedding width (chars input).
     #[arg(long, default_value_t = 128)]
     pub char_dim: usize,
+    /// Chars input: start the character embeddings from these pretrained vectors (a Baidu LAC
+    /// folder such as `model-store/data/lac-chars`, or a word2vec text file; see
+    /// `train/src/vectors.rs`). Every character they cover joins the vocabulary, seen in
+    /// training or not; their width must equal --char-dim.
+    #[arg(long)]
+    pub char_vectors: Option<PathBuf>,
+    /// Chars input: lexicon features from this word list (jieba's `dict.txt` format, `word
+    /// [frequency [part-of-speech]]` a line, e.g. `model-store/data/jieba/dict.txt`): per
+    /// character, whether known words (`word`), person names (`person`, tags nr*), places
+    /// (`place`, ns*) and organisations (`org`, nt*) begin, continue or end at it. Words of 2 to
+    /// 16 characters are kept; the list is saved with the checkpoint as `lexicon.txt`.
+    #[arg(long)]
+    pub lexicon: Option<PathBuf>,
+    /// With --lexicon: width of each class's feature embedding.
+    #[arg(long, default_value_t = 16)]
+    pub lexicon_dim: usize,
     /// Chars input: also embed the character bigrams ending and starting at each character,
     /// this wide each (0: characters alone).
     #[arg(long, default_value_t = 0)]
@@ -208,6 +225,10 @@ struct Featurizer {
     vocab: Option<Vocab>,
     /// Character bigrams (chars input with --bigram-dim).
     bigrams: Option<Vocab>,
+    /// Pretrained character vectors (--char-vectors), for the embedding table's first values.
+    vectors: Option<Vectors>,
+    /// Lexicon features (--lexicon).
+    lexicon: Option<Lexicon>,
 }
 
 /// What an encoder-input example is made of.
@@ -222,27 +243,24 @@ enum Reads {
 }
 
 impl Featurizer {
+    /// Chars input: how a sentence becomes ids.
+    fn id_columns(&self) -> IdColumns<'_> {
+        IdColumns { vocab: self.vocab.as_ref().expect("chars input has a vocabulary"), bigrams: self.bigrams.as_ref(), lexicon: self.lexicon.as_ref() }
+    }
+
     fn examples(&self, sentences: &[Sentence], tag_ids: &HashMap<String, u32>, what: &str, quiet: bool) -> anyhow::Result<Vec<Example>> {
         let o = *tag_ids.get("O").context("the tag set has no O")?;
         let id_of = |t: &str| tag_ids.get(t).copied().unwrap_or(o);
         match self.input {
             Input::Chars => {
-                let vocab = self.vocab.as_ref().expect("chars input has a vocabulary");
+                let cols = self.id_columns();
                 Ok(sentences
                     .iter()
                     .map(|s| Example {
                         features: None,
                         tokens: None,
                         first_token: Vec::new(),
-                        ids: match &self.bigrams {
-                            None => s.tokens.iter().map(|c| vocab.id(c)).collect(),
-                            Some(b) => s
-                                .tokens
-                                .iter()
-                                .zip(b.encode_bigrams(&s.tokens))
-                                .flat_map(|(c, (l, r))| [vocab.id(c), l, r])
-                                .collect(),
-                        },
+                        ids: cols.encode(&s.tokens),
                         tags: s.tags.iter().map(|t| id_of(t)).collect(),
                         source_of: (0..s.tokens.len()).collect(),
                         gold: s.tags.clone(),
@@ -318,13 +336,8 @@ impl Featurizer {
                 })
             }
             Input::Chars => {
-                let unk = self.vocab.as_ref().expect("vocabulary").unk_id();
                 let l = examples.iter().map(|e| e.len()).max().unwrap_or(1).max(1);
-                // Per position: the character's id, then (with bigrams) its two bigrams' ids.
-                let pad: Vec<u32> = match &self.bigrams {
-                    None => vec![unk],
-                    Some(b) => vec![unk, b.unk_id(), b.unk_id()],
-                };
+                let pad = self.id_columns().padding();
                 let mut flat = Vec::with_capacity(examples.len() * l * pad.len());
                 for e in examples {
                     flat.extend(e.ids.iter().copied());
@@ -492,15 +505,62 @@ fn seeded_init(varmap: &VarMap, cfg: &TaggerConfig, rng: &mut Rng) -> anyhow::Re
     Ok(())
 }
 
+/// Reads a word list in jieba's `dict.txt` format (`word [frequency [part-of-speech]]` a line)
+/// into a lexicon with classes `word` (every word), `person` (tags nr*), `place` (ns*) and `org`
+/// (nt*); words of one character or over the matcher's limit are left out.
+fn read_lexicon(path: &Path) -> anyhow::Result<Lexicon> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let classes: Vec<String> = ["word", "person", "place", "org"].map(String::from).to_vec();
+    let mut entries = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.split_whitespace();
+        let Some(word) = fields.next() else { continue };
+        if !(2..=lexicon::MAX_WORD_CHARS).contains(&word.chars().count()) {
+            continue;
+        }
+        entries.push((word.to_string(), 0));
+        let pos = fields.nth(1).unwrap_or("");
+        for (class, prefix) in [(1, "nr"), (2, "ns"), (3, "nt")] {
+            if pos.starts_with(prefix) {
+                entries.push((word.to_string(), class));
+            }
+        }
+    }
+    if entries.is_empty() {
+        bail!("no words of 2 to {} characters", lexicon::MAX_WORD_CHARS);
+    }
+    Ok(Lexicon::new(classes, entries)?)
+}
+
+/// Sets the rows of `embedding.weight` whose character `vectors` cover; returns (rows set, rows).
+fn set_char_vectors(varmap: &VarMap, vocab: &Vocab, vectors: &Vectors) -> anyhow::Result<(usize, usize)> {
+    let data = varmap.data().lock().expect("varmap lock");
+    let var = data.get("embedding.weight").context("the tagger has no embedding table")?;
+    let (rows, dim) = var.dims2()?;
+    let mut table: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+    let mut found = 0;
+    for (token, id) in vocab.entries() {
+        if let Some(v) = vectors.get(token) {
+            table[id as usize * dim..(id as usize + 1) * dim].copy_from_slice(v);
+            found += 1;
+        }
+    }
+    var.set(&Tensor::from_vec(table, (rows, dim), var.device())?)?;
+    Ok((found, vocab.len()))
+}
+
 /// Loads an earlier checkpoint's weights into `varmap`: it must have the same tag set (and
 /// vocabulary), and every parameter by name with the same shape.
-fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], vocab: Option<&Vocab>, bigrams: Option<&Vocab>) -> anyhow::Result<()> {
+fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], fz: &Featurizer) -> anyhow::Result<()> {
     let from = BiLstmCrf::load(dir, &Device::Cpu, DType::F32).with_context(|| format!("--init {}", dir.display()))?;
     if from.tags() != tags {
         bail!("--init {}: its tag set differs from this data's ({} vs {} tags)", dir.display(), from.tags().len(), tags.len());
     }
-    if from.vocab() != vocab || from.bigrams() != bigrams {
+    if from.vocab() != fz.vocab.as_ref() || from.bigrams() != fz.bigrams.as_ref() {
         bail!("--init {}: its vocabulary (or bigram vocabulary) differs from this training set's", dir.display());
+    }
+    if from.lexicon() != fz.lexicon.as_ref() {
+        bail!("--init {}: its lexicon differs from this run's (--lexicon)", dir.display());
     }
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
     let data = varmap.data().lock().expect("varmap lock");
@@ -607,6 +667,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
 
     let (mut fz, mut cfg) = match input {
         Input::Encoder => {
+            if args.char_vectors.is_some() || args.lexicon.is_some() {
+                bail!("--char-vectors and --lexicon are features of the tagger's own character input: they need --input chars");
+            }
             let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
                 .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
             if let Some(&bad) = args.encoder_layers.iter().flatten().find(|&&l| l > enc.num_layers()) {
@@ -635,7 +698,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Reads::Branch { fixed: layers.into_iter().filter(|&l| l <= from).collect(), from }
                 }
             };
-            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None }, cfg)
+            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None, vectors: None, lexicon: None }, cfg)
         }
         Input::Chars => {
             let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
@@ -650,6 +713,22 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 let next = ids.len() as u32;
                 ids.insert(c.to_string(), next);
             }
+            let vectors = match &args.char_vectors {
+                Some(path) => {
+                    let v = Vectors::load(path).with_context(|| format!("--char-vectors {}", path.display()))?;
+                    if v.dim != args.char_dim {
+                        bail!("--char-vectors {}: its vectors are {} wide; set --char-dim {}", path.display(), v.dim, v.dim);
+                    }
+                    // The characters it covers that training did not keep, sorted, after them.
+                    let extra: BTreeSet<&String> = v.map.keys().filter(|c| !ids.contains_key(c.as_str()) && c.chars().count() == 1).collect();
+                    for c in extra {
+                        let next = ids.len() as u32;
+                        ids.insert(c.clone(), next);
+                    }
+                    Some(v)
+                }
+                None => None,
+            };
             let vocab = Vocab::new(ids, "<unk>")?;
             let mut cfg = TaggerConfig::embeddings(vocab.id_bound(), args.char_dim, args.hidden, tag_list.len());
             // Bigrams: every adjacent pair of the training set (with <s> / </s> at the ends) seen
@@ -674,10 +753,20 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Some(bigrams)
                 }
             };
+            let lexicon = match &args.lexicon {
+                None => None,
+                Some(path) => {
+                    let lexicon = read_lexicon(path).with_context(|| format!("--lexicon {}", path.display()))?;
+                    cfg.lexicon_classes = Some(lexicon.classes().to_vec());
+                    cfg.lexicon_dim = Some(args.lexicon_dim);
+                    eprintln!("train-tagger: lexicon of {} words ({:?})", lexicon.len(), lexicon.classes());
+                    Some(lexicon)
+                }
+            };
             if args.train_layers > 0 {
                 bail!("--train-layers fine-tunes the text encoder: it needs encoder input");
             }
-            (Featurizer { input, encoder: None, reads: Reads::Layers(None), vocab: Some(vocab), bigrams }, cfg)
+            (Featurizer { input, encoder: None, reads: Reads::Layers(None), vocab: Some(vocab), bigrams, vectors, lexicon }, cfg)
         }
     };
     cfg.num_layers = args.layers;
@@ -716,12 +805,19 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(b) = &fz.bigrams {
         model = model.with_bigrams(b.clone())?;
     }
+    if let Some(l) = &fz.lexicon {
+        model = model.with_lexicon(l.clone())?;
+    }
     if args.joint_intent {
         model = model.with_intents(intent_list.clone())?;
     }
     seeded_init(&varmap, &cfg, &mut rng)?;
+    if let (Some(vectors), Some(vocab)) = (&fz.vectors, &fz.vocab) {
+        let (found, total) = set_char_vectors(&varmap, vocab, vectors)?;
+        eprintln!("train-tagger: pretrained vectors for {found} of {total} characters");
+    }
     if let Some(dir) = &args.init {
-        warm_start(&varmap, dir, &tag_list, fz.vocab.as_ref(), fz.bigrams.as_ref())?;
+        warm_start(&varmap, dir, &tag_list, &fz)?;
         eprintln!("train-tagger: starting from the weights in {}", dir.display());
     }
     let mut opt = AdamW::new(
@@ -844,7 +940,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
         "seed": args.seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),
@@ -894,7 +990,7 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
         }
         InputKind::Embeddings => (Input::Chars, None),
     };
-    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned() };
+    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned() };
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
     let ex = fz.examples(&sentences, &tag_ids, "test", false)?;

@@ -259,3 +259,74 @@ fn msra_with_character_bigrams_learns() {
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_file(&small_test).unwrap();
 }
+
+/// MSRA with pretrained character vectors (a word2vec text file) and lexicon features (a word
+/// list in jieba's format): characters the vectors cover join the vocabulary even when training
+/// never saw them, and keep their vectors; the checkpoint carries `lexicon.txt`; eval-tagger
+/// (the serving code's ids) scores it as the run did.
+#[test]
+fn msra_with_pretrained_vectors_and_a_lexicon_learns() {
+    let data = repo("model-store/data/msra/msra_train.txt");
+    let test = repo("model-store/data/msra/msra_test.txt");
+    if !data.is_file() || !test.is_file() {
+        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), test.display());
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("concierge-train-msra-lexicon-{}", std::process::id()));
+    let small_test = out.with_extension("test.txt");
+    let vectors = out.with_extension("vec");
+    let lexicon = out.with_extension("dict.txt");
+    let text = std::fs::read_to_string(&test).unwrap();
+    let first: Vec<&str> = text.split("\n\n").take(100).collect();
+    std::fs::write(&small_test, first.join("\n\n") + "\n").unwrap();
+    // 8-wide vectors for a common character and for one MSRA never uses.
+    let v_zhong: Vec<f32> = (0..8).map(|i| i as f32 * 0.25 - 1.0).collect();
+    let v_rare: Vec<f32> = (0..8).map(|i| 0.5 - i as f32 * 0.125).collect();
+    let line = |c: &str, v: &[f32]| format!("{c} {}\n", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" "));
+    std::fs::write(&vectors, format!("2 8\n{}{}", line("中", &v_zhong), line("龘", &v_rare))).unwrap();
+    std::fs::write(&lexicon, "中国 100 ns\n新华社 50 nt\n邓小平 40 nr\n我们 500 r\n的 9000 uj\n").unwrap();
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+        format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=2".into(), "--hidden=32".into(),
+        "--char-dim=8".into(), format!("--char-vectors={}", vectors.display()), format!("--lexicon={}", lexicon.display()),
+        "--lexicon-dim=4".into(), "--batch=32".into(), "--lr=1e-2".into(), "--dev-fraction=0.004".into(),
+    ]))
+    .unwrap();
+    let (loss, _) = losses(&out);
+    assert!(loss[1] < loss[0], "the loss did not fall: {loss:?}");
+    let m = concierge_models::BiLstmCrf::load(&out, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let vocab = m.vocab().unwrap();
+    let rare = vocab.id("龘");
+    assert_ne!(rare, vocab.unk_id(), "a character the vectors cover joins the vocabulary");
+    let saved = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let row: Vec<f32> = saved["embedding.weight"].get(rare as usize).unwrap().to_vec1().unwrap();
+    for (got, want) in row.iter().zip(&v_rare) {
+        assert!((got - want).abs() < 1e-4, "an unseen character keeps its vector (weight decay aside): {row:?} vs {v_rare:?}");
+    }
+    let lex = m.lexicon().expect("lexicon.txt");
+    assert_eq!(lex.classes(), ["word", "person", "place", "org"]);
+    assert_eq!(lex.len(), 4, "one-character words are left out");
+    assert_eq!(std::fs::read_to_string(out.join("lexicon.txt")).unwrap(), "中国\tword,place\n我们\tword\n新华社\tword,org\n邓小平\tword,person\n");
+    assert_eq!(m.config().lstm_input_dim(), 8 + 4 * 4);
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    let e = eval(&EvalTagger {
+        model: out.clone(),
+        format: concierge_train::tagger::Format::Msra,
+        test: small_test.clone(),
+        encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
+        predictions: None,
+    })
+    .unwrap();
+    assert_eq!(e.f1(), summary["test"]["f1"].as_f64().unwrap(), "eval-tagger and the training run score the checkpoint alike");
+    // Vectors of the wrong width are refused, naming the flag to change.
+    let err = train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+        "--limit=50".into(), "--epochs=1".into(), format!("--char-vectors={}", vectors.display()),
+    ]))
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("--char-dim 8"), "{err:#}");
+    std::fs::remove_dir_all(&out).unwrap();
+    for f in [&small_test, &vectors, &lexicon] {
+        std::fs::remove_file(f).unwrap();
+    }
+}

@@ -9,6 +9,7 @@
 //! loads as saved. A checkpoint folder is `config.json`, `model.safetensors`, `tags.json` (the
 //! tag names in id order) and, for embeddings input, `vocab.json`.
 pub mod crf;
+pub mod lexicon;
 pub mod lstm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -19,6 +20,7 @@ use candle_nn::{Embedding, Init, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 pub use crf::{Crf, Reduction, TagPath};
+pub use lexicon::Lexicon;
 pub use lstm::BiLstm;
 
 use crate::bert::{BertLayers, Config as BertConfig};
@@ -67,6 +69,15 @@ pub struct TaggerConfig {
     /// Width of a bigram embedding (with `bigram_vocab_size`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bigram_dim: Option<usize>,
+    /// Lexicon features (embeddings input; see [`lexicon`]): the word classes of `lexicon.txt`.
+    /// Each character then also reads, per class, the embedding (`lexicon_dim` wide) of whether
+    /// known words of that class begin, continue or end at it, from `lexicon_embedding.weight`
+    /// `[classes * 8, lexicon_dim]`; those ids follow the character's (and bigrams') in the input.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexicon_classes: Option<Vec<String>>,
+    /// Width of a lexicon feature embedding (with `lexicon_classes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lexicon_dim: Option<usize>,
     /// LSTM hidden size per direction; the emission layer sees twice this.
     pub hidden_size: usize,
     #[serde(default = "one")]
@@ -113,6 +124,53 @@ pub fn bigram_keys<S: AsRef<str>>(chars: &[S]) -> Vec<String> {
     (1..=chars.len() + 1).map(|k| format!("{}{}", at(k - 1, BIGRAM_START), at(k, BIGRAM_END))).collect()
 }
 
+/// How an embeddings-input tagger turns a sequence of tokens (characters) into ids: per token,
+/// its vocabulary id, then (with bigrams) the ids of the bigrams ending and starting at it, then
+/// (with a lexicon) one id per lexicon class. The one rule training and serving share.
+#[derive(Debug, Clone, Copy)]
+pub struct IdColumns<'a> {
+    pub vocab: &'a Vocab,
+    pub bigrams: Option<&'a Vocab>,
+    pub lexicon: Option<&'a Lexicon>,
+}
+
+impl IdColumns<'_> {
+    /// Ids a token.
+    pub fn width(&self) -> usize {
+        1 + if self.bigrams.is_some() { 2 } else { 0 } + self.lexicon.map_or(0, |l| l.classes().len())
+    }
+
+    /// The ids of `seq`, token-major (`seq.len() * width()`).
+    pub fn encode<S: AsRef<str>>(&self, seq: &[S]) -> Vec<u32> {
+        let w = self.width();
+        let bigrams = self.bigrams.map(|b| b.encode_bigrams(seq));
+        let lexicon = self.lexicon.map(|l| (l.classes().len(), l.ids(seq)));
+        let mut out = Vec::with_capacity(seq.len() * w);
+        for (i, tok) in seq.iter().enumerate() {
+            out.push(self.vocab.id(tok.as_ref()));
+            if let Some(b) = &bigrams {
+                out.extend([b[i].0, b[i].1]);
+            }
+            if let Some((c, ids)) = &lexicon {
+                out.extend_from_slice(&ids[i * c..(i + 1) * c]);
+            }
+        }
+        out
+    }
+
+    /// The ids of a padding position.
+    pub fn padding(&self) -> Vec<u32> {
+        let mut out = vec![self.vocab.unk_id()];
+        if let Some(b) = self.bigrams {
+            out.extend([b.unk_id(), b.unk_id()]);
+        }
+        if let Some(l) = self.lexicon {
+            out.extend(l.none_ids());
+        }
+        out
+    }
+}
+
 impl TaggerConfig {
     /// A config for encoder features with the defaults (one layer, no dropout).
     pub fn encoder(input_dim: usize, hidden_size: usize, num_tags: usize) -> Self {
@@ -124,6 +182,8 @@ impl TaggerConfig {
             vocab_size: None,
             bigram_vocab_size: None,
             bigram_dim: None,
+            lexicon_classes: None,
+            lexicon_dim: None,
             hidden_size,
             num_layers: 1,
             dropout: 0.0,
@@ -165,6 +225,11 @@ impl TaggerConfig {
             (Some(rows), Some(dim)) if rows > 0 && dim > 0 && self.input == InputKind::Embeddings => {}
             _ => return bad("bigram_vocab_size and bigram_dim go together, both positive, and only with embeddings input"),
         }
+        match (&self.lexicon_classes, self.lexicon_dim) {
+            (None, None) => {}
+            (Some(c), Some(dim)) if (1..=16).contains(&c.len()) && dim > 0 && self.input == InputKind::Embeddings => {}
+            _ => return bad("lexicon_classes (1 to 16) and lexicon_dim go together, dim positive, and only with embeddings input"),
+        }
         if self.num_intents == Some(0) {
             return bad("num_intents must be positive (or absent: no intent layers)");
         }
@@ -182,9 +247,19 @@ impl TaggerConfig {
         }
     }
 
-    /// Width of the BiLSTM's input: `input_dim`, plus two bigram embeddings if it has them.
+    /// Width of the BiLSTM's input: `input_dim`, plus two bigram embeddings and one lexicon
+    /// embedding per class if it has them.
     pub fn lstm_input_dim(&self) -> usize {
-        self.input_dim + 2 * self.bigram_dim.unwrap_or(0)
+        self.input_dim + 2 * self.bigram_dim.unwrap_or(0) + self.lexicon_classes().len() * self.lexicon_dim.unwrap_or(0)
+    }
+
+    fn lexicon_classes(&self) -> &[String] {
+        self.lexicon_classes.as_deref().unwrap_or(&[])
+    }
+
+    /// Embeddings input: ids a position (character; left and right bigram; one per lexicon class).
+    pub fn id_columns(&self) -> usize {
+        1 + if self.bigram_dim.is_some() { 2 } else { 0 } + self.lexicon_classes().len()
     }
 
     /// Encoder input: the layers it reads from an encoder of `num_layers` layers (its config's
@@ -226,6 +301,11 @@ impl Vocab {
 
     pub fn id(&self, token: &str) -> u32 {
         self.ids.get(token).copied().unwrap_or(self.unk)
+    }
+
+    /// Every (token, id), in no particular order.
+    pub fn entries(&self) -> impl Iterator<Item = (&str, u32)> {
+        self.ids.iter().map(|(k, &v)| (k.as_str(), v))
     }
 
     pub fn unk_id(&self) -> u32 {
@@ -321,8 +401,11 @@ pub struct BiLstmCrf {
     vocab: Option<Vocab>,
     /// Character bigrams: their `bigrams.json` and table.
     bigrams: Option<Vocab>,
+    /// Lexicon features: the word list and its table.
+    lexicon: Option<Lexicon>,
     embedding: Option<Embedding>,
     bigram_embedding: Option<Embedding>,
+    lexicon_embedding: Option<Embedding>,
     lstm: BiLstm,
     emission: Linear,
     /// The prefix the emission layer was found under.
@@ -363,6 +446,13 @@ impl BiLstmCrf {
             (Some(rows), Some(dim)) => {
                 let init = Init::Randn { mean: 0.0, stdev: 1.0 };
                 Some(Embedding::new(params.get(&vb.pp("bigram_embedding"), &[rows, dim], "weight", init)?, dim))
+            }
+            _ => None,
+        };
+        let lexicon_embedding = match (cfg.lexicon_classes.as_ref(), cfg.lexicon_dim) {
+            (Some(classes), Some(dim)) => {
+                let init = Init::Randn { mean: 0.0, stdev: 1.0 };
+                Some(Embedding::new(params.get(&vb.pp("lexicon_embedding"), &[classes.len() * 8, dim], "weight", init)?, dim))
             }
             _ => None,
         };
@@ -410,8 +500,10 @@ impl BiLstmCrf {
             tags,
             vocab: None,
             bigrams: None,
+            lexicon: None,
             embedding,
             bigram_embedding,
+            lexicon_embedding,
             lstm,
             emission,
             emission_name,
@@ -490,7 +582,12 @@ impl BiLstmCrf {
             InputKind::Embeddings => {
                 let path = file("vocab.json", "the token -> id object of the embedding table")?;
                 let vocab = Vocab::from_file(&path, cfg.unk_token())?;
-                let model = model.with_vocab(vocab).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })?;
+                let mut model = model.with_vocab(vocab).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })?;
+                if let Some(classes) = &cfg.lexicon_classes {
+                    let path = file("lexicon.txt", "the word list of the lexicon features (lexicon_classes), `word<TAB>class,…` lines")?;
+                    let lexicon = Lexicon::from_file(&path, classes)?;
+                    model = model.with_lexicon(lexicon).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })?;
+                }
                 match cfg.bigram_vocab_size {
                     None => model,
                     Some(_) => {
@@ -520,6 +617,9 @@ impl BiLstmCrf {
         }
         if let Some(bigrams) = &self.bigrams {
             bigrams.save(&dir.join("bigrams.json"))?;
+        }
+        if let Some(lexicon) = &self.lexicon {
+            lexicon.save(&dir.join("lexicon.txt"))?;
         }
         if self.intent.is_some() {
             write_json(&dir.join("intents.json"), &self.intents)?;
@@ -560,6 +660,30 @@ impl BiLstmCrf {
     /// The bigram vocabulary, if the tagger reads character bigrams.
     pub fn bigrams(&self) -> Option<&Vocab> {
         self.bigrams.as_ref()
+    }
+
+    /// Attaches the word list of a tagger with lexicon features; its classes must be the
+    /// config's `lexicon_classes`, in order.
+    pub fn with_lexicon(mut self, lexicon: Lexicon) -> Result<Self> {
+        if self.cfg.lexicon_classes.as_deref() != Some(lexicon.classes()) {
+            return Err(ModelError::Unsupported(format!(
+                "a lexicon with classes {:?} for a tagger with lexicon_classes {:?}",
+                lexicon.classes(),
+                self.cfg.lexicon_classes
+            )));
+        }
+        self.lexicon = Some(lexicon);
+        Ok(self)
+    }
+
+    /// The word list, if the tagger reads lexicon features.
+    pub fn lexicon(&self) -> Option<&Lexicon> {
+        self.lexicon.as_ref()
+    }
+
+    /// How this tagger turns tokens into ids (embeddings input with a vocabulary).
+    pub fn id_columns(&self) -> Option<IdColumns<'_>> {
+        Some(IdColumns { vocab: self.vocab.as_ref()?, bigrams: self.bigrams.as_ref(), lexicon: self.lexicon.as_ref() })
     }
 
     /// Names the intents of an intent-aware tagger, in id order (`num_intents` of them).
@@ -609,9 +733,9 @@ impl BiLstmCrf {
         path.iter().map(|&t| self.tags[t as usize].as_str()).collect()
     }
 
-    /// Character ids of `texts`, padded with the unknown id to the longest: (`[B, L]` u32, or
-    /// `[B, L, 3]` with character bigrams (character, left bigram, right bigram), and lengths),
-    /// ready for [`Self::forward_emissions`]. Embeddings input with a vocabulary only.
+    /// Character ids of `texts`, padded to the longest: (`[B, L]` u32, or `[B, L, k]` with
+    /// character bigrams or lexicon features ([`IdColumns`]), and lengths), ready for
+    /// [`Self::forward_emissions`]. Embeddings input with a vocabulary only.
     pub fn char_ids(&self, texts: &[&str], device: &Device) -> Result<(Tensor, Vec<usize>)> {
         // Each character as a slice of its text: no copies.
         let chars: Vec<Vec<&str>> =
@@ -622,37 +746,25 @@ impl BiLstmCrf {
     }
 
     /// Ids for sequences of tokens (characters), padded to the longest as [`Self::char_ids`]
-    /// says; with character bigrams, each token's two bigram ids follow its own.
+    /// says; with character bigrams and lexicon features, each token's other ids follow its own
+    /// ([`IdColumns`]).
     pub fn token_ids<S: AsRef<str>>(&self, seqs: &[&[S]], device: &Device) -> Result<Tensor> {
-        let vocab = self
-            .vocab
-            .as_ref()
+        let cols = self
+            .id_columns()
             .ok_or_else(|| ModelError::InvalidInput("this tagger has no vocabulary: it takes encoder features".into()))?;
         let l = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
-        let unk = vocab.unk_id();
-        match &self.bigrams {
-            None => {
-                let mut flat = Vec::with_capacity(seqs.len() * l);
-                for s in seqs {
-                    flat.extend(s.iter().map(|c| vocab.id(c.as_ref())));
-                    flat.extend(std::iter::repeat_n(unk, l - s.len()));
-                }
-                Ok(Tensor::from_vec(flat, (seqs.len(), l), device)?)
-            }
-            Some(bigrams) => {
-                let bunk = bigrams.unk_id();
-                let mut flat = Vec::with_capacity(seqs.len() * l * 3);
-                for s in seqs {
-                    for (c, (left, right)) in s.iter().zip(bigrams.encode_bigrams(s)) {
-                        flat.extend([vocab.id(c.as_ref()), left, right]);
-                    }
-                    for _ in s.len()..l {
-                        flat.extend([unk, bunk, bunk]);
-                    }
-                }
-                Ok(Tensor::from_vec(flat, (seqs.len(), l, 3), device)?)
+        let pad = cols.padding();
+        let mut flat = Vec::with_capacity(seqs.len() * l * pad.len());
+        for s in seqs {
+            flat.extend(cols.encode(s));
+            for _ in s.len()..l {
+                flat.extend_from_slice(&pad);
             }
         }
+        Ok(match pad.len() {
+            1 => Tensor::from_vec(flat, (seqs.len(), l), device)?,
+            k => Tensor::from_vec(flat, (seqs.len(), l, k), device)?,
+        })
     }
 
     /// Emission scores `[B, L, num_tags]` (zero LSTM state at padding: the emission bias, plus
@@ -667,21 +779,38 @@ impl BiLstmCrf {
     pub fn forward(&self, input: &Tensor, lengths: &[usize], train: bool) -> Result<TaggerOutput> {
         let x = match (&self.embedding, self.cfg.input) {
             (Some(emb), InputKind::Embeddings) => {
-                let rank = if self.bigram_embedding.is_some() { 3 } else { 2 };
-                if input.rank() != rank || input.dtype().is_float() || (rank == 3 && input.dim(2)? != 3) {
-                    let want = if rank == 3 { "[batch, length, 3] (character, left bigram, right bigram)" } else { "[batch, length]" };
+                let cols = self.cfg.id_columns();
+                let rank = if cols > 1 { 3 } else { 2 };
+                if input.rank() != rank || input.dtype().is_float() || (rank == 3 && input.dim(2)? != cols) {
+                    let want = if rank == 3 {
+                        format!("[batch, length, {cols}] (character, then left and right bigram and one per lexicon class as the tagger has them)")
+                    } else {
+                        "[batch, length]".to_string()
+                    };
                     return Err(ModelError::InvalidInput(format!(
                         "this tagger takes token ids {want}; got {:?} {:?}",
                         input.dtype(),
                         input.dims()
                     )));
                 }
-                match &self.bigram_embedding {
-                    None => emb.forward(input)?,
-                    Some(bemb) => {
-                        let at = |k: usize| input.narrow(2, k, 1).and_then(|t| t.squeeze(2));
-                        Tensor::cat(&[emb.forward(&at(0)?)?, bemb.forward(&at(1)?)?, bemb.forward(&at(2)?)?], 2)?
+                if rank == 2 {
+                    emb.forward(input)?
+                } else {
+                    let at = |k: usize| input.narrow(2, k, 1).and_then(|t| t.squeeze(2));
+                    let mut parts = vec![emb.forward(&at(0)?)?];
+                    let mut next = 1;
+                    if let Some(bemb) = &self.bigram_embedding {
+                        parts.push(bemb.forward(&at(1)?)?);
+                        parts.push(bemb.forward(&at(2)?)?);
+                        next = 3;
                     }
+                    if let Some(lemb) = &self.lexicon_embedding {
+                        let (b, l, _) = input.dims3()?;
+                        let c = cols - next;
+                        let ids = input.narrow(2, next, c)?.contiguous()?;
+                        parts.push(lemb.forward(&ids)?.reshape((b, l, c * lemb.hidden_size()))?);
+                    }
+                    Tensor::cat(&parts, 2)?
                 }
             }
             _ => {
