@@ -96,9 +96,10 @@ async fn bad_input_gets_clear_statuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_character_tagger_runs_on_its_own_lane_with_exact_offsets() {
-    // The models crate's tiny random character taggers (characters alone, and with character
-    // bigrams): what they find is noise, but routing, batching and offsets are real.
-    for name in ["tagger-chars-tiny", "tagger-bigram-tiny"] {
+    // The models crate's tiny random character taggers (characters alone, with character
+    // bigrams, and with bigrams and lexicon features): what they find is noise, but routing,
+    // batching and offsets are real.
+    for name in ["tagger-chars-tiny", "tagger-bigram-tiny", "tagger-lexicon-tiny"] {
         let dir = common::repo_path(&format!("models/tests/fixtures/{name}"));
         let running = common::serve(&[&format!("--entity-model-dir={}", dir.display())]).await;
         let mut client = EntitiesClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
