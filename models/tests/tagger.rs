@@ -784,3 +784,25 @@ fn a_minimal_config_takes_the_defaults() {
     assert_eq!(cfg, TaggerConfig::encoder(384, 128, 9));
     assert_eq!((cfg.num_layers, cfg.dropout, cfg.unk_token()), (1, 0.0, "<unk>"));
 }
+
+/// The committed Chinese tagger (`checkpoints/entities-zh-msra`, trained by
+/// scripts/train-msra.sh) tags a person, a place and an organisation in sentences that are not
+/// in MSRA as their whole spans.
+#[test]
+fn the_committed_chinese_tagger_finds_people_places_and_organisations() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../checkpoints/entities-zh-msra");
+    let model = BiLstmCrf::load(&dir, &Device::Cpu, DType::F32).unwrap();
+    let texts = ["我明天要去上海出差。", "她毕业于北京大学，现在在联合国工作。", "邓小平是四川人。"];
+    let (ids, lens) = model.char_ids(&texts, &Device::Cpu).unwrap();
+    let paths = model.decode(&ids, &lens).unwrap();
+    let tagged: Vec<String> = texts
+        .iter()
+        .zip(&paths)
+        .map(|(t, p)| t.chars().zip(model.tag_names(&p.tags)).map(|(c, tag)| format!("{c}/{tag}")).collect::<Vec<_>>().join(" "))
+        .collect();
+    let has = |s: usize, span: &str| tagged[s].contains(span);
+    assert!(has(0, "上/B-LOC 海/E-LOC"), "{}", tagged[0]);
+    assert!(has(1, "北/B-ORG 京/M-ORG 大/M-ORG 学/E-ORG"), "{}", tagged[1]);
+    assert!(has(1, "联/B-ORG 合/M-ORG 国/E-ORG"), "{}", tagged[1]);
+    assert!(has(2, "邓/B-PER 小/M-PER 平/E-PER") && has(2, "四/B-LOC 川/E-LOC"), "{}", tagged[2]);
+}

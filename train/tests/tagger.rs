@@ -208,23 +208,44 @@ fn msra_over_characters_learns() {
     std::fs::remove_dir_all(&more).unwrap();
 }
 
+/// MSRA's training file, and its first 100 test sentences (blank-line separated) written beside
+/// `out` as `<out>.test.txt`; None, saying so, when the data is not fetched.
+fn msra_small(out: &Path) -> Option<(PathBuf, PathBuf)> {
+    let data = repo("model-store/data/msra/msra_train.txt");
+    let test = repo("model-store/data/msra/msra_test.txt");
+    if !data.is_file() || !test.is_file() {
+        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), test.display());
+        return None;
+    }
+    let small_test = out.with_extension("test.txt");
+    let text = std::fs::read_to_string(&test).unwrap();
+    let first: Vec<&str> = text.split("\n\n").take(100).collect();
+    std::fs::write(&small_test, first.join("\n\n") + "\n").unwrap();
+    Some((data, small_test))
+}
+
+/// eval-tagger (the serving code's ids) scores the checkpoint in `out` on `test` as its
+/// training run did (`training.json`).
+fn eval_agrees_with_training(out: &Path, test: &Path) {
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    let e = eval(&EvalTagger {
+        model: out.to_path_buf(),
+        format: concierge_train::tagger::Format::Msra,
+        test: test.to_path_buf(),
+        encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
+        predictions: None,
+    })
+    .unwrap();
+    assert_eq!(e.f1(), summary["test"]["f1"].as_f64().unwrap(), "eval-tagger and the training run score the checkpoint alike");
+}
+
 /// `--bigram-dim` (and `--embeddings-f16`): the character tagger also embeds the bigrams around each character; the
 /// checkpoint carries `bigrams.json` (with `<s>` / `</s>` bigrams from sentence ends), the loss
 /// falls, and eval-tagger scores the checkpoint as the run did.
 #[test]
 fn msra_with_character_bigrams_learns() {
-    let data = repo("model-store/data/msra/msra_train.txt");
-    let test = repo("model-store/data/msra/msra_test.txt");
-    if !data.is_file() || !test.is_file() {
-        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), test.display());
-        return;
-    }
     let out = std::env::temp_dir().join(format!("concierge-train-msra-bigram-{}", std::process::id()));
-    let small_test = out.with_extension("test.txt");
-    // The first 100 test sentences (blank-line separated).
-    let text = std::fs::read_to_string(&test).unwrap();
-    let first: Vec<&str> = text.split("\n\n").take(100).collect();
-    std::fs::write(&small_test, first.join("\n\n") + "\n").unwrap();
+    let Some((data, small_test)) = msra_small(&out) else { return };
     train(&args(&[
         "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
         format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=2".into(), "--hidden=32".into(),
@@ -246,16 +267,7 @@ fn msra_with_character_bigrams_learns() {
     // Most of MSRA's sentences end in "。", and "我" starts 32 of the first 420.
     assert_ne!(bigrams.id("。</s>"), bigrams.unk_id(), "a sentence-end bigram is in the vocabulary");
     assert_ne!(bigrams.id("<s>我"), bigrams.unk_id(), "a sentence-start bigram is in the vocabulary");
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
-    let e = eval(&EvalTagger {
-        model: out.clone(),
-        format: concierge_train::tagger::Format::Msra,
-        test: small_test.clone(),
-        encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
-        predictions: None,
-    })
-    .unwrap();
-    assert_eq!(e.f1(), summary["test"]["f1"].as_f64().unwrap(), "eval-tagger and the training run score the checkpoint alike");
+    eval_agrees_with_training(&out, &small_test);
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_file(&small_test).unwrap();
 }
@@ -266,19 +278,10 @@ fn msra_with_character_bigrams_learns() {
 /// (the serving code's ids) scores it as the run did.
 #[test]
 fn msra_with_pretrained_vectors_and_a_lexicon_learns() {
-    let data = repo("model-store/data/msra/msra_train.txt");
-    let test = repo("model-store/data/msra/msra_test.txt");
-    if !data.is_file() || !test.is_file() {
-        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), test.display());
-        return;
-    }
     let out = std::env::temp_dir().join(format!("concierge-train-msra-lexicon-{}", std::process::id()));
-    let small_test = out.with_extension("test.txt");
+    let Some((data, small_test)) = msra_small(&out) else { return };
     let vectors = out.with_extension("vec");
     let lexicon = out.with_extension("dict.txt");
-    let text = std::fs::read_to_string(&test).unwrap();
-    let first: Vec<&str> = text.split("\n\n").take(100).collect();
-    std::fs::write(&small_test, first.join("\n\n") + "\n").unwrap();
     // 8-wide vectors for a common character and for one MSRA never uses.
     let v_zhong: Vec<f32> = (0..8).map(|i| i as f32 * 0.25 - 1.0).collect();
     let v_rare: Vec<f32> = (0..8).map(|i| 0.5 - i as f32 * 0.125).collect();
@@ -308,16 +311,7 @@ fn msra_with_pretrained_vectors_and_a_lexicon_learns() {
     assert_eq!(lex.len(), 4, "one-character words are left out");
     assert_eq!(std::fs::read_to_string(out.join("lexicon.txt")).unwrap(), "中国\tword,place\n我们\tword\n新华社\tword,org\n邓小平\tword,person\n");
     assert_eq!(m.config().lstm_input_dim(), 8 + 4 * 4);
-    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
-    let e = eval(&EvalTagger {
-        model: out.clone(),
-        format: concierge_train::tagger::Format::Msra,
-        test: small_test.clone(),
-        encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
-        predictions: None,
-    })
-    .unwrap();
-    assert_eq!(e.f1(), summary["test"]["f1"].as_f64().unwrap(), "eval-tagger and the training run score the checkpoint alike");
+    eval_agrees_with_training(&out, &small_test);
     // Vectors of the wrong width are refused, naming the flag to change.
     let err = train(&args(&[
         "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
