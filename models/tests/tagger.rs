@@ -226,6 +226,42 @@ fn an_intent_aware_tagger_matches_its_reference() {
     assert_eq!(best, intents);
 }
 
+/// A character tagger fixture whose `reference.json` holds texts and their per-character ids:
+/// the reference ids give the reference emissions and Viterbi paths, `char_ids` makes exactly
+/// those ids from the texts (`pad` at each padding position), and they decode to the same paths.
+fn check_char_fixture(what: &str, model: &BiLstmCrf, dir: &Path, r: &Reference, dev: &Device, pad: &[i64]) {
+    let (x, lengths) = (r.input(), r.lengths.clone());
+    check_close(&format!("{what} emissions"), &model.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
+    let paths: Vec<Vec<u32>> = model.decode(&x, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
+    assert_eq!(paths, r.rows("paths"), "{what} viterbi paths");
+    let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
+    let texts: Vec<&str> = json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+    let (ids, lens) = model.char_ids(&texts, dev).unwrap();
+    assert_eq!(lens, lengths);
+    let again: Vec<Vec<u32>> = model.decode(&ids, &lens).unwrap().into_iter().map(|p| p.tags).collect();
+    assert_eq!(again, r.rows("paths"), "{what}: the texts through char_ids");
+    let ids = ids.to_dtype(DType::I64).unwrap().to_vec3::<i64>().unwrap();
+    for (s, want) in json["ids"].as_array().unwrap().iter().enumerate() {
+        let want: Vec<Vec<i64>> = serde_json::from_value(want.clone()).unwrap();
+        assert_eq!(ids[s][..lens[s]], want[..], "{what}: text {s}");
+        assert!(ids[s][lens[s]..].iter().all(|p| p == pad), "{what}: padding of text {s}: {:?}", &ids[s][lens[s]..]);
+    }
+}
+
+/// Saves `model`, reloads it (`check` sees the reloaded model and the folder) to the reference
+/// emissions, then removes `file` from the folder: the load must fail naming it.
+fn check_round_trip_needs(file: &str, model: &BiLstmCrf, r: &Reference, dev: &Device, check: impl Fn(&BiLstmCrf, &Path)) {
+    let out_dir = tmp_dir(file);
+    model.save(&out_dir).unwrap();
+    let again = BiLstmCrf::load(&out_dir, dev, DType::F32).unwrap();
+    check(&again, &out_dir);
+    check_close(&format!("emissions reloaded ({file})"), &again.forward_emissions(&r.input(), &r.lengths).unwrap(), &r.t["emissions"]);
+    std::fs::remove_file(out_dir.join(file)).unwrap();
+    let err = BiLstmCrf::load(&out_dir, dev, DType::F32).unwrap_err().to_string();
+    assert!(err.contains(file), "{err}");
+    let _ = std::fs::remove_dir_all(&out_dir);
+}
+
 /// Character bigrams (`bigram_vocab_size`, `bigram_dim`): emissions and Viterbi paths against
 /// scripts/make_tagger_bigram_fixture.py (NumPy in float64, its BiLSTM first checked against
 /// tagger-chars-tiny's PyTorch reference), packed and unpacked; `char_ids` gives the reference's
@@ -240,43 +276,17 @@ fn a_character_bigram_tagger_matches_its_reference() {
         let r = Reference::load(&dir, &dev);
         let (x, lengths) = (r.input(), r.lengths.clone());
         assert_eq!(x.dims(), &[5, 7, 3]);
-        check_close("bigram emissions", &model.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
-        let paths: Vec<Vec<u32>> = model.decode(&x, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
-        assert_eq!(paths, r.rows("paths"), "bigram viterbi paths");
+        check_char_fixture("bigram", &model, &dir, &r, &dev, &[1, 0, 0]);
         let path = dir.join("model.safetensors");
         // SAFETY: a read-only map of a fixture file.
         let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[&path], DType::F32, &dev) }.unwrap();
         let built = BiLstmCrf::new(vb, model.config(), model.tags().to_vec()).unwrap();
         check_close("bigram emissions, unpacked", &built.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
-
-        // The texts' ids as the server makes them (padding: unknown character and bigram).
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-        let texts: Vec<&str> = json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-        let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
-        assert_eq!(lens, lengths);
-        let ids = ids.to_dtype(DType::I64).unwrap().to_vec3::<i64>().unwrap();
-        for (s, want) in json["ids"].as_array().unwrap().iter().enumerate() {
-            let want: Vec<Vec<i64>> = serde_json::from_value(want.clone()).unwrap();
-            assert_eq!(ids[s][..lens[s]], want[..], "text {s}");
-            assert!(ids[s][lens[s]..].iter().all(|p| p == &[1, 0, 0]), "padding of text {s}: {:?}", &ids[s][lens[s]..]);
-        }
-        // Through char_ids, the texts decode to the reference paths.
-        let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
-        let again: Vec<Vec<u32>> = model.decode(&ids, &lens).unwrap().into_iter().map(|p| p.tags).collect();
-        assert_eq!(again, r.rows("paths"));
         // Character ids alone are refused, saying what it takes.
         let err = model.forward_emissions(&x.narrow(2, 0, 1).unwrap().squeeze(2).unwrap(), &lengths).unwrap_err().to_string();
         assert!(err.contains("[batch, length, 3]"), "{err}");
 
-        let out_dir = tmp_dir("bigram");
-        model.save(&out_dir).unwrap();
-        let again = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap();
-        assert_eq!(again.bigrams(), model.bigrams());
-        check_close("bigram emissions, reloaded", &again.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
-        std::fs::remove_file(out_dir.join("bigrams.json")).unwrap();
-        let err = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap_err().to_string();
-        assert!(err.contains("bigrams.json"), "{err}");
-        let _ = std::fs::remove_dir_all(&out_dir);
+        check_round_trip_needs("bigrams.json", &model, &r, &dev, |again, _| assert_eq!(again.bigrams(), model.bigrams()));
     }
     // A bigram table needs both fields, positive, and embeddings input.
     let mut cfg = TaggerConfig::encoder(12, 8, 7);
@@ -297,38 +307,16 @@ fn a_lexicon_feature_tagger_matches_its_reference() {
         let r = Reference::load(&dir, &dev);
         let (x, lengths) = (r.input(), r.lengths.clone());
         assert_eq!(x.dims(), &[5, 7, 5]);
-        check_close("lexicon emissions", &model.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
-        let paths: Vec<Vec<u32>> = model.decode(&x, &lengths).unwrap().into_iter().map(|p| p.tags).collect();
-        assert_eq!(paths, r.rows("paths"), "lexicon viterbi paths");
-
-        // The texts' ids as the server makes them: the matcher agrees with the script's own.
-        let json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap()).unwrap();
-        let texts: Vec<&str> = json["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-        let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
-        assert_eq!(lens, lengths);
-        let ids = ids.to_dtype(DType::I64).unwrap().to_vec3::<i64>().unwrap();
-        for (s, want) in json["ids"].as_array().unwrap().iter().enumerate() {
-            let want: Vec<Vec<i64>> = serde_json::from_value(want.clone()).unwrap();
-            assert_eq!(ids[s][..lens[s]], want[..], "text {s}");
-            assert!(ids[s][lens[s]..].iter().all(|p| p == &[1, 0, 0, 0, 8]), "padding of text {s}: {:?}", &ids[s][lens[s]..]);
-        }
-        let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
-        let again: Vec<Vec<u32>> = model.decode(&ids, &lens).unwrap().into_iter().map(|p| p.tags).collect();
-        assert_eq!(again, r.rows("paths"));
+        // The matcher's ids agree with the script's own.
+        check_char_fixture("lexicon", &model, &dir, &r, &dev, &[1, 0, 0, 0, 8]);
         // Without the lexicon columns the input is refused, saying what it takes.
         let err = model.forward_emissions(&x.narrow(2, 0, 3).unwrap(), &lengths).unwrap_err().to_string();
         assert!(err.contains("[batch, length, 5]"), "{err}");
 
-        let out_dir = tmp_dir("lexicon");
-        model.save(&out_dir).unwrap();
-        assert_eq!(std::fs::read(out_dir.join("lexicon.txt")).unwrap(), std::fs::read(dir.join("lexicon.txt")).unwrap());
-        let again = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap();
-        assert_eq!(again.lexicon(), model.lexicon());
-        check_close("lexicon emissions, reloaded", &again.forward_emissions(&x, &lengths).unwrap(), &r.t["emissions"]);
-        std::fs::remove_file(out_dir.join("lexicon.txt")).unwrap();
-        let err = BiLstmCrf::load(&out_dir, &dev, DType::F32).unwrap_err().to_string();
-        assert!(err.contains("lexicon.txt"), "{err}");
-        let _ = std::fs::remove_dir_all(&out_dir);
+        check_round_trip_needs("lexicon.txt", &model, &r, &dev, |again, out_dir| {
+            assert_eq!(std::fs::read(out_dir.join("lexicon.txt")).unwrap(), std::fs::read(dir.join("lexicon.txt")).unwrap());
+            assert_eq!(again.lexicon(), model.lexicon());
+        });
     }
     // Lexicon features need both fields and embeddings input.
     let mut cfg = TaggerConfig::encoder(12, 8, 7);
