@@ -3,6 +3,7 @@
 //! Sequence `s` owns rows `[start_s, start_s + lens[s])`; attention never crosses sequences.
 //! Work is split per (sequence, head); each task copies its K and V slices into contiguous
 //! buffers so the dot products and the weighted sums run over unit-stride vectors.
+//! An optional relative-position bias (MPNet's, T5's) is added to the scaled scores.
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
@@ -11,9 +12,24 @@ use crate::activation::exp;
 struct VarlenAttention {
     lens: Vec<usize>,
     heads: usize,
+    bias: Option<RelativeBias>,
+}
+
+/// A bias added to the scaled score of query `i` against key `j` of the same sequence that
+/// depends only on the head and on `j - i`: `table[head * (2 * span - 1) + (span - 1 + j - i)]`,
+/// with `span` at least the longest sequence.
+#[derive(Debug, Clone)]
+pub struct RelativeBias {
+    pub table: Vec<f32>,
+    pub span: usize,
 }
 
 pub fn varlen_self_attention(qkv: &Tensor, lens: &[usize], heads: usize) -> Result<Tensor> {
+    varlen_self_attention_biased(qkv, lens, heads, None)
+}
+
+/// [`varlen_self_attention`] with a relative-position bias on the scores.
+pub fn varlen_self_attention_biased(qkv: &Tensor, lens: &[usize], heads: usize, bias: Option<RelativeBias>) -> Result<Tensor> {
     let (t, h3) = qkv.dims2()?;
     if h3 % (3 * heads) != 0 {
         candle_core::bail!("qkv width {h3} is not 3 * heads ({heads}) * head_dim");
@@ -21,7 +37,17 @@ pub fn varlen_self_attention(qkv: &Tensor, lens: &[usize], heads: usize) -> Resu
     if lens.iter().sum::<usize>() != t {
         candle_core::bail!("sequence lengths add up to {}, qkv has {t} rows", lens.iter().sum::<usize>());
     }
-    qkv.apply_op1_no_bwd(&VarlenAttention { lens: lens.to_vec(), heads })
+    if let Some(b) = &bias {
+        let longest = lens.iter().copied().max().unwrap_or(0);
+        if b.span < longest || b.table.len() != heads * (2 * b.span).saturating_sub(1) {
+            candle_core::bail!(
+                "relative bias of {} values for span {} and {heads} heads; sequences up to {longest}",
+                b.table.len(),
+                b.span
+            );
+        }
+    }
+    qkv.apply_op1_no_bwd(&VarlenAttention { lens: lens.to_vec(), heads, bias })
 }
 
 impl CustomOp1 for VarlenAttention {
@@ -43,6 +69,7 @@ impl CustomOp1 for VarlenAttention {
         }
         let out_ptr = out.as_mut_ptr() as usize;
         let heads = self.heads;
+        let bias = self.bias.as_ref().map(|b| (b.table.as_slice(), b.span));
         // Heads per task: all of a sequence's when there are enough sequences to share out,
         // else fewer, so that there are at least 4 tasks per thread.
         let want = 4 * rayon::current_num_threads();
@@ -54,7 +81,7 @@ impl CustomOp1 for VarlenAttention {
             let rows = &src[start * h3..(start + len) * h3];
             let out = (out_ptr as *mut f32).wrapping_add(start * h);
             // SAFETY: each task writes only its heads' columns of its own sequence's rows.
-            unsafe { heads_attention(rows, len, h, d, g * group, group, out) }
+            unsafe { heads_attention(rows, len, h, d, g * group, group, bias, out) }
         };
         (0..self.lens.len() * groups).into_par_iter().for_each(task);
         Ok((CpuStorage::F32(out), Shape::from((t, h))))
@@ -65,14 +92,18 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
+/// A relative bias table and its span (see [`RelativeBias`]).
+type Bias<'a> = Option<(&'a [f32], usize)>;
+
 /// Heads `[head0, head0 + group)` of one sequence.
-unsafe fn heads_attention(rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, out: *mut f32) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn heads_attention(rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, bias: Bias, out: *mut f32) {
     SCRATCH.with_borrow_mut(|buf| {
         #[cfg(target_arch = "x86_64")]
         if std::is_x86_feature_detected!("avx512f") && !crate::portable_only() {
-            return heads_attention_avx512(rows, len, h, d, head0, group, out, buf);
+            return heads_attention_avx512(rows, len, h, d, head0, group, bias, out, buf);
         }
-        heads_attention_generic::<false>(rows, len, h, d, head0, group, out, buf)
+        heads_attention_generic::<false>(rows, len, h, d, head0, group, bias, out, buf)
     })
 }
 
@@ -80,9 +111,9 @@ unsafe fn heads_attention(rows: &[f32], len: usize, h: usize, d: usize, head0: u
 #[target_feature(enable = "avx512f,fma")]
 #[allow(clippy::too_many_arguments)]
 unsafe fn heads_attention_avx512(
-    rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, out: *mut f32, buf: &mut Vec<f32>,
+    rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, bias: Bias, out: *mut f32, buf: &mut Vec<f32>,
 ) {
-    heads_attention_generic::<true>(rows, len, h, d, head0, group, out, buf)
+    heads_attention_generic::<true>(rows, len, h, d, head0, group, bias, out, buf)
 }
 
 /// Scores of `QB` queries against `16 * NB` keys, written to `sc` (queries `lp` apart):
@@ -157,7 +188,7 @@ const L: usize = 16;
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 unsafe fn heads_attention_generic<const F: bool>(
-    rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, out: *mut f32, buf: &mut Vec<f32>,
+    rows: &[f32], len: usize, h: usize, d: usize, head0: usize, group: usize, bias: Bias, out: *mut f32, buf: &mut Vec<f32>,
 ) {
     let h3 = 3 * h;
     let scale = 1.0 / (d as f32).sqrt();
@@ -225,6 +256,13 @@ unsafe fn heads_attention_generic<const F: bool>(
             let mut inv = [0f32; QB];
             for qi in 0..QB {
                 let s = &mut sc[qi * lp..(qi + 1) * lp];
+                if let Some((table, span)) = bias {
+                    let i = (i0 + qi).min(len - 1);
+                    let from = head * (2 * span - 1) + span - 1 - i;
+                    for (x, &b) in s[..len].iter_mut().zip(&table[from..from + len]) {
+                        *x += b;
+                    }
+                }
                 s[len..].fill(f32::NEG_INFINITY);
                 let max = max16(s);
                 for x in s.iter_mut() {

@@ -101,8 +101,9 @@ fn layer_norm_matches_candle_nn() -> Result<()> {
     Ok(())
 }
 
-/// Attention per sequence with plain candle ops.
-fn attention_reference(qkv: &Tensor, lens: &[usize], heads: usize) -> Result<Tensor> {
+/// Attention per sequence with plain candle ops, with an optional relative bias
+/// (`[heads, 2 * span - 1]`, see `attention::RelativeBias`).
+fn attention_reference(qkv: &Tensor, lens: &[usize], heads: usize, bias: Option<(&Tensor, usize)>) -> Result<Tensor> {
     let (_, h3) = qkv.dims2()?;
     let (h, d) = (h3 / 3, h3 / 3 / heads);
     let mut outs = Vec::new();
@@ -111,7 +112,12 @@ fn attention_reference(qkv: &Tensor, lens: &[usize], heads: usize) -> Result<Ten
         let x = qkv.narrow(0, start, len)?.reshape((len, 3, heads, d))?;
         let part = |i: usize| -> Result<Tensor> { Ok(x.narrow(1, i, 1)?.squeeze(1)?.transpose(0, 1)?.contiguous()?) };
         let (q, k, v) = (part(0)?, part(1)?, part(2)?);
-        let scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let mut scores = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        if let Some((table, span)) = bias {
+            // Row i of the bias is table[:, span - 1 - i .. span - 1 - i + len].
+            let rows = (0..len).map(|i| table.narrow(1, span - 1 - i, len)).collect::<candle_core::Result<Vec<_>>>()?;
+            scores = (scores + Tensor::stack(&rows, 1)?)?;
+        }
         let p = candle_nn::ops::softmax(&scores, D::Minus1)?;
         outs.push(p.matmul(&v)?.transpose(0, 1)?.reshape((len, h))?);
         start += len;
@@ -125,9 +131,19 @@ fn varlen_attention_matches_candle() -> Result<()> {
         let t: usize = lens.iter().sum();
         let qkv = (rand(&[t, 3 * heads * d])? * 2.0)?;
         let got = attention::varlen_self_attention(&qkv, &lens, heads)?;
-        let want = attention_reference(&qkv, &lens, heads)?;
+        let want = attention_reference(&qkv, &lens, heads, None)?;
         check(&format!("attention {lens:?} {heads}x{d}"), &got, &want, 1e-5)?;
+        // With a relative bias, the span longer than needed (its unused ends must not matter).
+        let span = lens.iter().max().unwrap() + 3;
+        let table = (rand(&[heads, 2 * span - 1])? * 4.0)?;
+        let bias = attention::RelativeBias { table: table.flatten_all()?.to_vec1::<f32>()?, span };
+        let got = attention::varlen_self_attention_biased(&qkv, &lens, heads, Some(bias))?;
+        let want = attention_reference(&qkv, &lens, heads, Some((&table, span)))?;
+        check(&format!("biased attention {lens:?} {heads}x{d}"), &got, &want, 1e-5)?;
     }
+    let qkv = rand(&[10, 3 * 4 * 8])?;
+    let short = attention::RelativeBias { table: vec![0.0; 4 * 9], span: 5 };
+    assert!(attention::varlen_self_attention_biased(&qkv, &[4, 6], 4, Some(short)).is_err(), "a span under the longest sequence is refused");
     Ok(())
 }
 

@@ -8,12 +8,96 @@
 //! Weights are named as in PyTorch's `transformers.BertModel` (`embeddings.word_embeddings`,
 //! `encoder.layer.N.attention.self.query`, ...), with or without the `bert.` prefix that task
 //! checkpoints carry. candle-transformers' `BertModel` is the reference it is tested against.
+//!
+//! The same code runs MPNet (Song et al., 2020; `model_type: "mpnet"`, e.g. all-mpnet-base-v2),
+//! which is BERT's post-LN layer with three differences: no token-type embeddings, positions
+//! counted from `pad_token_id + 1`, and a learned relative-position bias (32 buckets per head,
+//! `encoder.relative_attention_bias`) added to every layer's attention scores. Its weights keep
+//! `transformers.MPNetModel`'s names (`encoder.layer.N.attention.attn.q`, ...);
+//! `scripts/make_mpnet_fixture.py` is the NumPy reference it is tested against.
+use std::path::Path;
+
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use concierge_kernels::attention::RelativeBias;
 use concierge_kernels::linear::{Act, PackedLinear};
 pub use candle_transformers::models::bert::{Config, HiddenAct, PositionEmbeddingType};
 
 use crate::error::{ModelError, Result};
+
+/// MPNet's relative-position buckets and the distance past which they stop growing
+/// (`transformers`' `MPNetEncoder`; the only values its checkpoints use).
+const MPNET_BUCKETS: usize = 32;
+const MPNET_MAX_DISTANCE: usize = 128;
+
+/// Whether `cfg` describes an MPNet checkpoint (rather than BERT or RoBERTa).
+pub fn is_mpnet(cfg: &Config) -> bool {
+    cfg.model_type.as_deref() == Some("mpnet")
+}
+
+/// Reads a BERT or MPNet `config.json`. MPNet's has no `type_vocab_size` (it has no token
+/// types: one all-zero type row stands in) and names its bucket count, which must be 32.
+pub fn read_config(path: &Path) -> Result<Config> {
+    let bad = |reason: String| ModelError::BadFile { path: path.to_owned(), reason };
+    let mut value: serde_json::Value = crate::encoder::read_json(path, "a BERT or MPNet config.json")?;
+    if value.get("model_type").and_then(|t| t.as_str()) == Some("mpnet") {
+        let buckets = value.get("relative_attention_num_buckets").and_then(|b| b.as_u64()).unwrap_or(MPNET_BUCKETS as u64);
+        if buckets != MPNET_BUCKETS as u64 {
+            return Err(bad(format!("relative_attention_num_buckets {buckets}: MPNet checkpoints use {MPNET_BUCKETS}")));
+        }
+        if let Some(map) = value.as_object_mut() {
+            map.entry("type_vocab_size").or_insert(1.into());
+        }
+    }
+    serde_json::from_value(value).map_err(|e| bad(format!("expected a BERT or MPNet config.json (hidden_size, num_attention_heads, ...): {e}")))
+}
+
+/// `transformers`' `MPNetEncoder.relative_position_bucket` for one key-minus-query offset.
+/// Bucket edges fall where `ln(n / 8) / ln(16) * 8` is a whole number; PyTorch's float32
+/// arithmetic lands on them exactly (n = 16, 32, 64), so this computes in f64 with a nudge of
+/// 1e-9 against f64's own rounding there.
+pub fn mpnet_bucket(relative: i64) -> usize {
+    let half = (MPNET_BUCKETS / 2) as i64;
+    let max_exact = half / 2;
+    let n = -relative;
+    let side = if n < 0 { half } else { 0 };
+    let n = n.abs();
+    let within = if n < max_exact {
+        n
+    } else {
+        let log_ratio = (n as f64 / max_exact as f64).ln() / (MPNET_MAX_DISTANCE as f64 / max_exact as f64).ln();
+        (max_exact + (log_ratio * (half - max_exact) as f64 + 1e-9) as i64).min(half - 1)
+    };
+    (side + within) as usize
+}
+
+/// MPNet's learned relative bias (`[buckets, heads]`), expanded per batch for the attention
+/// kernel.
+struct RelativeTable {
+    /// `[buckets][heads]`, f32.
+    weight: Vec<f32>,
+    heads: usize,
+}
+
+impl RelativeTable {
+    fn load(vb: &VarBuilder, heads: usize) -> Result<Self> {
+        let w = vb.get((MPNET_BUCKETS, heads), "encoder.relative_attention_bias.weight")?;
+        Ok(Self { weight: w.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?, heads })
+    }
+
+    /// The bias of every offset between sequences of up to `span` tokens.
+    fn expand(&self, span: usize) -> RelativeBias {
+        let width = 2 * span - 1;
+        let mut table = vec![0f32; self.heads * width];
+        for k in 0..width {
+            let bucket = mpnet_bucket(k as i64 - (span as i64 - 1));
+            for h in 0..self.heads {
+                table[h * width + k] = self.weight[bucket * self.heads + h];
+            }
+        }
+        RelativeBias { table, span }
+    }
+}
 
 struct LayerNorm {
     weight: Tensor,
@@ -109,31 +193,56 @@ pub struct BertLayers {
     first: usize,
     act: HiddenAct,
     heads: usize,
+    /// MPNet's relative-position bias, shared by its layers.
+    relative: Option<RelativeTable>,
 }
 
 impl BertLayers {
     /// Layers `range` of `cfg`, from a VarBuilder at the model root (`encoder.layer.N...`, with
     /// or without the `bert.` prefix).
+    /// MPNet's layers (`cfg.model_type == "mpnet"`) read `encoder.layer.N.attention.attn.*` and
+    /// the shared `encoder.relative_attention_bias`, with or without the `mpnet.` prefix.
     pub fn load(vb: VarBuilder, cfg: &Config, range: std::ops::Range<usize>) -> Result<Self> {
-        let probe = format!("encoder.layer.{}.attention.self.query.weight", range.start);
-        let vb = if vb.contains_tensor(&probe) { vb } else { vb.pp("bert") };
+        let mpnet = is_mpnet(cfg);
+        let probe = match mpnet {
+            true => format!("encoder.layer.{}.attention.attn.q.weight", range.start),
+            false => format!("encoder.layer.{}.attention.self.query.weight", range.start),
+        };
+        let vb = match (vb.contains_tensor(&probe), mpnet) {
+            (true, _) => vb,
+            (false, true) => vb.pp("mpnet"),
+            (false, false) => vb.pp("bert"),
+        };
         let h = cfg.hidden_size;
         let first = range.start;
+        let relative = if mpnet { Some(RelativeTable::load(&vb, cfg.num_attention_heads)?) } else { None };
         let layers = range
             .map(|i| {
                 let l = vb.pp(format!("encoder.layer.{i}"));
                 let a = l.pp("attention");
+                let (qkv, attn_out, attn_ln) = match mpnet {
+                    true => (
+                        Linear::load_fused(&[a.pp("attn.q"), a.pp("attn.k"), a.pp("attn.v")], h, h)?,
+                        Linear::load(a.pp("attn.o"), h, h)?,
+                        LayerNorm::load(a.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+                    ),
+                    false => (
+                        Linear::load_fused(&[a.pp("self.query"), a.pp("self.key"), a.pp("self.value")], h, h)?,
+                        Linear::load(a.pp("output.dense"), h, h)?,
+                        LayerNorm::load(a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                    ),
+                };
                 Ok(Layer {
-                    qkv: Linear::load_fused(&[a.pp("self.query"), a.pp("self.key"), a.pp("self.value")], h, h)?,
-                    attn_out: Linear::load(a.pp("output.dense"), h, h)?,
-                    attn_ln: LayerNorm::load(a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                    qkv,
+                    attn_out,
+                    attn_ln,
                     inter: Linear::load(l.pp("intermediate.dense"), h, cfg.intermediate_size)?,
                     out: Linear::load(l.pp("output.dense"), cfg.intermediate_size, h)?,
                     out_ln: LayerNorm::load(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { layers, first, act: cfg.hidden_act, heads: cfg.num_attention_heads })
+        Ok(Self { layers, first, act: cfg.hidden_act, heads: cfg.num_attention_heads, relative })
     }
 
     /// Index of the first layer (what a branch continues from).
@@ -193,7 +302,8 @@ impl BertLayers {
             // bf16's 8-bit mantissa rounds attention scores too coarsely (a score of 10 moves by
             // 0.06 before the softmax): bf16 attention runs in f32, f16 stays in f16.
             let attn_dtype = if weights == DType::BF16 { DType::F32 } else { weights };
-            let attention = Attention::new(lens, self.heads, x.device(), attn_dtype)?;
+            let bias = self.relative.as_ref().map(|r| r.expand(lens.iter().copied().max().unwrap_or(1)));
+            let attention = Attention::new(lens, self.heads, x.device(), attn_dtype, bias)?;
             for (n, layer) in self.layers.iter().enumerate().take(last) {
                 if weights == DType::F32 {
                     let qkv = layer.qkv.forward(&x, None, None)?;
@@ -227,7 +337,10 @@ impl BertLayers {
 pub struct BertEncoder {
     word: Tensor,
     position: Tensor,
-    token_type: Tensor,
+    /// MPNet: `None` (no token types).
+    token_type: Option<Tensor>,
+    /// Position of a sequence's first token: 0 for BERT, `pad_token_id + 1` for MPNet.
+    position_offset: usize,
     emb_ln: LayerNorm,
     layers: BertLayers,
     hidden: usize,
@@ -253,19 +366,30 @@ impl BertEncoder {
                 cfg.hidden_size, cfg.num_attention_heads
             )));
         }
-        // Task checkpoints (BertForSequenceClassification, ...) nest the encoder under `bert.`.
-        let vb = if vb.contains_tensor("embeddings.word_embeddings.weight") { vb } else { vb.pp("bert") };
+        // Task checkpoints (BertForSequenceClassification, ...) nest the encoder under `bert.`
+        // (`mpnet.` for MPNet's).
+        let mpnet = is_mpnet(cfg);
+        let vb = match (vb.contains_tensor("embeddings.word_embeddings.weight"), mpnet) {
+            (true, _) => vb,
+            (false, true) => vb.pp("mpnet"),
+            (false, false) => vb.pp("bert"),
+        };
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");
         let layers = BertLayers::load(vb.clone(), cfg, 0..cfg.num_hidden_layers)?;
+        let position_offset = if mpnet { cfg.pad_token_id + 1 } else { 0 };
         Ok(Self {
             word: e.get((cfg.vocab_size, h), "word_embeddings.weight")?,
             position: e.get((cfg.max_position_embeddings, h), "position_embeddings.weight")?,
-            token_type: e.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?,
+            token_type: match mpnet {
+                true => None,
+                false => Some(e.get((cfg.type_vocab_size, h), "token_type_embeddings.weight")?),
+            },
+            position_offset,
             emb_ln: LayerNorm::load(e.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
             layers,
             hidden: h,
-            max_positions: cfg.max_position_embeddings,
+            max_positions: cfg.max_position_embeddings.saturating_sub(position_offset),
             span: tracing::span!(tracing::Level::TRACE, "bert"),
         })
     }
@@ -334,16 +458,25 @@ impl BertEncoder {
         if let Some(&t) = taps.iter().find(|&&t| t > self.layers.len()) {
             return Err(ModelError::Unsupported(format!("tap after layer {t}: the encoder has {}", self.layers.len())));
         }
-        let positions: Vec<u32> = batch.lens.iter().flat_map(|&l| 0..l as u32).collect();
-        let x = if fast_cpu(&self.word) {
-            let (ids, types) = (batch.ids, batch.type_ids);
-            concierge_kernels::embedding::embedding_sum(&self.word, &self.position, &self.token_type, ids, &positions, types)?
-        } else {
-            let ids = Tensor::new(batch.ids, dev)?;
-            let types = Tensor::new(batch.type_ids, dev)?;
-            let positions = Tensor::new(positions, dev)?;
-            (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
-                .add(&self.token_type.index_select(&types, 0)?)?
+        let off = self.position_offset as u32;
+        let positions: Vec<u32> = batch.lens.iter().flat_map(|&l| off..off + l as u32).collect();
+        let x = match &self.token_type {
+            Some(token_type) if fast_cpu(&self.word) => {
+                let (ids, types) = (batch.ids, batch.type_ids);
+                concierge_kernels::embedding::embedding_sum(&self.word, &self.position, token_type, ids, &positions, types)?
+            }
+            Some(token_type) => {
+                let ids = Tensor::new(batch.ids, dev)?;
+                let types = Tensor::new(batch.type_ids, dev)?;
+                let positions = Tensor::new(positions, dev)?;
+                (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
+                    .add(&token_type.index_select(&types, 0)?)?
+            }
+            None => {
+                let ids = Tensor::new(batch.ids, dev)?;
+                let positions = Tensor::new(positions, dev)?;
+                (self.word.index_select(&ids, 0)? + self.position.index_select(&positions, 0)?)?
+            }
         };
         let x = self.emb_ln.forward(&x.to_dtype(DType::F32)?)?;
         self.layers.forward_inner(x, batch.lens, taps, stop)
@@ -354,15 +487,18 @@ impl BertEncoder {
 struct Attention<'a> {
     lens: &'a [usize],
     heads: usize,
+    /// MPNet's relative bias, for the fused kernel.
+    bias: Option<RelativeBias>,
     /// For the padded path: which packed row fills each padded slot, and which padded slots
-    /// hold real tokens; plus the additive key mask `[B, 1, 1, L]`.
+    /// hold real tokens; plus the additive mask, `[B, 1, 1, L]` (with a relative bias
+    /// `[B, heads, L, L]`).
     padded: Option<(Tensor, Tensor, Tensor)>,
 }
 
 impl<'a> Attention<'a> {
-    fn new(lens: &'a [usize], heads: usize, dev: &Device, dtype: DType) -> Result<Self> {
+    fn new(lens: &'a [usize], heads: usize, dev: &Device, dtype: DType, bias: Option<RelativeBias>) -> Result<Self> {
         if dev.is_cpu() && dtype == DType::F32 {
-            return Ok(Self { lens, heads, padded: None });
+            return Ok(Self { lens, heads, bias, padded: None });
         }
         let b = lens.len();
         let l = *lens.iter().max().unwrap_or(&1);
@@ -379,15 +515,27 @@ impl<'a> Attention<'a> {
             }
             start += len as u32;
         }
-        let mask = Tensor::from_vec(mask, (b, 1, 1, l), dev)?;
-        Ok(Self { lens, heads, padded: Some((Tensor::new(gather, dev)?, Tensor::new(keep, dev)?, mask)) })
+        let mut mask = Tensor::from_vec(mask, (b, 1, 1, l), dev)?;
+        if let Some(bias) = &bias {
+            // Row i of head h: the table's offsets j - i for j in 0..l.
+            let width = 2 * bias.span - 1;
+            let mut rel = Vec::with_capacity(heads * l * l);
+            for h in 0..heads {
+                for i in 0..l {
+                    let from = h * width + bias.span - 1 - i;
+                    rel.extend_from_slice(&bias.table[from..from + l]);
+                }
+            }
+            mask = Tensor::from_vec(rel, (1, heads, l, l), dev)?.broadcast_add(&mask)?;
+        }
+        Ok(Self { lens, heads, bias: None, padded: Some((Tensor::new(gather, dev)?, Tensor::new(keep, dev)?, mask)) })
     }
 
     fn forward(&self, qkv: &Tensor) -> Result<Tensor> {
         let (_, h3) = qkv.dims2()?;
         let h = h3 / 3;
         let Some((gather, keep, mask)) = &self.padded else {
-            return Ok(concierge_kernels::attention::varlen_self_attention(qkv, self.lens, self.heads)?);
+            return Ok(concierge_kernels::attention::varlen_self_attention_biased(qkv, self.lens, self.heads, self.bias.clone())?);
         };
         let (b, d) = (self.lens.len(), h / self.heads);
         let l = gather.dim(0)? / b;

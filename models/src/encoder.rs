@@ -82,10 +82,10 @@ impl TextEncoder {
         dtype: DType,
         max_input_tokens: Option<usize>,
     ) -> Result<Self> {
-        let cfg: Config = read_json(&ckpt.config, "a BERT config.json (hidden_size, num_attention_heads, ...)")?;
-        if let Some(t) = cfg.model_type.as_deref().filter(|t| !matches!(*t, "bert" | "roberta" | "xlm-roberta")) {
+        let cfg: Config = crate::bert::read_config(&ckpt.config)?;
+        if let Some(t) = cfg.model_type.as_deref().filter(|t| !matches!(*t, "bert" | "roberta" | "xlm-roberta" | "mpnet")) {
             return Err(ModelError::Unsupported(format!(
-                "{}: model_type \"{t}\"; this encoder runs BERT checkpoints",
+                "{}: model_type \"{t}\"; this encoder runs BERT and MPNet checkpoints",
                 ckpt.config.display()
             )));
         }

@@ -177,7 +177,7 @@ impl IntentModel {
         let branch = match config.branch_from {
             None => None,
             Some(from) => {
-                let bert: BertConfig = read_json(&dir.join("encoder_config.json"), "the encoder's config.json (branch layers)")?;
+                let bert: BertConfig = crate::bert::read_config(&dir.join("encoder_config.json"))?;
                 if bert.hidden_size != config.input_dim {
                     return Err(ModelError::BadFile {
                         path: dir.join("encoder_config.json"),

@@ -24,7 +24,7 @@ use concierge_models::intent::{is_out_of_scope_name, EncoderRef, IntentConfig, I
 use concierge_models::{ImageEncoder, ModelSource, TextEncoder, TokenizedText};
 use serde::{Deserialize, Serialize};
 
-use crate::layers::{encoder_weight, pad_rows, Dense, Dropout, TrainLayer};
+use crate::layers::{encoder_weight, pad_rows, Dense, Dropout, RelativeBias, TrainLayer};
 use crate::rng::Rng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -361,6 +361,7 @@ impl Featurizer {
 
 struct Trainable {
     layers: Vec<TrainLayer>,
+    relative: Option<RelativeBias>,
     fusion: Option<CrossAttentionFusion>,
     hidden: Vec<Dense>,
     out: Dense,
@@ -396,7 +397,10 @@ fn make_batch(data: &Featurized, idx: &[usize], device: &Device) -> anyhow::Resu
 
 impl Trainable {
     fn forward(&self, batch: &Batch, drop: &mut Dropout) -> candle_core::Result<Tensor> {
-        let key_mask = ((batch.mask.clone() - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
+        let mut key_mask = ((batch.mask.clone() - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
+        if let (Some(r), false) = (&self.relative, self.layers.is_empty()) {
+            key_mask = r.add_to(&key_mask)?;
+        }
         let mut x = batch.x.clone();
         for layer in &self.layers {
             x = layer.forward(&x, &key_mask, drop)?;
@@ -643,8 +647,7 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
     let encoder = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
         .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
     let bert_cfg_path = args.encoder_dir.join("config.json");
-    let bert_cfg: BertConfig = serde_json::from_str(&std::fs::read_to_string(&bert_cfg_path)?)
-        .with_context(|| format!("reading {}", bert_cfg_path.display()))?;
+    let bert_cfg: BertConfig = concierge_models::bert::read_config(&bert_cfg_path)?;
     let n_layers = encoder.num_layers();
     if args.train_layers > n_layers {
         bail!("--train-layers {} but the encoder has {n_layers} layers", args.train_layers);
@@ -693,7 +696,16 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
         d = h;
     }
     let out = Dense::new(&vb.pp("head.out"), d, labels.len())?;
-    let model = Trainable { layers, fusion, hidden, out };
+    // MPNet's fine-tuned layers keep the encoder's relative bias (frozen; saved with them).
+    let relative = match args.train_layers {
+        0 => None,
+        _ => {
+            let path = args.encoder_dir.join("model.safetensors");
+            let weights = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+            RelativeBias::from_encoder(&bert_cfg, &weights, &path)?
+        }
+    };
+    let model = Trainable { layers, relative, fusion, hidden, out };
     init_parameters(&varmap, &args.encoder_dir, &mut rng)?;
 
     let (mut body_vars, mut head_vars) = (Vec::new(), Vec::new());
@@ -789,7 +801,12 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
             let t = if args.branch_f16 && n.starts_with("encoder.") { t.to_dtype(DType::F16)? } else { t };
             Ok((n.clone(), t))
         })
-        .collect::<candle_core::Result<_>>()?;
+        .collect::<candle_core::Result<HashMap<_, _>>>()?;
+    let mut tensors = tensors;
+    if let Some(r) = &model.relative {
+        // f32 always (32 x heads values): the branch must add the bias the encoder adds.
+        tensors.insert("encoder.relative_attention_bias.weight".into(), r.weight.clone());
+    }
     candle_core::safetensors::save(&tensors, args.out.join("model.safetensors"))?;
     if args.train_layers > 0 {
         std::fs::copy(&bert_cfg_path, args.out.join("encoder_config.json"))?;

@@ -64,15 +64,21 @@ pub(crate) struct TrainLayer {
 }
 
 impl TrainLayer {
+    /// BERT's names, or MPNet's (`attention.attn.{q,k,v,o}`, `attention.LayerNorm`) when `cfg`
+    /// is an MPNet config; MPNet's relative bias comes with the mask (see [`RelativeBias`]).
     pub(crate) fn new(vb: VarBuilder, cfg: &BertConfig) -> candle_core::Result<Self> {
         let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
         let a = vb.pp("attention");
+        let names = match concierge_models::bert::is_mpnet(cfg) {
+            true => ["attn.q", "attn.k", "attn.v", "attn.o", "LayerNorm"],
+            false => ["self.query", "self.key", "self.value", "output.dense", "output.LayerNorm"],
+        };
         Ok(Self {
-            q: Dense::new(&a.pp("self.query"), h, h)?,
-            k: Dense::new(&a.pp("self.key"), h, h)?,
-            v: Dense::new(&a.pp("self.value"), h, h)?,
-            o: Dense::new(&a.pp("output.dense"), h, h)?,
-            ln1: Norm::new(&a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+            q: Dense::new(&a.pp(names[0]), h, h)?,
+            k: Dense::new(&a.pp(names[1]), h, h)?,
+            v: Dense::new(&a.pp(names[2]), h, h)?,
+            o: Dense::new(&a.pp(names[3]), h, h)?,
+            ln1: Norm::new(&a.pp(names[4]), h, cfg.layer_norm_eps)?,
             inter: Dense::new(&vb.pp("intermediate.dense"), h, f)?,
             out: Dense::new(&vb.pp("output.dense"), f, h)?,
             ln2: Norm::new(&vb.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
@@ -80,6 +86,7 @@ impl TrainLayer {
         })
     }
 
+    /// `mask`: additive, `[B, 1, 1, L]`, or `[B, heads, L, L]` with a relative bias in it.
     pub(crate) fn forward(&self, x: &Tensor, mask: &Tensor, drop: &mut Dropout) -> candle_core::Result<Tensor> {
         let (b, l, h) = x.dims3()?;
         let d = h / self.heads;
@@ -93,6 +100,35 @@ impl TrainLayer {
         let i = self.inter.forward(&x)?.gelu_erf()?;
         let o = drop.apply(&self.out.forward(&i)?)?;
         self.ln2.forward(&(x + o)?)
+    }
+}
+
+/// MPNet's relative-position bias (`encoder.relative_attention_bias.weight`, `[32, heads]`),
+/// kept frozen at the encoder's values while top layers are fine-tuned (so the served branch
+/// and the shared encoder below it agree), added to the attention mask.
+pub(crate) struct RelativeBias {
+    pub(crate) weight: Tensor,
+}
+
+impl RelativeBias {
+    /// The encoder's table when `cfg` is MPNet's, else None.
+    pub(crate) fn from_encoder(cfg: &BertConfig, weights: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<Option<Self>> {
+        if !concierge_models::bert::is_mpnet(cfg) {
+            return Ok(None);
+        }
+        Ok(Some(Self { weight: encoder_weight(weights, "encoder.relative_attention_bias.weight", path)? }))
+    }
+
+    /// `mask [B, 1, 1, L]` plus the bias of every query-key offset: `[B, heads, L, L]`.
+    pub(crate) fn add_to(&self, mask: &Tensor) -> candle_core::Result<Tensor> {
+        let l = mask.dim(3)?;
+        let buckets: Vec<u32> = (0..l)
+            .flat_map(|i| (0..l).map(move |j| concierge_models::bert::mpnet_bucket(j as i64 - i as i64) as u32))
+            .collect();
+        let idx = Tensor::from_vec(buckets, l * l, mask.device())?;
+        let heads = self.weight.dim(1)?;
+        let bias = self.weight.to_device(mask.device())?.index_select(&idx, 0)?.reshape((l, l, heads))?.permute((2, 0, 1))?;
+        mask.broadcast_add(&bias.unsqueeze(0)?)
     }
 }
 
@@ -129,11 +165,12 @@ pub(crate) fn pad_rows(rows: &[&Tensor], device: &Device) -> anyhow::Result<(Ten
 
 
 /// The encoder checkpoint's tensor for a trainable layer's variable `name` (`encoder.layer...`,
-/// also found under the `bert.` prefix), as f32; `path` names the checkpoint in the error.
+/// also found under the `bert.` or `mpnet.` prefix), as f32; `path` names the checkpoint in the error.
 pub(crate) fn encoder_weight(weights: &HashMap<String, Tensor>, name: &str, path: &Path) -> anyhow::Result<Tensor> {
     let t = weights
         .get(name)
         .or_else(|| weights.get(&format!("bert.{name}")))
+        .or_else(|| weights.get(&format!("mpnet.{name}")))
         .with_context(|| format!("{} has no {name}", path.display()))?;
     Ok(t.to_dtype(DType::F32)?)
 }

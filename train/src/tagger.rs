@@ -829,8 +829,10 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     let (branch, mut branch_opt) = match (cfg.branch_from, &fz.reads) {
         (Some(from), Reads::Branch { .. }) => {
             let bert_path = args.encoder_dir.join("config.json");
-            let bert: BertConfig = serde_json::from_str(&std::fs::read_to_string(&bert_path)?)
-                .with_context(|| format!("reading {}", bert_path.display()))?;
+            let bert: BertConfig = concierge_models::bert::read_config(&bert_path)?;
+            if concierge_models::bert::is_mpnet(&bert) {
+                bail!("--train-layers: fine-tuning MPNet's layers is not supported yet; train the tagger over its frozen states");
+            }
             let bvb = VarBuilder::from_varmap(&branch_map, DType::F32, &device);
             let layers = (from..bert.num_hidden_layers)
                 .map(|i| TrainLayer::new(bvb.pp(format!("encoder.layer.{i}")), &bert))

@@ -563,7 +563,7 @@ impl BiLstmCrf {
         }
         if let Some(from) = cfg.branch_from {
             let path = file("encoder_config.json", "the config.json of the encoder whose top layers it fine-tuned")?;
-            let bert: BertConfig = crate::encoder::read_json(&path, "a BERT config.json")?;
+            let bert: BertConfig = crate::bert::read_config(&path)?;
             if from >= bert.num_hidden_layers {
                 let reason = format!("branch_from {from}, but {} has {} layers", path.display(), bert.num_hidden_layers);
                 return Err(ModelError::BadFile { path: config.clone(), reason });
