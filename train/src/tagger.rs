@@ -20,7 +20,7 @@ use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
 use concierge_models::tagger::{bigram_keys, lexicon, BiLstmCrf, IdColumns, InputKind, Lexicon, Reduction, TaggerConfig, Vocab};
 use concierge_models::{ModelSource, TextEncoder, TokenStates};
 
-use crate::layers::{encoder_weight, pad_rows, Dropout, TrainLayer};
+use crate::layers::{encoder_weight, pad_rows, Dropout, RelativeBias, TrainLayer};
 use crate::rng::Rng;
 use crate::vectors::Vectors;
 
@@ -370,6 +370,8 @@ fn feature_dropout(x: Tensor, p: f32, rng: &mut Rng) -> anyhow::Result<Tensor> {
 /// these layers `above` (counted from `from`), side by side in that order.
 struct TrainBranch {
     layers: Vec<TrainLayer>,
+    /// MPNet's relative bias (frozen, saved with the layers).
+    relative: Option<RelativeBias>,
     above: Vec<usize>,
 }
 
@@ -378,7 +380,10 @@ impl TrainBranch {
     fn features(&self, examples: &[&Example], drop: &mut Dropout, device: &Device) -> anyhow::Result<Tensor> {
         let rows: Vec<&Tensor> = examples.iter().map(|e| e.tokens.as_ref().expect("token states")).collect();
         let (mut x, mask) = pad_rows(&rows, device)?;
-        let key_mask = ((mask - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
+        let mut key_mask = ((mask - 1.0)? * 1e9)?.unsqueeze(1)?.unsqueeze(1)?;
+        if let Some(r) = &self.relative {
+            key_mask = r.add_to(&key_mask)?;
+        }
         let (b, s, h) = x.dims3()?;
         let mut outs = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
@@ -575,23 +580,28 @@ fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], fz: &Featurizer) -> 
 }
 
 /// Sets every `encoder.*` variable of `varmap` to the encoder checkpoint's tensor of that name.
-fn copy_encoder_weights(varmap: &VarMap, encoder_dir: &Path) -> anyhow::Result<()> {
+/// Starts the branch's layers from the encoder's weights; returns MPNet's relative bias.
+fn copy_encoder_weights(varmap: &VarMap, encoder_dir: &Path, cfg: &BertConfig) -> anyhow::Result<Option<RelativeBias>> {
     let path = encoder_dir.join("model.safetensors");
     let weights = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
         var.set(&encoder_weight(&weights, name, &path)?)?;
     }
-    Ok(())
+    RelativeBias::from_encoder(cfg, &weights, &path)
 }
 
 /// Adds the fine-tuned layers to the checkpoint `dir` (its `model.safetensors`, f16 if asked)
 /// with the encoder's `config.json` as `encoder_config.json`.
-fn save_branch(dir: &Path, branch: &VarMap, encoder_dir: &Path, f16: bool) -> anyhow::Result<()> {
+fn save_branch(dir: &Path, branch: &VarMap, relative: Option<&RelativeBias>, encoder_dir: &Path, f16: bool) -> anyhow::Result<()> {
     let path = dir.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
     for (name, var) in branch.data().lock().expect("varmap lock").iter() {
         let t = var.as_tensor().detach();
         tensors.insert(name.clone(), if f16 { t.to_dtype(DType::F16)? } else { t });
+    }
+    if let Some(r) = relative {
+        // f32 always: the branch must add the bias the encoder adds.
+        tensors.insert("encoder.relative_attention_bias.weight".into(), r.weight.clone());
     }
     candle_core::safetensors::save(&tensors, &path)?;
     std::fs::copy(encoder_dir.join("config.json"), dir.join("encoder_config.json"))?;
@@ -830,20 +840,17 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         (Some(from), Reads::Branch { .. }) => {
             let bert_path = args.encoder_dir.join("config.json");
             let bert: BertConfig = concierge_models::bert::read_config(&bert_path)?;
-            if concierge_models::bert::is_mpnet(&bert) {
-                bail!("--train-layers: fine-tuning MPNet's layers is not supported yet; train the tagger over its frozen states");
-            }
             let bvb = VarBuilder::from_varmap(&branch_map, DType::F32, &device);
             let layers = (from..bert.num_hidden_layers)
                 .map(|i| TrainLayer::new(bvb.pp(format!("encoder.layer.{i}")), &bert))
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            copy_encoder_weights(&branch_map, &args.encoder_dir)?;
+            let relative = copy_encoder_weights(&branch_map, &args.encoder_dir, &bert)?;
             let above = cfg.reads_layers(bert.num_hidden_layers).into_iter().filter(|&l| l > from).map(|l| l - from).collect();
             let opt = AdamW::new(
                 branch_map.all_vars(),
                 ParamsAdamW { lr: args.encoder_lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() },
             )?;
-            (Some(TrainBranch { layers, above }), Some(opt))
+            (Some(TrainBranch { layers, relative, above }), Some(opt))
         }
         _ => (None, None),
     };
@@ -921,7 +928,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 embeddings_to_f16(&args.out)?;
             }
             if branch.is_some() {
-                save_branch(&args.out, &branch_map, &args.encoder_dir, args.branch_f16)?;
+                save_branch(&args.out, &branch_map, branch.as_ref().and_then(|b| b.relative.as_ref()), &args.encoder_dir, args.branch_f16)?;
             }
         } else {
             since_best += 1;
