@@ -121,7 +121,7 @@ fn bad_files_are_named() {
     assert!(e.to_string().starts_with("image 5 could not be decoded (Jpeg)"), "{e}");
     // Cut inside the scan data: the decoder alone would fill the rest with grey.
     let photo = encode(
-        image::DynamicImage::ImageRgb8(RgbImage::from_fn(200, 150, |x, y| Rgb([(x * 7 ^ y * 3) as u8, y as u8, x as u8]))),
+        image::DynamicImage::ImageRgb8(RgbImage::from_fn(200, 150, |x, y| Rgb([((x * 7) ^ (y * 3)) as u8, y as u8, x as u8]))),
         ImageFormat::Jpeg,
     );
     let e = decode(6, &photo[..photo.len() * 2 / 3], &ImageLimits::default()).unwrap_err();

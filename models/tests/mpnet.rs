@@ -71,7 +71,7 @@ fn tiny_mpnet_matches_the_numpy_reference() {
     let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[dir.join("model.safetensors")], DType::F32, &Device::Cpu) }.unwrap();
     let enc = BertEncoder::load(vb, &cfg).unwrap();
     let long = vec![5u32; 49];
-    let err = enc.forward(&PackedBatch { ids: &long, type_ids: &[0; 49], lens: &[49] }).err().expect("49 tokens is too long");
+    let err = enc.forward(&PackedBatch { ids: &long, type_ids: &[0; 49], lens: &[49] }).expect_err("49 tokens is too long");
     assert!(err.to_string().contains("48"), "{err}");
 }
 

@@ -428,6 +428,9 @@ fn evaluate(
     Ok((eval, intent))
 }
 
+/// The scores, each example's predicted tags, and (with intents) the intent accuracy and count.
+type Predictions = (Evaluation, Vec<Vec<String>>, Option<(f64, usize)>);
+
 /// [`evaluate`], with each example's predicted tags over its source words. One pass of the
 /// model gives the tags and the intents.
 fn predict(
@@ -436,7 +439,7 @@ fn predict(
     examples: &[Example],
     device: &Device,
     branch: Option<&TrainBranch>,
-) -> anyhow::Result<(Evaluation, Vec<Vec<String>>, Option<(f64, usize)>)> {
+) -> anyhow::Result<Predictions> {
     let mut eval = Evaluation::new();
     let dim = model.config().input_dim;
     // Length-sorted batches waste little on padding.
