@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """NumPy reference for the MPNet text encoder (models/src/bert.rs), written from
 transformers' modeling_mpnet.py (MPNetEmbeddings, MPNetSelfAttention, MPNetEncoder's
-compute_position_bias and relative_position_bucket), independently of the Rust code.
+compute_position_bias and relative_position_bucket), independently of the Rust code; and, with
+the same code, RoBERTa's (modeling_roberta.py: BERT's layer, positions counted from
+padding_idx + 1 as in create_position_ids_from_input_ids).
 
-Two fixtures:
+Three fixtures:
 
     # a tiny random MPNet (committed): weights in transformers' names, packed inputs and the
     # expected last hidden states
     python3 scripts/make_mpnet_fixture.py tiny models/tests/fixtures/mpnet-tiny
+
+    # a tiny random RoBERTa (committed), the same way
+    python3 scripts/make_mpnet_fixture.py tiny-roberta models/tests/fixtures/roberta-tiny
 
     # the real all-mpnet-base-v2 (scripts/fetch-mpnet.sh), through its tokenizer.json and
     # sentence-transformers' mean pooling + Normalize: token ids and embeddings of a few
@@ -68,7 +73,10 @@ def linear(x, t, name):
 
 def mpnet_forward(t, cfg, ids):
     """Last hidden states `[len, hidden]` of one unpadded sequence (no padding: every
-    key is a real token, which is what the padded model computes for its real rows)."""
+    key is a real token, which is what the padded model computes for its real rows).
+    MPNet, or RoBERTa when cfg["model_type"] is "roberta" (token types, BERT's names, no
+    relative bias)."""
+    roberta = cfg["model_type"] == "roberta"
     pad = cfg["pad_token_id"]
     eps = cfg["layer_norm_eps"]
     heads = cfg["num_attention_heads"]
@@ -79,25 +87,37 @@ def mpnet_forward(t, cfg, ids):
     mask = (ids != pad).astype(np.int64)
     positions = np.cumsum(mask) * mask + pad
     x = t["embeddings.word_embeddings.weight"][ids] + t["embeddings.position_embeddings.weight"][positions]
+    if roberta:
+        x = x + t["embeddings.token_type_embeddings.weight"][0]
     x = layer_norm(x, t["embeddings.LayerNorm.weight"], t["embeddings.LayerNorm.bias"], eps).astype(np.float32)
     n = len(ids)
     # compute_position_bias: memory_position - context_position, bucketed, per head.
     rel = np.arange(n)[None, :] - np.arange(n)[:, None]
-    bias = t["encoder.relative_attention_bias.weight"][relative_position_bucket(rel)]  # [n, n, heads]
-    bias = bias.transpose(2, 0, 1)  # [heads, n, n]
+    if roberta:
+        bias = np.zeros((heads, n, n), np.float32)
+    else:
+        bias = t["encoder.relative_attention_bias.weight"][relative_position_bucket(rel)]  # [n, n, heads]
+        bias = bias.transpose(2, 0, 1)  # [heads, n, n]
+    names = {
+        "q": "attention.self.query" if roberta else "attention.attn.q",
+        "k": "attention.self.key" if roberta else "attention.attn.k",
+        "v": "attention.self.value" if roberta else "attention.attn.v",
+        "o": "attention.output.dense" if roberta else "attention.attn.o",
+        "ln": "attention.output.LayerNorm" if roberta else "attention.LayerNorm",
+    }
     for i in range(cfg["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
         split = lambda y: y.reshape(n, heads, d).transpose(1, 0, 2)
-        q = split(linear(x, t, p + "attention.attn.q"))
-        k = split(linear(x, t, p + "attention.attn.k"))
-        v = split(linear(x, t, p + "attention.attn.v"))
+        q = split(linear(x, t, p + names["q"]))
+        k = split(linear(x, t, p + names["k"]))
+        v = split(linear(x, t, p + names["v"]))
         scores = q @ k.transpose(0, 2, 1) / np.float32(math.sqrt(d)) + bias
         scores = scores - scores.max(-1, keepdims=True)
         probs = np.exp(scores)
         probs = probs / probs.sum(-1, keepdims=True)
         c = (probs @ v).transpose(1, 0, 2).reshape(n, h)
-        o = linear(c, t, p + "attention.attn.o")
-        x = layer_norm(o + x, t[p + "attention.LayerNorm.weight"], t[p + "attention.LayerNorm.bias"], eps)
+        o = linear(c, t, p + names["o"])
+        x = layer_norm(o + x, t[p + names["ln"] + ".weight"], t[p + names["ln"] + ".bias"], eps)
         inter = gelu(linear(x, t, p + "intermediate.dense"))
         out = linear(inter, t, p + "output.dense")
         x = layer_norm(out + x, t[p + "output.LayerNorm.weight"], t[p + "output.LayerNorm.bias"], eps).astype(np.float32)
@@ -111,13 +131,13 @@ TINY_WORDS = (
 ).split()
 
 
-def tiny(out_dir):
+def tiny(out_dir, roberta=False):
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(20261202)
+    rng = np.random.default_rng(20261203 if roberta else 20261202)
     cfg = {
-        "model_type": "mpnet",
-        "architectures": ["MPNetModel"],
+        "model_type": "roberta" if roberta else "mpnet",
+        "architectures": ["RobertaModel" if roberta else "MPNetModel"],
         "vocab_size": 50,
         "hidden_size": 32,
         "num_hidden_layers": 2,
@@ -132,8 +152,11 @@ def tiny(out_dir):
         "pad_token_id": 1,
         "bos_token_id": 0,
         "eos_token_id": 2,
-        "relative_attention_num_buckets": NUM_BUCKETS,
     }
+    if roberta:
+        cfg["type_vocab_size"] = 1
+    else:
+        cfg["relative_attention_num_buckets"] = NUM_BUCKETS
     h, f, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     r = lambda *shape, s=0.3: (rng.standard_normal(shape) * s).astype(np.float32)
     t = {
@@ -141,16 +164,21 @@ def tiny(out_dir):
         "embeddings.position_embeddings.weight": r(cfg["max_position_embeddings"], h, s=1.0),
         "embeddings.LayerNorm.weight": 1.0 + r(h, s=0.1),
         "embeddings.LayerNorm.bias": r(h, s=0.1),
-        # Large enough that a wrong bucket moves the output well past the tolerance.
-        "encoder.relative_attention_bias.weight": r(NUM_BUCKETS, cfg["num_attention_heads"], s=2.0),
     }
+    if roberta:
+        t["embeddings.token_type_embeddings.weight"] = r(1, h, s=1.0)
+    else:
+        # Large enough that a wrong bucket moves the output well past the tolerance.
+        t["encoder.relative_attention_bias.weight"] = r(NUM_BUCKETS, cfg["num_attention_heads"], s=2.0)
     for i in range(cfg["num_hidden_layers"]):
         p = f"encoder.layer.{i}."
-        for name in ("q", "k", "v", "o"):
-            t[p + f"attention.attn.{name}.weight"] = r(h, h)
-            t[p + f"attention.attn.{name}.bias"] = r(h, s=0.1)
-        t[p + "attention.LayerNorm.weight"] = 1.0 + r(h, s=0.1)
-        t[p + "attention.LayerNorm.bias"] = r(h, s=0.1)
+        attn = ["self.query", "self.key", "self.value", "output.dense"] if roberta else ["attn.q", "attn.k", "attn.v", "attn.o"]
+        for name in attn:
+            t[p + f"attention.{name}.weight"] = r(h, h)
+            t[p + f"attention.{name}.bias"] = r(h, s=0.1)
+        ln = "attention.output.LayerNorm" if roberta else "attention.LayerNorm"
+        t[p + ln + ".weight"] = 1.0 + r(h, s=0.1)
+        t[p + ln + ".bias"] = r(h, s=0.1)
         t[p + "intermediate.dense.weight"] = r(f, h)
         t[p + "intermediate.dense.bias"] = r(f, s=0.1)
         t[p + "output.dense.weight"] = r(h, f, s=0.2)
@@ -181,11 +209,12 @@ def tiny(out_dir):
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     buckets = {str(k): int(relative_position_bucket(np.array([k]))[0]) for k in range(-140, 141)}
     fixture = {
-        "generator": "scripts/make_mpnet_fixture.py tiny",
+        "generator": "scripts/make_mpnet_fixture.py " + ("tiny-roberta" if roberta else "tiny"),
         "ids": seqs,
         "hidden": [e.round(7).tolist() for e in expected],
-        "buckets": buckets,
     }
+    if not roberta:
+        fixture["buckets"] = buckets
     (out / "expected.json").write_text(json.dumps(fixture) + "\n")
     print(f"wrote {out}: {len(seqs)} sequences, lengths {lens}")
 
@@ -229,8 +258,8 @@ def real(model_dir, out_path):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "tiny":
-        tiny(sys.argv[2])
+    if len(sys.argv) == 3 and sys.argv[1] in ("tiny", "tiny-roberta"):
+        tiny(sys.argv[2], roberta=sys.argv[1] == "tiny-roberta")
     elif len(sys.argv) == 4 and sys.argv[1] == "real":
         real(sys.argv[2], sys.argv[3])
     else:

@@ -14,7 +14,9 @@
 //! counted from `pad_token_id + 1`, and a learned relative-position bias (32 buckets per head,
 //! `encoder.relative_attention_bias`) added to every layer's attention scores. Its weights keep
 //! `transformers.MPNetModel`'s names (`encoder.layer.N.attention.attn.q`, ...);
-//! `scripts/make_mpnet_fixture.py` is the NumPy reference it is tested against.
+//! `scripts/make_mpnet_fixture.py` is the NumPy reference it is tested against. RoBERTa
+//! (`model_type: "roberta"`) is BERT with positions counted from `pad_token_id + 1`, tested the
+//! same way.
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -339,7 +341,8 @@ pub struct BertEncoder {
     position: Tensor,
     /// MPNet: `None` (no token types).
     token_type: Option<Tensor>,
-    /// Position of a sequence's first token: 0 for BERT, `pad_token_id + 1` for MPNet.
+    /// Position of a sequence's first token: 0 for BERT, `pad_token_id + 1` for MPNet and
+    /// RoBERTa.
     position_offset: usize,
     emb_ln: LayerNorm,
     layers: BertLayers,
@@ -377,7 +380,10 @@ impl BertEncoder {
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");
         let layers = BertLayers::load(vb.clone(), cfg, 0..cfg.num_hidden_layers)?;
-        let position_offset = if mpnet { cfg.pad_token_id + 1 } else { 0 };
+        // MPNet and RoBERTa count positions from padding_idx + 1 (transformers'
+        // create_position_ids_from_input_ids); BERT from 0.
+        let roberta = matches!(cfg.model_type.as_deref(), Some("roberta" | "xlm-roberta"));
+        let position_offset = if mpnet || roberta { cfg.pad_token_id + 1 } else { 0 };
         Ok(Self {
             word: e.get((cfg.vocab_size, h), "word_embeddings.weight")?,
             position: e.get((cfg.max_position_embeddings, h), "position_embeddings.weight")?,

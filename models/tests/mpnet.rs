@@ -3,6 +3,8 @@
 //! - a tiny random MPNet (`fixtures/mpnet-tiny`): relative-position buckets equal for every
 //!   offset in -140..=140; last hidden states within 1e-4 absolute in f32 (the fused CPU
 //!   kernel), within 3e-2 in f16 (the padded attention path, as on a GPU);
+//! - a tiny random RoBERTa (`fixtures/roberta-tiny`), the same way: BERT's layer with positions
+//!   counted from `pad_token_id + 1`;
 //! - the real all-mpnet-base-v2 (`fixtures/mpnet_parity.json`; runs where
 //!   scripts/fetch-mpnet.sh has put the model in model-store/all-mpnet-base-v2, and says so
 //!   when it skips): the same token ids, and cosine >= 0.99999 to the reference's embeddings.
@@ -16,6 +18,10 @@ use serde_json::Value;
 
 fn fixture_dir() -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/mpnet-tiny"))
+}
+
+fn roberta_dir() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/roberta-tiny"))
 }
 
 fn json(path: PathBuf) -> Value {
@@ -39,7 +45,16 @@ fn relative_buckets_match_transformers() {
 
 #[test]
 fn tiny_mpnet_matches_the_numpy_reference() {
-    let dir = fixture_dir();
+    matches_the_numpy_reference(&fixture_dir());
+}
+
+/// RoBERTa's positions start at pad_token_id + 1 too (with BERT's layer, and one token type).
+#[test]
+fn tiny_roberta_matches_the_numpy_reference() {
+    matches_the_numpy_reference(&roberta_dir());
+}
+
+fn matches_the_numpy_reference(dir: &std::path::Path) {
     let fx = json(dir.join("expected.json"));
     let cfg = read_config(&dir.join("config.json")).unwrap();
     let seqs: Vec<Vec<u32>> =
