@@ -696,17 +696,19 @@ pub fn train(args: &TrainIntent) -> anyhow::Result<TrainOutcome> {
         d = h;
     }
     let out = Dense::new(&vb.pp("head.out"), d, labels.len())?;
-    // MPNet's fine-tuned layers keep the encoder's relative bias (frozen; saved with them).
+    // Fine-tuned layers start from the encoder's weights (read once, only when there are any);
+    // MPNet's keep the encoder's relative bias (frozen; saved with them).
+    let weights_path = args.encoder_dir.join("model.safetensors");
+    let weights = match args.train_layers {
+        0 => HashMap::new(),
+        _ => candle_core::safetensors::load(&weights_path, &Device::Cpu).with_context(|| format!("reading {}", weights_path.display()))?,
+    };
     let relative = match args.train_layers {
         0 => None,
-        _ => {
-            let path = args.encoder_dir.join("model.safetensors");
-            let weights = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
-            RelativeBias::from_encoder(&bert_cfg, &weights, &path)?
-        }
+        _ => RelativeBias::from_encoder(&bert_cfg, &weights, &weights_path)?,
     };
     let model = Trainable { layers, relative, fusion, hidden, out };
-    init_parameters(&varmap, &args.encoder_dir, &mut rng)?;
+    init_parameters(&varmap, &weights, &weights_path, &mut rng)?;
 
     let (mut body_vars, mut head_vars) = (Vec::new(), Vec::new());
     for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
@@ -872,16 +874,15 @@ fn write_config(dir: &Path, config: &IntentConfig) -> anyhow::Result<()> {
 
 /// Fine-tuned layers copy the encoder's weights; fusion and head weights are seeded
 /// (uniform ±1/sqrt(fan_in) for matrices, zero biases, unit LayerNorm gains).
-fn init_parameters(varmap: &VarMap, encoder_dir: &Path, rng: &mut Rng) -> anyhow::Result<()> {
-    let path = encoder_dir.join("model.safetensors");
-    let weights = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| format!("reading {}", path.display()))?;
+/// `weights`: the encoder checkpoint's tensors (read from `path`), for the fine-tuned layers.
+fn init_parameters(varmap: &VarMap, weights: &HashMap<String, Tensor>, path: &Path, rng: &mut Rng) -> anyhow::Result<()> {
     let data = varmap.data().lock().expect("varmap lock");
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
         let var = &data[name];
         if name.starts_with("encoder.") {
-            var.set(&encoder_weight(&weights, name, &path)?)?;
+            var.set(&encoder_weight(weights, name, path)?)?;
             continue;
         }
         let dims = var.dims().to_vec();
