@@ -565,18 +565,18 @@ async fn the_banking77_model_is_one_flag_away() {
     assert_eq!(resp.handoff_threshold, intent_config(&dir)["handoff_threshold"].as_f64().unwrap() as f32);
 }
 
-/// The MPNet intent model (all-mpnet-base-v2 with its top two layers fine-tuned on CLINC150)
-/// served on its own encoder: held-aside queries get their labels, nonsense is handed off, and
-/// the embeddings of the same server are MPNet's (768 wide). Runs where scripts/fetch-mpnet.sh
-/// (a step of scripts/fetch-default-model.sh) has fetched the encoder; says so when it skips.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_mpnet_clinc150_model_serves_on_its_encoder() {
+/// Serves `checkpoints/<name>` (an intent model whose top layers were fine-tuned on
+/// all-mpnet-base-v2) on its own encoder and checks it: the held-aside queries get their labels
+/// without handoff, nonsense is handed off, the model id and stored threshold come back, and the
+/// embeddings of the same server are MPNet's (768 wide). Runs where scripts/fetch-mpnet.sh (a
+/// step of scripts/fetch-default-model.sh) has fetched the encoder; says so when it skips.
+async fn check_mpnet_model(name: &str, held_aside: &[(&str, &str)]) {
     let encoder = common::repo_path("model-store/all-mpnet-base-v2");
     if !encoder.join("model.safetensors").is_file() {
         eprintln!("SKIPPED: {} is not there (scripts/fetch-mpnet.sh fetches it)", encoder.display());
         return;
     }
-    let dir = common::repo_path("checkpoints/intents-en-clinc150-mpnet");
+    let dir = common::repo_path(&format!("checkpoints/{name}"));
     let running = common::serve(&[
         &format!("--model-dir={}", encoder.display()),
         &format!("--intent-model-dir={}", dir.display()),
@@ -584,18 +584,31 @@ async fn the_mpnet_clinc150_model_serves_on_its_encoder() {
     ])
     .await;
     let mut client = connect(&running).await;
-    let mut queries: Vec<&str> = CLINC150.iter().map(|(t, _)| *t).collect();
+    let mut queries: Vec<&str> = held_aside.iter().map(|(t, _)| *t).collect();
     queries.push(NONSENSE);
     let resp = classify(&mut client, texts(&queries)).await;
-    for ((text, label), r) in CLINC150.iter().zip(&resp.results) {
+    for ((text, label), r) in held_aside.iter().zip(&resp.results) {
         assert_eq!(&r.intents[0].label, label, "{text:?}: {:?}", r.intents);
         assert!(!r.handoff, "{text:?} was handed off: {:?}", r.intents[0]);
     }
     assert!(resp.results.last().unwrap().handoff, "{NONSENSE:?} was not handed off: {:?}", resp.results.last().unwrap().intents);
-    assert_eq!(resp.model.unwrap().id, "intents-en-clinc150-mpnet");
+    assert_eq!(resp.model.unwrap().id, name);
     assert_eq!(resp.handoff_threshold, intent_config(&dir)["handoff_threshold"].as_f64().unwrap() as f32);
     let mut embeddings = concierge_proto::v1::embeddings_client::EmbeddingsClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
     let req = concierge_proto::v1::EmbedTextRequest { inputs: vec![queries[0].to_string()], ..Default::default() };
     let emb = embeddings.embed_text(req).await.unwrap().into_inner();
     assert_eq!(emb.embeddings[0].values.len(), 768);
+}
+
+/// all-mpnet-base-v2 with its top two layers fine-tuned on CLINC150.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mpnet_clinc150_model_serves_on_its_encoder() {
+    check_mpnet_model("intents-en-clinc150-mpnet", CLINC150).await;
+}
+
+/// all-mpnet-base-v2 with its top two layers fine-tuned on Banking77 (the checkpoint that meets
+/// the 94% on the validation split).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mpnet_banking77_model_serves_on_its_encoder() {
+    check_mpnet_model("intents-en-banking77-mpnet", BANKING77).await;
 }
