@@ -7,7 +7,8 @@
 #
 # Writes checkpoints/intents-en-clinc150 (the server's default),
 # checkpoints/intents-en-banking77 and, on all-mpnet-base-v2 (scripts/fetch-mpnet.sh; 40-55 min
-# each on 2 cores), checkpoints/intents-en-clinc150-mpnet and checkpoints/intents-en-banking77-mpnet, each: intent_config.json (labels, handoff threshold,
+# each on 2 cores), checkpoints/intents-en-clinc150-mpnet and
+# checkpoints/intents-en-banking77-mpnet, each: intent_config.json (labels, handoff threshold,
 # training log and scores), model.safetensors (the fine-tuned top layers in f16 — two for
 # CLINC150, three for Banking77 — and the head in f32), encoder_config.json. Seeded: the same data and binary give the same weights.
 set -euo pipefail
