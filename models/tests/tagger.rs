@@ -326,6 +326,45 @@ fn a_lexicon_feature_tagger_matches_its_reference() {
     assert!(BiLstmCrf::new(vb, &cfg, tag_set(7)).is_err());
 }
 
+/// LAC features (`lac`): LAC's BiGRU features, emissions and Viterbi paths against
+/// scripts/make_tagger_lac_fixture.py (NumPy in float64: Paddle's GRU in its weight layout, each
+/// sequence's reverse pass from its own end); `char_ids` gives LAC's ids (its `OOV` for the
+/// characters it lacks); the round trip keeps `lac_vocab.json` and the `lac.*` tensors.
+#[test]
+fn a_lac_feature_tagger_matches_its_reference() {
+    for dev in devices() {
+        let dir = fixture_dir("tagger-lac-tiny");
+        let model = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap();
+        assert_eq!((model.config().lstm_input_dim(), model.config().id_columns()), (34, 4));
+        let lac = model.lac().expect("the LAC network");
+        assert_eq!((lac.config().feature_dim(), lac.vocab().len(), lac.vocab().unk_id()), (16, 14, 13));
+        let r = Reference::load(&dir, &dev);
+        let (x, lengths) = (r.input(), r.lengths.clone());
+        assert_eq!(x.dims(), &[5, 7, 4]);
+        let ids = x.narrow(2, 3, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
+        check_close("LAC features", &lac.features(&ids, &lengths, DType::F32).unwrap(), &r.t["lac_features"]);
+        // 欢迎你: no LAC row, so OOV (13); padding is OOV too.
+        check_char_fixture("lac", &model, &dir, &r, &dev, &[1, 0, 0, 13]);
+        let err = model.forward_emissions(&x.narrow(2, 0, 3).unwrap(), &lengths).unwrap_err().to_string();
+        assert!(err.contains("[batch, length, 4]"), "{err}");
+
+        check_round_trip_needs("lac_vocab.json", &model, &r, &dev, |again, _| {
+            assert_eq!(again.lac().unwrap().vocab(), lac.vocab());
+            assert_eq!(again.lac().unwrap().tensors().len(), lac.tensors().len());
+        });
+    }
+    // LAC features are for embeddings input, with layers it has.
+    let mut cfg = TaggerConfig::encoder(12, 8, 7);
+    cfg.lac = Some(concierge_models::tagger::LacConfig::small(vec![1]));
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+    assert!(BiLstmCrf::new(vb, &cfg, tag_set(7)).is_err());
+    let mut cfg = TaggerConfig::embeddings(10, 4, 8, 7);
+    cfg.lac = Some(concierge_models::tagger::LacConfig::small(vec![3]));
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+    let err = BiLstmCrf::new(vb, &cfg, tag_set(7)).unwrap_err().to_string();
+    assert!(err.contains("layers 1..=2"), "{err}");
+}
+
 #[test]
 fn character_embedding_tagger_matches_pytorch() {
     for dev in devices() {

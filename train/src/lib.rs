@@ -2,6 +2,7 @@
 //! out that the server loads as it is. CPU or any candle device; seeded (parameter init, data
 //! order and dropout masks come from our own RNG, so a seed gives the same run).
 pub mod intent;
+pub mod lac;
 mod layers;
 pub mod rng;
 pub mod tagger;

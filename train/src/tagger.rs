@@ -101,7 +101,7 @@ pub struct TrainTagger {
     #[arg(long, default_value_t = 128)]
     pub char_dim: usize,
     /// Chars input: start the character embeddings from these pretrained vectors (a Baidu LAC
-    /// folder such as `model-store/data/lac-chars`, or a word2vec text file; see
+    /// folder such as `model-store/data/lac`, or a word2vec text file; see
     /// `train/src/vectors.rs`). Every character they cover joins the vocabulary, seen in
     /// training or not; their width must equal --char-dim.
     #[arg(long)]
@@ -113,6 +113,14 @@ pub struct TrainTagger {
     /// 16 characters are kept; the list is saved with the checkpoint as `lexicon.txt`.
     #[arg(long)]
     pub lexicon: Option<PathBuf>,
+    /// Chars input: Baidu LAC's pretrained network as frozen contextual character features, from
+    /// its folder (`model-store/data/lac`, fetched by `scripts/fetch-tagger-data.sh`); the
+    /// checkpoint carries it.
+    #[arg(long)]
+    pub lac: Option<PathBuf>,
+    /// With --lac: the LAC layers (of 2) whose outputs the tagger reads, side by side.
+    #[arg(long, value_delimiter = ',', default_value = "1,2")]
+    pub lac_layers: Vec<usize>,
     /// With --lexicon: width of each class's feature embedding.
     #[arg(long, default_value_t = 16)]
     pub lexicon_dim: usize,
@@ -229,6 +237,8 @@ struct Featurizer {
     vectors: Option<Vectors>,
     /// Lexicon features (--lexicon).
     lexicon: Option<Lexicon>,
+    /// LAC's vocabulary (--lac).
+    lac: Option<Vocab>,
 }
 
 /// What an encoder-input example is made of.
@@ -245,7 +255,12 @@ enum Reads {
 impl Featurizer {
     /// Chars input: how a sentence becomes ids.
     fn id_columns(&self) -> IdColumns<'_> {
-        IdColumns { vocab: self.vocab.as_ref().expect("chars input has a vocabulary"), bigrams: self.bigrams.as_ref(), lexicon: self.lexicon.as_ref() }
+        IdColumns {
+            vocab: self.vocab.as_ref().expect("chars input has a vocabulary"),
+            bigrams: self.bigrams.as_ref(),
+            lexicon: self.lexicon.as_ref(),
+            lac: self.lac.as_ref(),
+        }
     }
 
     fn examples(&self, sentences: &[Sentence], tag_ids: &HashMap<String, u32>, what: &str, quiet: bool) -> anyhow::Result<Vec<Example>> {
@@ -559,7 +574,7 @@ fn set_char_vectors(varmap: &VarMap, vocab: &Vocab, vectors: &Vectors) -> anyhow
 
 /// Loads an earlier checkpoint's weights into `varmap`: it must have the same tag set (and
 /// vocabulary), and every parameter by name with the same shape.
-fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], fz: &Featurizer) -> anyhow::Result<()> {
+fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], fz: &Featurizer, cfg: &TaggerConfig) -> anyhow::Result<()> {
     let from = BiLstmCrf::load(dir, &Device::Cpu, DType::F32).with_context(|| format!("--init {}", dir.display()))?;
     if from.tags() != tags {
         bail!("--init {}: its tag set differs from this data's ({} vs {} tags)", dir.display(), from.tags().len(), tags.len());
@@ -569,6 +584,9 @@ fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], fz: &Featurizer) -> 
     }
     if from.lexicon() != fz.lexicon.as_ref() {
         bail!("--init {}: its lexicon differs from this run's (--lexicon)", dir.display());
+    }
+    if from.lac().map(|l| l.config()) != cfg.lac.as_ref() {
+        bail!("--init {}: its LAC features differ from this run's (--lac, --lac-layers)", dir.display());
     }
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
     let data = varmap.data().lock().expect("varmap lock");
@@ -611,12 +629,12 @@ fn save_branch(dir: &Path, branch: &VarMap, relative: Option<&RelativeBias>, enc
     Ok(())
 }
 
-/// Rewrites the checkpoint `dir`'s embedding tables (`embedding.weight`, `bigram_embedding.weight`)
-/// in f16; the loader widens them again to the dtype it loads in.
+/// Rewrites the checkpoint `dir`'s embedding tables (`embedding.weight`, `bigram_embedding.weight`,
+/// LAC's `lac.word_emb`) in f16; the loader widens them again to the dtype it loads in.
 fn embeddings_to_f16(dir: &Path) -> anyhow::Result<()> {
     let path = dir.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
-    for name in ["embedding.weight", "bigram_embedding.weight"] {
+    for name in ["embedding.weight", "bigram_embedding.weight", "lac.word_emb"] {
         if let Some(t) = tensors.get_mut(name) {
             *t = t.to_dtype(DType::F16)?;
         }
@@ -678,10 +696,11 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     let tag_list: Vec<String> = std::iter::once("O".to_string()).chain(tags).collect();
     let tag_ids: HashMap<String, u32> = tag_list.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
 
+    let mut lac_net = None;
     let (mut fz, mut cfg) = match input {
         Input::Encoder => {
-            if args.char_vectors.is_some() || args.lexicon.is_some() {
-                bail!("--char-vectors and --lexicon are features of the tagger's own character input: they need --input chars");
+            if args.char_vectors.is_some() || args.lexicon.is_some() || args.lac.is_some() {
+                bail!("--char-vectors, --lexicon and --lac are features of the tagger's own character input: they need --input chars");
             }
             let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
                 .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
@@ -711,7 +730,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Reads::Branch { fixed: layers.into_iter().filter(|&l| l <= from).collect(), from }
                 }
             };
-            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None, vectors: None, lexicon: None }, cfg)
+            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None, vectors: None, lexicon: None, lac: None }, cfg)
         }
         Input::Chars => {
             let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
@@ -776,10 +795,30 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Some(lexicon)
                 }
             };
+            let lac = match &args.lac {
+                None => None,
+                Some(dir) => {
+                    let lac = crate::lac::load_dir(dir, args.lac_layers.clone()).with_context(|| format!("--lac {}", dir.display()))?;
+                    cfg.lac = Some(lac.config().clone());
+                    eprintln!("train-tagger: LAC features from {} (layers {:?}, {} wide)", dir.display(), args.lac_layers, lac.config().feature_dim());
+                    Some(lac)
+                }
+            };
             if args.train_layers > 0 {
                 bail!("--train-layers fine-tunes the text encoder: it needs encoder input");
             }
-            (Featurizer { input, encoder: None, reads: Reads::Layers(None), vocab: Some(vocab), bigrams, vectors, lexicon }, cfg)
+            let fz = Featurizer {
+                input,
+                encoder: None,
+                reads: Reads::Layers(None),
+                vocab: Some(vocab),
+                bigrams,
+                vectors,
+                lexicon,
+                lac: lac.as_ref().map(|l| l.vocab().clone()),
+            };
+            lac_net = lac;
+            (fz, cfg)
         }
     };
     cfg.num_layers = args.layers;
@@ -821,6 +860,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(l) = &fz.lexicon {
         model = model.with_lexicon(l.clone())?;
     }
+    if let Some(lac) = lac_net {
+        model = model.with_lac(lac)?;
+    }
     if args.joint_intent {
         model = model.with_intents(intent_list.clone())?;
     }
@@ -830,7 +872,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         eprintln!("train-tagger: pretrained vectors for {found} of {total} characters");
     }
     if let Some(dir) = &args.init {
-        warm_start(&varmap, dir, &tag_list, &fz)?;
+        warm_start(&varmap, dir, &tag_list, &fz, &cfg)?;
         eprintln!("train-tagger: starting from the weights in {}", dir.display());
     }
     let mut opt = AdamW::new(
@@ -952,7 +994,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
         "seed": args.seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),
@@ -1002,7 +1044,7 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
         }
         InputKind::Embeddings => (Input::Chars, None),
     };
-    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned() };
+    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned(), lac: model.lac().map(|l| l.vocab().clone()) };
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
     let ex = fz.examples(&sentences, &tag_ids, "test", false)?;

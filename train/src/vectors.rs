@@ -7,11 +7,12 @@
 //!   `model_baseline/word_emb`, a PaddlePaddle LoDTensor (`[vocab, dim]` f32). The jieba package
 //!   on PyPI ships LAC's small model this way (`jieba/lac_small/`): 128-wide character vectors
 //!   trained by Baidu for segmentation, part-of-speech and named-entity tagging.
-//!   `scripts/fetch-tagger-data.sh` unpacks them into `model-store/data/lac-chars/`.
+//!   `scripts/fetch-tagger-data.sh` unpacks them into `model-store/data/lac/`.
 use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context};
+use concierge_models::tagger::lac::half_width;
 
 /// Token → vector, all `dim` wide.
 #[derive(Debug, Clone)]
@@ -79,14 +80,7 @@ impl Vectors {
     }
 
     fn load_lac(dir: &Path) -> anyhow::Result<Self> {
-        let dic_path = dir.join("word.dic");
         let emb_path = dir.join("model_baseline").join("word_emb");
-        let dic = std::fs::read_to_string(&dic_path).with_context(|| {
-            format!(
-                "reading {} (a LAC folder holds word.dic and model_baseline/word_emb)",
-                dic_path.display()
-            )
-        })?;
         let bytes =
             std::fs::read(&emb_path).with_context(|| format!("reading {}", emb_path.display()))?;
         let (dims, data) = parse_lod_tensor(&bytes)
@@ -98,43 +92,17 @@ impl Vectors {
         );
         let (rows, dim) = (dims[0], dims[1]);
         let mut map = HashMap::new();
-        for (n, line) in dic.lines().enumerate() {
-            let Some((id, token)) = line.split_once('\t') else {
-                bail!(
-                    "{} line {}: `id<TAB>token` expected",
-                    dic_path.display(),
-                    n + 1
-                )
-            };
-            let id: usize = id
-                .parse()
-                .with_context(|| format!("{} line {}: id {id:?}", dic_path.display(), n + 1))?;
-            ensure!(
-                id < rows,
-                "{} line {}: id {id} is past the table's {rows} rows",
-                dic_path.display(),
-                n + 1
-            );
+        for (id, token) in crate::lac::read_word_dic(&dir.join("word.dic"), rows)? {
             // LAC's own out-of-vocabulary classes (OOV, OOV_HANZ, OOV_ALNUM) are not tokens.
             if token.starts_with("OOV") {
                 continue;
             }
-            map.insert(token.to_string(), data[id * dim..(id + 1) * dim].to_vec());
+            let id = id as usize;
+            map.insert(token, data[id * dim..(id + 1) * dim].to_vec());
         }
-        ensure!(!map.is_empty(), "{}: no tokens", dic_path.display());
+        ensure!(!map.is_empty(), "{}: no tokens", dir.join("word.dic").display());
         Ok(Self { dim, map })
     }
-}
-
-/// Full-width ASCII (U+FF01–U+FF5E) to ASCII and the ideographic space to a space.
-pub fn half_width(s: &str) -> String {
-    s.chars()
-        .map(|c| match c as u32 {
-            0x3000 => ' ',
-            u @ 0xFF01..=0xFF5E => char::from_u32(u - 0xFEE0).unwrap_or(c),
-            _ => c,
-        })
-        .collect()
 }
 
 /// PaddlePaddle's LoDTensor serialisation (`SerializeToStream`) of an f32 tensor: u32 version 0;

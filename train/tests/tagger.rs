@@ -324,3 +324,40 @@ fn msra_with_pretrained_vectors_and_a_lexicon_learns() {
         std::fs::remove_file(f).unwrap();
     }
 }
+
+/// MSRA with LAC features (`--lac`, here the tiny random LAC folder of the tagger-lac-tiny
+/// fixture): the loss falls, LAC stays frozen (the checkpoint's `lac.*` equal the folder's
+/// weights; its embedding in f16 with `--embeddings-f16`), the checkpoint carries
+/// `lac_vocab.json`, and eval-tagger (the serving code's ids) scores it as the run did.
+#[test]
+fn msra_with_lac_features_learns_with_lac_frozen() {
+    let out = std::env::temp_dir().join(format!("concierge-train-msra-lac-{}", std::process::id()));
+    let Some((data, small_test)) = msra_small(&out) else { return };
+    let lac_dir = repo("models/tests/fixtures/tagger-lac-tiny/lac");
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+        format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=2".into(), "--hidden=32".into(),
+        "--char-dim=16".into(), format!("--lac={}", lac_dir.display()), "--lac-layers=2".into(), "--batch=32".into(),
+        "--lr=1e-2".into(), "--dev-fraction=0.004".into(), "--embeddings-f16".into(),
+    ]))
+    .unwrap();
+    let (loss, _) = losses(&out);
+    assert!(loss[1] < loss[0], "the loss did not fall: {loss:?}");
+    let m = concierge_models::BiLstmCrf::load(&out, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let lac = m.lac().expect("the LAC network");
+    assert_eq!((lac.config().layers.clone(), lac.config().feature_dim()), (vec![2], 8));
+    assert_eq!(m.config().lstm_input_dim(), 16 + 8);
+    assert_eq!(lac.vocab().len(), 14);
+    let saved = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let fixture = candle_core::safetensors::load(repo("models/tests/fixtures/tagger-lac-tiny/model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(saved["lac.word_emb"].dtype(), candle_core::DType::F16);
+    for name in ["lac.gru_2.w_0", "lac.fc_3.b_0", "lac.word_emb"] {
+        let got: Vec<f32> = saved[name].to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let want: Vec<f32> = fixture[name].flatten_all().unwrap().to_vec1().unwrap();
+        let tol = if name == "lac.word_emb" { 1e-3 } else { 0.0 };
+        assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= tol), "{name} changed in training: LAC must stay frozen");
+    }
+    eval_agrees_with_training(&out, &small_test);
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_file(&small_test).unwrap();
+}

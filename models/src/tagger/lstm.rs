@@ -13,6 +13,31 @@ use super::crf::{check_lengths, length_mask};
 use super::Params;
 use crate::error::Result;
 
+/// Reverses each sequence of a padded batch `[B, L, D]` within its own length (its padding
+/// stays at the end): how a backward recurrence runs as a forward one. Its own inverse.
+pub(super) struct Reversal {
+    rows: Tensor,
+    b: usize,
+    l: usize,
+}
+
+impl Reversal {
+    pub(super) fn new(lengths: &[usize], l: usize, device: &candle_core::Device) -> Result<Self> {
+        // Row index of each (sequence, step) in the sequence-wise reversal.
+        let rows: Vec<u32> = lengths
+            .iter()
+            .enumerate()
+            .flat_map(|(s, &n)| (0..l).map(move |t| (s * l + if t < n { n - 1 - t } else { t }) as u32))
+            .collect();
+        Ok(Self { rows: Tensor::from_vec(rows, (lengths.len() * l,), device)?, b: lengths.len(), l })
+    }
+
+    pub(super) fn apply(&self, t: &Tensor) -> Result<Tensor> {
+        let d = t.dim(2)?;
+        Ok(t.reshape((self.b * self.l, d))?.index_select(&self.rows, 0)?.reshape((self.b, self.l, d))?)
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct BiLstm {
     /// (forward, backward) per layer.
@@ -153,17 +178,8 @@ impl BiLstm {
         // Steps past the longest sequence are pure padding: skip them, pad the output back.
         let longest = lengths.iter().copied().max().unwrap_or(0);
         let x = if longest < l { x.narrow(1, 0, longest)? } else { x.clone() };
-        // Row index of each (sequence, step) in the sequence-wise reversal; its own inverse.
-        let rev: Vec<u32> = lengths
-            .iter()
-            .enumerate()
-            .flat_map(|(s, &n)| (0..longest).map(move |t| (s * longest + if t < n { n - 1 - t } else { t }) as u32))
-            .collect();
-        let rev = Tensor::from_vec(rev, (b * longest,), x.device())?;
-        let reverse = |t: &Tensor| -> Result<Tensor> {
-            let d = t.dim(2)?;
-            Ok(t.reshape((b * longest, d))?.index_select(&rev, 0)?.reshape((b, longest, d))?)
-        };
+        let reversal = Reversal::new(lengths, longest, x.device())?;
+        let reverse = |t: &Tensor| reversal.apply(t);
         let mut h = x;
         for (k, (fwd, bwd)) in self.layers.iter().enumerate() {
             if train && k > 0 && self.dropout > 0.0 {

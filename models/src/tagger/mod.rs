@@ -9,6 +9,7 @@
 //! loads as saved. A checkpoint folder is `config.json`, `model.safetensors`, `tags.json` (the
 //! tag names in id order) and, for embeddings input, `vocab.json`.
 pub mod crf;
+pub mod lac;
 pub mod lexicon;
 pub mod lstm;
 
@@ -20,6 +21,7 @@ use candle_nn::{Embedding, Init, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 pub use crf::{Crf, Reduction, TagPath};
+pub use lac::{Lac, LacConfig};
 pub use lexicon::Lexicon;
 pub use lstm::BiLstm;
 
@@ -78,6 +80,12 @@ pub struct TaggerConfig {
     /// Width of a lexicon feature embedding (with `lexicon_classes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lexicon_dim: Option<usize>,
+    /// Contextual character features from LAC (embeddings input; see [`lac`]): its frozen
+    /// network (`lac.*` tensors) and vocabulary (`lac_vocab.json`) ship with the checkpoint. Each
+    /// character's LAC id follows its other ids in the input, and the outputs of LAC's `layers`
+    /// follow its other features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lac: Option<LacConfig>,
     /// LSTM hidden size per direction; the emission layer sees twice this.
     pub hidden_size: usize,
     #[serde(default = "one")]
@@ -126,18 +134,21 @@ pub fn bigram_keys<S: AsRef<str>>(chars: &[S]) -> Vec<String> {
 
 /// How an embeddings-input tagger turns a sequence of tokens (characters) into ids: per token,
 /// its vocabulary id, then (with bigrams) the ids of the bigrams ending and starting at it, then
-/// (with a lexicon) one id per lexicon class. The one rule training and serving share.
+/// (with a lexicon) one id per lexicon class, then (with LAC features) its LAC id. The one rule
+/// training and serving share.
 #[derive(Debug, Clone, Copy)]
 pub struct IdColumns<'a> {
     pub vocab: &'a Vocab,
     pub bigrams: Option<&'a Vocab>,
     pub lexicon: Option<&'a Lexicon>,
+    /// LAC's vocabulary.
+    pub lac: Option<&'a Vocab>,
 }
 
 impl IdColumns<'_> {
     /// Ids a token.
     pub fn width(&self) -> usize {
-        1 + if self.bigrams.is_some() { 2 } else { 0 } + self.lexicon.map_or(0, |l| l.classes().len())
+        1 + if self.bigrams.is_some() { 2 } else { 0 } + self.lexicon.map_or(0, |l| l.classes().len()) + usize::from(self.lac.is_some())
     }
 
     /// The ids of `seq`, token-major (`seq.len() * width()`).
@@ -154,6 +165,9 @@ impl IdColumns<'_> {
             if let Some((c, ids)) = &lexicon {
                 out.extend_from_slice(&ids[i * c..(i + 1) * c]);
             }
+            if let Some(lac) = self.lac {
+                out.push(lac::lac_id(lac, tok.as_ref()));
+            }
         }
         out
     }
@@ -166,6 +180,9 @@ impl IdColumns<'_> {
         }
         if let Some(l) = self.lexicon {
             out.extend(l.none_ids());
+        }
+        if let Some(lac) = self.lac {
+            out.push(lac.unk_id());
         }
         out
     }
@@ -184,6 +201,7 @@ impl TaggerConfig {
             bigram_dim: None,
             lexicon_classes: None,
             lexicon_dim: None,
+            lac: None,
             hidden_size,
             num_layers: 1,
             dropout: 0.0,
@@ -230,6 +248,12 @@ impl TaggerConfig {
             (Some(c), Some(dim)) if (1..=16).contains(&c.len()) && dim > 0 && self.input == InputKind::Embeddings => {}
             _ => return bad("lexicon_classes (1 to 16) and lexicon_dim go together, dim positive, and only with embeddings input"),
         }
+        if let Some(lac) = &self.lac {
+            if self.input != InputKind::Embeddings {
+                return bad("lac (LAC character features) is only for embeddings input");
+            }
+            lac.validate().map_err(ModelError::Unsupported)?;
+        }
         if self.num_intents == Some(0) {
             return bad("num_intents must be positive (or absent: no intent layers)");
         }
@@ -247,19 +271,23 @@ impl TaggerConfig {
         }
     }
 
-    /// Width of the BiLSTM's input: `input_dim`, plus two bigram embeddings and one lexicon
-    /// embedding per class if it has them.
+    /// Width of the BiLSTM's input: `input_dim`, plus two bigram embeddings, one lexicon
+    /// embedding per class and LAC's features if it has them.
     pub fn lstm_input_dim(&self) -> usize {
-        self.input_dim + 2 * self.bigram_dim.unwrap_or(0) + self.lexicon_classes().len() * self.lexicon_dim.unwrap_or(0)
+        self.input_dim
+            + 2 * self.bigram_dim.unwrap_or(0)
+            + self.lexicon_classes().len() * self.lexicon_dim.unwrap_or(0)
+            + self.lac.as_ref().map_or(0, LacConfig::feature_dim)
     }
 
     fn lexicon_classes(&self) -> &[String] {
         self.lexicon_classes.as_deref().unwrap_or(&[])
     }
 
-    /// Embeddings input: ids a position (character; left and right bigram; one per lexicon class).
+    /// Embeddings input: ids a position (character; left and right bigram; one per lexicon
+    /// class; LAC's).
     pub fn id_columns(&self) -> usize {
-        1 + if self.bigram_dim.is_some() { 2 } else { 0 } + self.lexicon_classes().len()
+        1 + if self.bigram_dim.is_some() { 2 } else { 0 } + self.lexicon_classes().len() + usize::from(self.lac.is_some())
     }
 
     /// Encoder input: the layers it reads from an encoder of `num_layers` layers (its config's
@@ -403,6 +431,8 @@ pub struct BiLstmCrf {
     bigrams: Option<Vocab>,
     /// Lexicon features: the word list and its table.
     lexicon: Option<Lexicon>,
+    /// LAC's frozen network and vocabulary ([`TaggerConfig::lac`]).
+    lac: Option<Lac>,
     embedding: Option<Embedding>,
     bigram_embedding: Option<Embedding>,
     lexicon_embedding: Option<Embedding>,
@@ -501,6 +531,7 @@ impl BiLstmCrf {
             vocab: None,
             bigrams: None,
             lexicon: None,
+            lac: None,
             embedding,
             bigram_embedding,
             lexicon_embedding,
@@ -568,7 +599,7 @@ impl BiLstmCrf {
                 let reason = format!("branch_from {from}, but {} has {} layers", path.display(), bert.num_hidden_layers);
                 return Err(ModelError::BadFile { path: config.clone(), reason });
             }
-            let layers = BertLayers::load(vb, &bert, from..bert.num_hidden_layers).map_err(|e| match e {
+            let layers = BertLayers::load(vb.clone(), &bert, from..bert.num_hidden_layers).map_err(|e| match e {
                 ModelError::Candle(c) => ModelError::BadFile {
                     path: weights.clone(),
                     reason: format!("its fine-tuned encoder layers {from}..{} (branch_from): {c}", bert.num_hidden_layers),
@@ -583,6 +614,19 @@ impl BiLstmCrf {
                 let path = file("vocab.json", "the token -> id object of the embedding table")?;
                 let vocab = Vocab::from_file(&path, cfg.unk_token())?;
                 let mut model = model.with_vocab(vocab).map_err(|e| ModelError::BadFile { path, reason: e.to_string() })?;
+                if let Some(lac_cfg) = &cfg.lac {
+                    let path = file("lac_vocab.json", "LAC's character -> id object (the lac entry of config.json)")?;
+                    let vocab = Vocab::from_file(&path, lac::LAC_UNK)?;
+                    let lac = Lac::load(&vb.pp("lac"), lac_cfg, vocab).map_err(|e| match e {
+                        ModelError::Candle(c) => ModelError::BadFile {
+                            path: weights.clone(),
+                            reason: format!("its LAC network (lac.*, the lac entry of {}): {c}", config.display()),
+                        },
+                        ModelError::Unsupported(reason) => ModelError::BadFile { path: path.clone(), reason },
+                        other => other,
+                    })?;
+                    model = model.with_lac(lac)?;
+                }
                 if let Some(classes) = &cfg.lexicon_classes {
                     let path = file("lexicon.txt", "the word list of the lexicon features (lexicon_classes), `word<TAB>class,…` lines")?;
                     let lexicon = Lexicon::from_file(&path, classes)?;
@@ -621,10 +665,16 @@ impl BiLstmCrf {
         if let Some(lexicon) = &self.lexicon {
             lexicon.save(&dir.join("lexicon.txt"))?;
         }
+        if let Some(lac) = &self.lac {
+            lac.vocab().save(&dir.join("lac_vocab.json"))?;
+        }
         if self.intent.is_some() {
             write_json(&dir.join("intents.json"), &self.intents)?;
         }
-        let ts: HashMap<String, Tensor> = self.params.named.iter().cloned().collect();
+        let mut ts: HashMap<String, Tensor> = self.params.named.iter().cloned().collect();
+        for (name, t) in self.lac.iter().flat_map(|l| l.tensors()) {
+            ts.insert(format!("lac.{name}"), t.clone());
+        }
         let weights = dir.join("model.safetensors");
         candle_core::safetensors::save(&ts, &weights)
             .map_err(|e| ModelError::BadFile { path: weights.clone(), reason: e.to_string() })
@@ -681,9 +731,32 @@ impl BiLstmCrf {
         self.lexicon.as_ref()
     }
 
+    /// Attaches LAC's network to a tagger whose config has `lac`; their configs must agree.
+    pub fn with_lac(mut self, lac: Lac) -> Result<Self> {
+        if self.cfg.lac.as_ref() != Some(lac.config()) {
+            return Err(ModelError::Unsupported(format!(
+                "a LAC network {:?} for a tagger whose config has lac {:?}",
+                lac.config(),
+                self.cfg.lac
+            )));
+        }
+        self.lac = Some(lac);
+        Ok(self)
+    }
+
+    /// LAC's network, if the tagger reads LAC features.
+    pub fn lac(&self) -> Option<&Lac> {
+        self.lac.as_ref()
+    }
+
     /// How this tagger turns tokens into ids (embeddings input with a vocabulary).
     pub fn id_columns(&self) -> Option<IdColumns<'_>> {
-        Some(IdColumns { vocab: self.vocab.as_ref()?, bigrams: self.bigrams.as_ref(), lexicon: self.lexicon.as_ref() })
+        Some(IdColumns {
+            vocab: self.vocab.as_ref()?,
+            bigrams: self.bigrams.as_ref(),
+            lexicon: self.lexicon.as_ref(),
+            lac: self.lac.as_ref().map(Lac::vocab),
+        })
     }
 
     /// Names the intents of an intent-aware tagger, in id order (`num_intents` of them).
@@ -806,9 +879,16 @@ impl BiLstmCrf {
                     }
                     if let Some(lemb) = &self.lexicon_embedding {
                         let (b, l, _) = input.dims3()?;
-                        let c = cols - next;
+                        let c = self.cfg.lexicon_classes().len();
                         let ids = input.narrow(2, next, c)?.contiguous()?;
                         parts.push(lemb.forward(&ids)?.reshape((b, l, c * lemb.hidden_size()))?);
+                        next += c;
+                    }
+                    if self.cfg.lac.is_some() {
+                        let lac = self.lac.as_ref().ok_or_else(|| {
+                            ModelError::InvalidInput("this tagger reads LAC features, but no LAC network is attached (with_lac)".into())
+                        })?;
+                        parts.push(lac.features(&at(next)?.contiguous()?, lengths, parts[0].dtype())?);
                     }
                     Tensor::cat(&parts, 2)?
                 }
