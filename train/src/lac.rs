@@ -8,7 +8,7 @@ use std::path::Path;
 
 use anyhow::{bail, ensure, Context};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_nn::{VarBuilder, VarMap};
 use concierge_models::tagger::lac::LAC_UNK;
 use concierge_models::tagger::{Lac, LacConfig, Vocab};
 
@@ -61,6 +61,19 @@ pub fn load_dir(dir: &Path, layers: Vec<usize>) -> anyhow::Result<Lac> {
     let vocab = Vocab::new(ids, LAC_UNK).with_context(|| format!("{}/word.dic", dir.display()))?;
     let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
     Lac::load(&vb, &cfg, vocab).with_context(|| format!("LAC's network in {}", dir.display()))
+}
+
+/// A trainable copy of `lac`: the same network with its tensors as variables of `varmap` (so an
+/// optimiser over `varmap.all_vars()` fine-tunes it, and the tagger saves what it learned).
+pub fn trainable(lac: &Lac, varmap: &VarMap) -> anyhow::Result<Lac> {
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &Device::Cpu);
+    let copy = Lac::load(&vb, lac.config(), lac.vocab().clone())?;
+    let source: HashMap<&str, &Tensor> = lac.tensors().iter().map(|(n, t)| (n.as_str(), t)).collect();
+    for (name, var) in varmap.data().lock().expect("varmap lock").iter() {
+        let t = source.get(name.as_str()).with_context(|| format!("LAC has no tensor {name}"))?;
+        var.set(&t.to_dtype(DType::F32)?)?;
+    }
+    Ok(copy)
 }
 
 #[cfg(test)]

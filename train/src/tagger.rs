@@ -121,6 +121,13 @@ pub struct TrainTagger {
     /// With --lac: the LAC layers (of 2) whose outputs the tagger reads, side by side.
     #[arg(long, value_delimiter = ',', default_value = "1,2")]
     pub lac_layers: Vec<usize>,
+    /// With --lac: fine-tune LAC's network with the tagger (its own AdamW at --lac-lr) instead
+    /// of keeping it frozen.
+    #[arg(long)]
+    pub lac_train: bool,
+    /// With --lac-train: LAC's learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lac_lr: f64,
     /// With --lexicon: width of each class's feature embedding.
     #[arg(long, default_value_t = 16)]
     pub lexicon_dim: usize,
@@ -860,8 +867,25 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(l) = &fz.lexicon {
         model = model.with_lexicon(l.clone())?;
     }
-    if let Some(lac) = lac_net {
+    // LAC: its weights from --init's checkpoint when continuing a run (it may have fine-tuned
+    // them), else from the folder; variables of their own VarMap and optimiser with --lac-train.
+    let lac_map = VarMap::new();
+    let mut lac_opt = None;
+    if let Some(mut lac) = lac_net {
+        if let Some(dir) = &args.init {
+            let from = BiLstmCrf::load(dir, &device, DType::F32).with_context(|| format!("--init {}", dir.display()))?;
+            lac = from.lac().cloned().with_context(|| format!("--init {}: it has no LAC features, this run has (--lac)", dir.display()))?;
+        }
+        if args.lac_train {
+            lac = crate::lac::trainable(&lac, &lac_map)?;
+            lac_opt = Some(AdamW::new(
+                lac_map.all_vars(),
+                ParamsAdamW { lr: args.lac_lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() },
+            )?);
+        }
         model = model.with_lac(lac)?;
+    } else if args.lac_train {
+        bail!("--lac-train fine-tunes the LAC network of --lac: give --lac DIR");
     }
     if args.joint_intent {
         model = model.with_intents(intent_list.clone())?;
@@ -950,6 +974,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             if let Some(o) = branch_opt.as_mut() {
                 o.step(&grads)?;
             }
+            if let Some(o) = lac_opt.as_mut() {
+                o.step(&grads)?;
+            }
             total += loss.to_scalar::<f32>()? as f64;
             bar.inc(1);
             if step % 20 == 0 {
@@ -994,7 +1021,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
         "seed": args.seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),

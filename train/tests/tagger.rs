@@ -330,7 +330,7 @@ fn msra_with_pretrained_vectors_and_a_lexicon_learns() {
 /// weights; its embedding in f16 with `--embeddings-f16`), the checkpoint carries
 /// `lac_vocab.json`, and eval-tagger (the serving code's ids) scores it as the run did.
 #[test]
-fn msra_with_lac_features_learns_with_lac_frozen() {
+fn msra_with_lac_features_learns_frozen_or_fine_tuned() {
     let out = std::env::temp_dir().join(format!("concierge-train-msra-lac-{}", std::process::id()));
     let Some((data, small_test)) = msra_small(&out) else { return };
     let lac_dir = repo("models/tests/fixtures/tagger-lac-tiny/lac");
@@ -358,6 +358,22 @@ fn msra_with_lac_features_learns_with_lac_frozen() {
         assert!(got.iter().zip(&want).all(|(g, w)| (g - w).abs() <= tol), "{name} changed in training: LAC must stay frozen");
     }
     eval_agrees_with_training(&out, &small_test);
+    // --lac-train, continuing that run (--init): LAC's weights now move, and the checkpoint as
+    // served scores as the run did.
+    let tuned = out.with_extension("tuned");
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", tuned.display()),
+        format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=1".into(), "--hidden=32".into(),
+        "--char-dim=16".into(), format!("--lac={}", lac_dir.display()), "--lac-layers=2".into(), "--batch=32".into(),
+        "--lr=1e-2".into(), "--dev-fraction=0.004".into(), format!("--init={}", out.display()), "--lac-train".into(),
+        "--lac-lr=1e-2".into(),
+    ]))
+    .unwrap();
+    let saved = candle_core::safetensors::load(tuned.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let moved = (saved["lac.gru_2.w_0"].clone() - &fixture["lac.gru_2.w_0"]).unwrap().abs().unwrap().max_all().unwrap();
+    assert!(moved.to_scalar::<f32>().unwrap() > 1e-4, "--lac-train left LAC's weights where they were");
+    eval_agrees_with_training(&tuned, &small_test);
     std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&tuned).unwrap();
     std::fs::remove_file(&small_test).unwrap();
 }

@@ -89,7 +89,9 @@ pub fn lac_id(vocab: &Vocab, token: &str) -> u32 {
 struct Gru {
     /// `[in, 3H]`.
     proj_w: Tensor,
-    /// Input projection bias plus the GRU's bias, `[3H]`.
+    /// The input projection's bias and the GRU's, `[3H]` each; added at every call, so a
+    /// network being fine-tuned (its tensors variables) always reads their current values.
+    proj_b: Tensor,
     bias: Tensor,
     /// `[H, 2H]`: update then reset gate.
     w_ur: Tensor,
@@ -106,7 +108,8 @@ impl Gru {
         let b = vb.get((1, h3), &format!("gru_{k}.b_0"))?.flatten_all()?;
         let w_ur = w.narrow(0, 0, 2 * hidden * hidden)?.reshape((hidden, 2 * hidden))?;
         let w_c = w.narrow(0, 2 * hidden * hidden, hidden * hidden)?.reshape((hidden, hidden))?;
-        Ok(Self { proj_w, bias: (proj_b + b)?, w_ur, w_c })
+        // Views of the stored tensor (no copy), so they follow it when it is trained.
+        Ok(Self { proj_w, proj_b, bias: b, w_ur, w_c })
     }
 
     /// Hidden states `[B, L, H]` over `x` `[B, L, in]` from zero state, left to right.
@@ -115,7 +118,7 @@ impl Gru {
         let hidden = self.w_c.dim(0)?;
         // Every step's input projection in one product, step-major so each step's rows are
         // contiguous.
-        let xp = x.reshape((b * l, d))?.matmul(&self.proj_w)?.broadcast_add(&self.bias)?;
+        let xp = x.reshape((b * l, d))?.matmul(&self.proj_w)?.broadcast_add(&(&self.proj_b + &self.bias)?)?;
         let xp = xp.reshape((b, l, 3 * hidden))?.transpose(0, 1)?.contiguous()?;
         let mut h = Tensor::zeros((b, hidden), x.dtype(), x.device())?;
         let mut out = Vec::with_capacity(l);
