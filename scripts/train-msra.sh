@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Remakes checkpoints/entities-zh-msra, the Chinese entity tagger: a character BiLSTM-CRF with
 # character-bigram embeddings (50 wide, bigrams seen 5+ times) on MSRA NER, its character table
-# started from Baidu LAC's pretrained vectors (model-store/data/lac, from jieba's sdist),
-# CPU. Three runs of `concierge train-tagger`, each keeping its best dev epoch: 2 epochs from a
-# seeded start, 3 more from that checkpoint (`--init`), then 2 more at a lower learning rate
-# (2e-3); embedding tables stored in f16. About 70 minutes on a quiet 2-core machine. Seeded:
+# started from Baidu LAC's pretrained vectors, and Baidu LAC's pretrained character BiGRU (both
+# from model-store/data/lac, from jieba's sdist) as contextual features, CPU. Three runs of
+# `concierge train-tagger`, each keeping its best dev epoch: 2 epochs from a seeded start with
+# LAC frozen; 3 more from that checkpoint (`--init`) fine-tuning LAC with the tagger
+# (`--lac-train`, LAC's learning rate 1e-3); then 2 more at lower learning rates (2e-3, LAC
+# 5e-4); embedding tables stored in f16. About 100 minutes on a quiet 2-core machine. Seeded:
 # the same data and binary give the same weights.
 #
 #   scripts/train-msra.sh [MSRA_TRAIN] [MSRA_TEST] [OUT]
@@ -19,13 +21,16 @@ TRAIN=${1:-model-store/data/msra/msra_train.txt}
 TEST=${2:-model-store/data/msra/msra_test.txt}
 OUT=${3:-checkpoints/entities-zh-msra}
 VECTORS=model-store/data/lac
-[ -f "$TRAIN" ] && [ -f "$TEST" ] && [ -f "$VECTORS/word.dic" ] || scripts/fetch-tagger-data.sh
+[ -f "$TRAIN" ] && [ -f "$TEST" ] && [ -f "$VECTORS/model_baseline/gru_0.w_0" ] || scripts/fetch-tagger-data.sh
 cargo build --release -p concierge-server --bin concierge
 BIN=${CARGO_TARGET_DIR:-target}/release/concierge
 COMMON=(--format msra --train "$TRAIN" --test "$TEST" --batch 128 --dev-fraction 0.02
-  --length-buckets --bigram-dim 50 --bigram-min-count 5 --char-vectors "$VECTORS" --patience 3 --seed 13)
+  --length-buckets --bigram-dim 50 --bigram-min-count 5 --char-vectors "$VECTORS" --lac "$VECTORS"
+  --patience 3 --seed 13)
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 "$BIN" train-tagger "${COMMON[@]}" --out "$WORK/first" --epochs 2 --lr 5e-3
-"$BIN" train-tagger "${COMMON[@]}" --init "$WORK/first" --out "$WORK/second" --epochs 3 --lr 5e-3 --embeddings-f16
-"$BIN" train-tagger "${COMMON[@]}" --init "$WORK/second" --out "$OUT" --epochs 2 --lr 2e-3 --embeddings-f16
+"$BIN" train-tagger "${COMMON[@]}" --init "$WORK/first" --out "$WORK/second" --epochs 3 --lr 5e-3 \
+  --lac-train --lac-lr 1e-3 --embeddings-f16
+"$BIN" train-tagger "${COMMON[@]}" --init "$WORK/second" --out "$OUT" --epochs 2 --lr 2e-3 \
+  --lac-train --lac-lr 5e-4 --embeddings-f16
