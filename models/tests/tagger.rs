@@ -343,6 +343,9 @@ fn a_lac_feature_tagger_matches_its_reference() {
         assert_eq!(x.dims(), &[5, 7, 4]);
         let ids = x.narrow(2, 3, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
         check_close("LAC features", &lac.features(&ids, &lengths, DType::F32).unwrap(), &r.t["lac_features"]);
+        // The CPU's plain-loop recurrence and candle's tensor ops agree (on a GPU both are ops).
+        let ops = lac.clone().with_cpu_loops(false);
+        check_close("LAC features through tensor ops", &ops.features(&ids, &lengths, DType::F32).unwrap(), &r.t["lac_features"]);
         // 欢迎你: no LAC row, so OOV (13); padding is OOV too.
         check_char_fixture("lac", &model, &dir, &r, &dev, &[1, 0, 0, 13]);
         let err = model.forward_emissions(&x.narrow(2, 0, 3).unwrap(), &lengths).unwrap_err().to_string();

@@ -160,7 +160,8 @@ mod tests {
         let a: Vec<u32> = "我爱北京".chars().map(|c| lac.id(&c.to_string())).collect();
         let b: Vec<u32> = "天安门".chars().map(|c| lac.id(&c.to_string())).collect();
         let padded = [a.clone(), b.clone(), vec![lac.vocab().unk_id()]].concat();
-        let both = lac.features(&Tensor::from_vec(padded, (2, 4), &Device::Cpu).unwrap(), &[4, 3], DType::F32).unwrap();
+        let ids = Tensor::from_vec(padded, (2, 4), &Device::Cpu).unwrap();
+        let both = lac.features(&ids, &[4, 3], DType::F32).unwrap();
         for (row, ids) in [a, b].into_iter().enumerate() {
             let n = ids.len();
             let alone = lac.features(&Tensor::from_vec(ids, (1, n), &Device::Cpu).unwrap(), &[n], DType::F32).unwrap();
@@ -168,6 +169,10 @@ mod tests {
             let diff = diff.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-5, "sequence {row} batched with padding differs from alone by {diff}");
         }
+        // The CPU loops against candle's ops on the real weights.
+        let ops = lac.clone().with_cpu_loops(false).features(&ids, &[4, 3], DType::F32).unwrap();
+        let diff = (ops - &both).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "CPU loops and tensor ops differ by {diff}");
         let pad = both.get(1).unwrap().get(3).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(pad, 0.0, "zero at padding");
     }

@@ -112,14 +112,72 @@ impl Gru {
         Ok(Self { proj_w, proj_b, bias: b, w_ur, w_c })
     }
 
+    /// `x @ W + b`, every step's input projection in one product, `[B, L, 3H]`.
+    fn project(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, d) = x.dims3()?;
+        let h3 = self.proj_w.dim(1)?;
+        Ok(x.reshape((b * l, d))?.matmul(&self.proj_w)?.broadcast_add(&(&self.proj_b + &self.bias)?)?.reshape((b, l, h3))?)
+    }
+
+    /// Inference on the CPU in f32: the recurrence in plain loops over each sequence's own
+    /// characters (`reverse`: from its last one), `[B, L, H]`, zero at padding. Stepping a
+    /// 128-wide GRU through candle's ops costs more in dispatch than in arithmetic; these loops
+    /// do the same arithmetic as [`Self::forward`] (checked against it).
+    fn forward_cpu(&self, x: &Tensor, lengths: &[usize], reverse: bool) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let hidden = self.w_c.dim(0)?;
+        let (h2, h3) = (2 * hidden, 3 * hidden);
+        let xp: Vec<f32> = self.project(x)?.flatten_all()?.to_vec1()?;
+        let w_ur: Vec<f32> = self.w_ur.flatten_all()?.to_vec1()?;
+        let w_c: Vec<f32> = self.w_c.flatten_all()?.to_vec1()?;
+        let mut out = vec![0f32; b * l * hidden];
+        let (mut h, mut ur, mut rh, mut c) = (vec![0f32; hidden], vec![0f32; h2], vec![0f32; hidden], vec![0f32; hidden]);
+        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
+        for (s, &n) in lengths.iter().enumerate() {
+            h.fill(0.0);
+            for step in 0..n {
+                let t = if reverse { n - 1 - step } else { step };
+                let g = &xp[(s * l + t) * h3..(s * l + t + 1) * h3];
+                // ur = g_ur + h W_ur, row by row (contiguous rows: vectorises).
+                ur.copy_from_slice(&g[..h2]);
+                for (i, &hi) in h.iter().enumerate() {
+                    for (u, &w) in ur.iter_mut().zip(&w_ur[i * h2..(i + 1) * h2]) {
+                        *u += hi * w;
+                    }
+                }
+                for u in ur.iter_mut() {
+                    *u = sigmoid(*u);
+                }
+                for ((r, &gate), &hi) in rh.iter_mut().zip(&ur[hidden..]).zip(&h) {
+                    *r = gate * hi;
+                }
+                c.copy_from_slice(&g[h2..]);
+                for (i, &ri) in rh.iter().enumerate() {
+                    for (cj, &w) in c.iter_mut().zip(&w_c[i * hidden..(i + 1) * hidden]) {
+                        *cj += ri * w;
+                    }
+                }
+                for ((hj, &u), &cj) in h.iter_mut().zip(&ur[..hidden]).zip(&c) {
+                    *hj += u * (cj.tanh() - *hj);
+                }
+                out[(s * l + t) * hidden..(s * l + t + 1) * hidden].copy_from_slice(&h);
+            }
+        }
+        Ok(Tensor::from_vec(out, (b, l, hidden), x.device())?)
+    }
+
+    /// Whether [`Self::forward_cpu`] applies: CPU, f32, and nothing to differentiate (a network
+    /// being fine-tuned holds variables).
+    fn cpu_inference(&self, x: &Tensor) -> bool {
+        x.device().is_cpu() && x.dtype() == DType::F32 && !self.proj_w.is_variable() && !self.proj_w.track_op()
+    }
+
     /// Hidden states `[B, L, H]` over `x` `[B, L, in]` from zero state, left to right.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, d) = x.dims3()?;
+        let (b, l, _) = x.dims3()?;
         let hidden = self.w_c.dim(0)?;
-        // Every step's input projection in one product, step-major so each step's rows are
-        // contiguous.
-        let xp = x.reshape((b * l, d))?.matmul(&self.proj_w)?.broadcast_add(&(&self.proj_b + &self.bias)?)?;
-        let xp = xp.reshape((b, l, 3 * hidden))?.transpose(0, 1)?.contiguous()?;
+        // Step-major, so each step's rows are contiguous.
+        let xp = self.project(x)?.transpose(0, 1)?.contiguous()?;
         let mut h = Tensor::zeros((b, hidden), x.dtype(), x.device())?;
         let mut out = Vec::with_capacity(l);
         for t in 0..l {
@@ -145,6 +203,8 @@ pub struct Lac {
     layers: Vec<(Gru, Gru)>,
     /// Every tensor under its checkpoint name (without `lac.`), for saving.
     named: Vec<(String, Tensor)>,
+    /// Whether CPU f32 inference takes the plain-loop recurrence (see `Gru::forward_cpu`).
+    fast: bool,
 }
 
 impl Lac {
@@ -179,7 +239,14 @@ impl Lac {
             let in_dim = if i == 0 { cfg.dim } else { 2 * h };
             layers.push((Gru::load(vb, 2 * i, in_dim, h)?, Gru::load(vb, 2 * i + 1, in_dim, h)?));
         }
-        Ok(Self { cfg: cfg.clone(), vocab, word_emb: Embedding::new(emb, cfg.dim), layers, named })
+        Ok(Self { cfg: cfg.clone(), vocab, word_emb: Embedding::new(emb, cfg.dim), layers, named, fast: true })
+    }
+
+    /// With `false`, every pass steps through candle's tensor ops (the reference the CPU loops
+    /// are checked against).
+    pub fn with_cpu_loops(mut self, on: bool) -> Self {
+        self.fast = on;
+        self
     }
 
     pub fn config(&self) -> &LacConfig {
@@ -210,8 +277,13 @@ impl Lac {
         let mut x = self.word_emb.forward(ids)?;
         let mut outs = Vec::with_capacity(self.layers.len());
         for (fwd, rev) in &self.layers {
-            let f = fwd.forward(&x)?;
-            let r = reversal.apply(&rev.forward(&reversal.apply(&x)?)?)?;
+            let (f, r) = if self.fast && fwd.cpu_inference(&x) {
+                // The two directions are independent: one on each core.
+                let (f, r) = rayon::join(|| fwd.forward_cpu(&x, lengths, false), || rev.forward_cpu(&x, lengths, true));
+                (f?, r?)
+            } else {
+                (fwd.forward(&x)?, reversal.apply(&rev.forward(&reversal.apply(&x)?)?)?)
+            };
             x = Tensor::cat(&[f, r], 2)?.broadcast_mul(&mask)?;
             outs.push(x.clone());
         }
