@@ -579,10 +579,9 @@ fn set_char_vectors(varmap: &VarMap, vocab: &Vocab, vectors: &Vectors) -> anyhow
     Ok((found, vocab.len()))
 }
 
-/// Loads an earlier checkpoint's weights into `varmap`: it must have the same tag set (and
-/// vocabulary), and every parameter by name with the same shape.
-fn warm_start(varmap: &VarMap, dir: &Path, tags: &[String], fz: &Featurizer, cfg: &TaggerConfig) -> anyhow::Result<()> {
-    let from = BiLstmCrf::load(dir, &Device::Cpu, DType::F32).with_context(|| format!("--init {}", dir.display()))?;
+/// Loads an earlier checkpoint's weights (`from`, loaded from `dir`) into `varmap`: it must have
+/// the same tag set (and vocabulary), and every parameter by name with the same shape.
+fn warm_start(varmap: &VarMap, dir: &Path, from: &BiLstmCrf, tags: &[String], fz: &Featurizer, cfg: &TaggerConfig) -> anyhow::Result<()> {
     if from.tags() != tags {
         bail!("--init {}: its tag set differs from this data's ({} vs {} tags)", dir.display(), from.tags().len(), tags.len());
     }
@@ -703,6 +702,12 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     let tag_list: Vec<String> = std::iter::once("O".to_string()).chain(tags).collect();
     let tag_ids: HashMap<String, u32> = tag_list.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
 
+    // --init's checkpoint, read once: its weights start this run, and its LAC network (which it
+    // may have fine-tuned) replaces the folder's.
+    let init = match &args.init {
+        Some(dir) => Some(BiLstmCrf::load(dir, &device, DType::F32).with_context(|| format!("--init {}", dir.display()))?),
+        None => None,
+    };
     let mut lac_net = None;
     let (mut fz, mut cfg) = match input {
         Input::Encoder => {
@@ -805,8 +810,14 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             let lac = match &args.lac {
                 None => None,
                 Some(dir) => {
-                    let lac = crate::lac::load_dir(dir, args.lac_layers.clone()).with_context(|| format!("--lac {}", dir.display()))?;
+                    let mut lac = crate::lac::load_dir(dir, args.lac_layers.clone()).with_context(|| format!("--lac {}", dir.display()))?;
                     cfg.lac = Some(lac.config().clone());
+                    if let (Some(from), Some(init_dir)) = (&init, &args.init) {
+                        lac = match from.lac() {
+                            Some(l) if l.config() == lac.config() => l.clone(),
+                            _ => bail!("--init {}: its LAC features differ from this run's (--lac, --lac-layers)", init_dir.display()),
+                        };
+                    }
                     eprintln!("train-tagger: LAC features from {} (layers {:?}, {} wide)", dir.display(), args.lac_layers, lac.config().feature_dim());
                     Some(lac)
                 }
@@ -867,15 +878,11 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(l) = &fz.lexicon {
         model = model.with_lexicon(l.clone())?;
     }
-    // LAC: its weights from --init's checkpoint when continuing a run (it may have fine-tuned
-    // them), else from the folder; variables of their own VarMap and optimiser with --lac-train.
+    // LAC (from --init's checkpoint or the folder): variables of their own VarMap and optimiser
+    // with --lac-train.
     let lac_map = VarMap::new();
     let mut lac_opt = None;
     if let Some(mut lac) = lac_net {
-        if let Some(dir) = &args.init {
-            let from = BiLstmCrf::load(dir, &device, DType::F32).with_context(|| format!("--init {}", dir.display()))?;
-            lac = from.lac().cloned().with_context(|| format!("--init {}: it has no LAC features, this run has (--lac)", dir.display()))?;
-        }
         if args.lac_train {
             lac = crate::lac::trainable(&lac, &lac_map)?;
             lac_opt = Some(AdamW::new(
@@ -895,8 +902,8 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         let (found, total) = set_char_vectors(&varmap, vocab, vectors)?;
         eprintln!("train-tagger: pretrained vectors for {found} of {total} characters");
     }
-    if let Some(dir) = &args.init {
-        warm_start(&varmap, dir, &tag_list, &fz, &cfg)?;
+    if let (Some(dir), Some(from)) = (&args.init, &init) {
+        warm_start(&varmap, dir, from, &tag_list, &fz, &cfg)?;
         eprintln!("train-tagger: starting from the weights in {}", dir.display());
     }
     let mut opt = AdamW::new(

@@ -69,19 +69,25 @@ impl LacConfig {
 /// Full-width ASCII (U+FF01–U+FF5E) to ASCII and the ideographic space to a space, as LAC
 /// normalises its input.
 pub fn half_width(s: &str) -> String {
-    s.chars()
-        .map(|c| match c as u32 {
-            0x3000 => ' ',
-            u @ 0xFF01..=0xFF5E => char::from_u32(u - 0xFEE0).unwrap_or(c),
-            _ => c,
-        })
-        .collect()
+    s.chars().map(half_width_char).collect()
 }
 
-/// LAC's character id of `token` in its vocabulary (`OOV` for the unknown).
+fn half_width_char(c: char) -> char {
+    match c as u32 {
+        0x3000 => ' ',
+        u @ 0xFF01..=0xFF5E => char::from_u32(u - 0xFEE0).unwrap_or(c),
+        _ => c,
+    }
+}
+
+/// LAC's character id of `token` in its vocabulary (`OOV` for the unknown). Runs per character
+/// of every request: folds (and allocates) only tokens that need it.
 pub fn lac_id(vocab: &Vocab, token: &str) -> u32 {
-    let folded = half_width(token);
-    vocab.id(&folded)
+    if token.chars().all(|c| half_width_char(c) == c) {
+        vocab.id(token)
+    } else {
+        vocab.id(&half_width(token))
+    }
 }
 
 /// One GRU direction (see the module header).
@@ -97,19 +103,28 @@ struct Gru {
     w_ur: Tensor,
     /// `[H, H]`.
     w_c: Tensor,
+    /// `w_ur` and `w_c` as plain rows for [`Self::forward_cpu`], read once at load; None unless
+    /// the weights are f32 on the CPU and not being trained (variables).
+    cpu: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl Gru {
-    fn load(vb: &VarBuilder, k: usize, in_dim: usize, hidden: usize) -> Result<Self> {
+    /// GRU `k` over inputs `in_dim` wide, its tensors fetched (once each) through `get`.
+    fn load(get: &mut impl FnMut(Vec<usize>, String) -> Result<Tensor>, k: usize, in_dim: usize, hidden: usize) -> Result<Self> {
         let h3 = 3 * hidden;
-        let proj_w = vb.get((in_dim, h3), &format!("fc_{k}.w_0"))?;
-        let proj_b = vb.get(h3, &format!("fc_{k}.b_0"))?;
-        let w = vb.get((hidden, h3), &format!("gru_{k}.w_0"))?.flatten_all()?;
-        let b = vb.get((1, h3), &format!("gru_{k}.b_0"))?.flatten_all()?;
+        let proj_w = get(vec![in_dim, h3], format!("fc_{k}.w_0"))?;
+        let proj_b = get(vec![h3], format!("fc_{k}.b_0"))?;
+        let w = get(vec![hidden, h3], format!("gru_{k}.w_0"))?.flatten_all()?;
+        let b = get(vec![1, h3], format!("gru_{k}.b_0"))?.flatten_all()?;
         let w_ur = w.narrow(0, 0, 2 * hidden * hidden)?.reshape((hidden, 2 * hidden))?;
         let w_c = w.narrow(0, 2 * hidden * hidden, hidden * hidden)?.reshape((hidden, hidden))?;
+        let cpu = if proj_w.device().is_cpu() && proj_w.dtype() == DType::F32 && !proj_w.is_variable() {
+            Some((w_ur.flatten_all()?.to_vec1()?, w_c.flatten_all()?.to_vec1()?))
+        } else {
+            None
+        };
         // Views of the stored tensor (no copy), so they follow it when it is trained.
-        Ok(Self { proj_w, proj_b, bias: b, w_ur, w_c })
+        Ok(Self { proj_w, proj_b, bias: b, w_ur, w_c, cpu })
     }
 
     /// `x @ W + b`, every step's input projection in one product, `[B, L, 3H]`.
@@ -127,9 +142,8 @@ impl Gru {
         let (b, l, _) = x.dims3()?;
         let hidden = self.w_c.dim(0)?;
         let (h2, h3) = (2 * hidden, 3 * hidden);
+        let (w_ur, w_c) = self.cpu.as_ref().expect("forward_cpu only where cpu_inference says so");
         let xp: Vec<f32> = self.project(x)?.flatten_all()?.to_vec1()?;
-        let w_ur: Vec<f32> = self.w_ur.flatten_all()?.to_vec1()?;
-        let w_c: Vec<f32> = self.w_c.flatten_all()?.to_vec1()?;
         let mut out = vec![0f32; b * l * hidden];
         let (mut h, mut ur, mut rh, mut c) = (vec![0f32; hidden], vec![0f32; h2], vec![0f32; hidden], vec![0f32; hidden]);
         let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
@@ -169,7 +183,7 @@ impl Gru {
     /// Whether [`Self::forward_cpu`] applies: CPU, f32, and nothing to differentiate (a network
     /// being fine-tuned holds variables).
     fn cpu_inference(&self, x: &Tensor) -> bool {
-        x.device().is_cpu() && x.dtype() == DType::F32 && !self.proj_w.is_variable() && !self.proj_w.track_op()
+        self.cpu.is_some() && x.device().is_cpu() && x.dtype() == DType::F32
     }
 
     /// Hidden states `[B, L, H]` over `x` `[B, L, in]` from zero state, left to right.
@@ -226,18 +240,11 @@ impl Lac {
             Ok(t)
         };
         let emb = get(vec![cfg.vocab_size, cfg.dim], "word_emb".into())?;
-        let (h, h3) = (cfg.hidden, 3 * cfg.hidden);
-        for k in 0..2 * cfg.num_layers {
-            let in_dim = if k < 2 { cfg.dim } else { 2 * h };
-            get(vec![in_dim, h3], format!("fc_{k}.w_0"))?;
-            get(vec![h3], format!("fc_{k}.b_0"))?;
-            get(vec![h, h3], format!("gru_{k}.w_0"))?;
-            get(vec![1, h3], format!("gru_{k}.b_0"))?;
-        }
+        let h = cfg.hidden;
         let mut layers = Vec::with_capacity(cfg.num_layers);
         for i in 0..cfg.num_layers {
             let in_dim = if i == 0 { cfg.dim } else { 2 * h };
-            layers.push((Gru::load(vb, 2 * i, in_dim, h)?, Gru::load(vb, 2 * i + 1, in_dim, h)?));
+            layers.push((Gru::load(&mut get, 2 * i, in_dim, h)?, Gru::load(&mut get, 2 * i + 1, in_dim, h)?));
         }
         Ok(Self { cfg: cfg.clone(), vocab, word_emb: Embedding::new(emb, cfg.dim), layers, named, fast: true })
     }
@@ -273,16 +280,21 @@ impl Lac {
         let (b, l) = ids.dims2()?;
         check_lengths(lengths, b, l)?;
         let mask = length_mask(lengths, l, ids.device())?.to_dtype(self.word_emb.embeddings().dtype())?.unsqueeze(2)?;
-        let reversal = Reversal::new(lengths, l, ids.device())?;
         let mut x = self.word_emb.forward(ids)?;
+        // The tensor-op path runs the reverse GRUs on each sequence reversed within its length.
+        let reversal = match self.fast && self.layers[0].0.cpu_inference(&x) {
+            true => None,
+            false => Some(Reversal::new(lengths, l, ids.device())?),
+        };
         let mut outs = Vec::with_capacity(self.layers.len());
         for (fwd, rev) in &self.layers {
-            let (f, r) = if self.fast && fwd.cpu_inference(&x) {
-                // The two directions are independent: one on each core.
-                let (f, r) = rayon::join(|| fwd.forward_cpu(&x, lengths, false), || rev.forward_cpu(&x, lengths, true));
-                (f?, r?)
-            } else {
-                (fwd.forward(&x)?, reversal.apply(&rev.forward(&reversal.apply(&x)?)?)?)
+            let (f, r) = match &reversal {
+                None => {
+                    // The two directions are independent: one on each core.
+                    let (f, r) = rayon::join(|| fwd.forward_cpu(&x, lengths, false), || rev.forward_cpu(&x, lengths, true));
+                    (f?, r?)
+                }
+                Some(reversal) => (fwd.forward(&x)?, reversal.apply(&rev.forward(&reversal.apply(&x)?)?)?),
             };
             x = Tensor::cat(&[f, r], 2)?.broadcast_mul(&mask)?;
             outs.push(x.clone());
