@@ -836,3 +836,100 @@ fn the_committed_chinese_tagger_finds_people_places_and_organisations() {
     assert!(has(1, "联/B-ORG 合/M-ORG 国/E-ORG"), "{}", tagged[1]);
     assert!(has(2, "邓/B-PER 小/M-PER 平/E-PER") && has(2, "四/B-LOC 川/E-LOC"), "{}", tagged[2]);
 }
+
+/// An ensemble (`TaggerConfig::ensemble`) of three random members saved apart and assembled
+/// under `members.{k}.`: its emissions are the mean of theirs, its CRF the mean of theirs, and
+/// its Viterbi path is the one whose mean member score (each member's own CRF and emissions) is
+/// highest, found by enumerating every path; the path score is that mean. An ensemble round-trips
+/// through save/load; bad ensemble configs and a missing member are refused clearly.
+#[test]
+fn an_ensemble_tags_by_the_mean_of_its_members_path_scores() {
+    let dev = Device::Cpu;
+    let (d, t) = (6usize, 3usize);
+    let mut cfg = TaggerConfig::encoder(d, 4, t);
+    cfg.num_intents = Some(2);
+    let intents = vec!["ask".to_string(), "book".to_string()];
+    let members: Vec<BiLstmCrf> = (0..3)
+        .map(|_| {
+            let varmap = VarMap::new();
+            let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+            let m = BiLstmCrf::new(vb, &cfg, tag_set(t)).unwrap().with_intents(intents.clone()).unwrap();
+            // Random CRFs (pytorch-crf's init is small): members disagree about transitions too.
+            let out = tmp_dir("member");
+            m.save(&out).unwrap();
+            let mut ts = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
+            for name in ["crf.transitions", "crf.start_transitions", "crf.end_transitions"] {
+                let x = ts[name].clone();
+                ts.insert(name.into(), x.randn_like(0.0, 1.0).unwrap());
+            }
+            candle_core::safetensors::save(&ts, out.join("model.safetensors")).unwrap();
+            let m = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
+            std::fs::remove_dir_all(&out).unwrap();
+            m
+        })
+        .collect();
+    let mut tensors = HashMap::new();
+    for (k, m) in members.iter().enumerate() {
+        for (name, x) in m.named_tensors() {
+            tensors.insert(format!("members.{k}.{name}"), x.clone());
+        }
+    }
+    let mut ecfg = cfg.clone();
+    ecfg.ensemble = Some(3);
+    let built = BiLstmCrf::new(VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev), &ecfg, tag_set(t))
+        .unwrap()
+        .with_intents(intents.clone())
+        .unwrap();
+    let out = tmp_dir("ensemble");
+    built.save(&out).unwrap();
+    let ens = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
+    assert_eq!(ens.num_members(), 3);
+    assert_eq!(ens.config(), &ecfg);
+    let mut names: Vec<String> = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap().into_keys().collect();
+    names.sort();
+    let mut want: Vec<String> = tensors.keys().cloned().collect();
+    want.sort();
+    assert_eq!(names, want, "each member under members.{{k}}., its own CRF included");
+    assert!(names.contains(&"members.2.lstm.weight_ih_l0_reverse".to_string()));
+
+    let mut rng = Rng(0x5eed_0e5e);
+    let lengths = vec![4usize, 2, 3];
+    let x = Tensor::from_vec(rng.floats(3 * 4 * d, 1.5), (3, 4, d), &dev).unwrap();
+    let per: Vec<Tensor> = members.iter().map(|m| m.forward_emissions(&x, &lengths).unwrap()).collect();
+    let mean = (Tensor::stack(&per, 0).unwrap().sum(0).unwrap() / 3.0).unwrap();
+    check_close("ensemble emissions", &ens.forward_emissions(&x, &lengths).unwrap(), &mean);
+    let crfs: Vec<Tensor> = members.iter().map(|m| m.crf().transitions().clone()).collect();
+    let mean_t = (Tensor::stack(&crfs, 0).unwrap().sum(0).unwrap() / 3.0).unwrap();
+    check_close("ensemble transitions", ens.crf().transitions(), &mean_t);
+    let probs = ens.intent_probs(&x, &lengths).unwrap().unwrap();
+    assert_eq!(probs.dims(), [3, 2]);
+
+    let paths = ens.decode(&x, &lengths).unwrap();
+    for (b, &len) in lengths.iter().enumerate() {
+        let ems: Vec<Vec<Vec<f32>>> =
+            per.iter().map(|e| e.get(b).unwrap().narrow(0, 0, len).unwrap().to_vec2::<f32>().unwrap()).collect();
+        let mean_score = |p: &[u32]| members.iter().zip(&ems).map(|(m, em)| score(m.crf(), em, p)).sum::<f64>() / 3.0;
+        let best = all_paths(t, len).into_iter().max_by(|a, b| mean_score(a).total_cmp(&mean_score(b))).unwrap();
+        assert_eq!(paths[b].tags, best, "sequence {b}");
+        assert!((paths[b].score as f64 - mean_score(&best)).abs() < 1e-4, "{} vs {}", paths[b].score, mean_score(&best));
+    }
+    let marg = ens.marginals(&x, &lengths).unwrap().sum(2).unwrap().to_vec2::<f32>().unwrap();
+    assert!((marg[1][0] - 1.0).abs() < 1e-5 && marg[1][3] == 0.0, "{marg:?}");
+    // Ensembles are for inference.
+    let err = ens.emissions(&x, &lengths, true).unwrap_err().to_string();
+    assert!(err.contains("ensemble-tagger"), "{err}");
+
+    // A missing member, and configs that cannot be ensembles.
+    let mut short = tensors.clone();
+    short.retain(|k, _| !k.starts_with("members.2."));
+    let err = BiLstmCrf::new(VarBuilder::from_tensors(short, DType::F32, &dev), &ecfg, tag_set(t)).unwrap_err().to_string();
+    assert!(err.contains("members.2."), "{err}");
+    for (n, input) in [(1, InputKind::Encoder), (2, InputKind::Embeddings)] {
+        let mut bad = if input == InputKind::Embeddings { TaggerConfig::embeddings(10, d, 4, t) } else { cfg.clone() };
+        bad.ensemble = Some(n);
+        let varmap = VarMap::new();
+        let err = BiLstmCrf::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &bad, tag_set(t)).unwrap_err().to_string();
+        assert!(err.contains("ensemble (2 to 64 members)"), "{err}");
+    }
+    std::fs::remove_dir_all(&out).unwrap();
+}

@@ -1,7 +1,8 @@
 //! `concierge`: parse the configuration, start the server, stop it cleanly on SIGTERM/SIGINT.
 //! Exits 0 after a clean stop, 1 when start-up fails (the log says why).
 //!
-//! `concierge train-tagger …` / `concierge eval-tagger …` train and score the entity tagger,
+//! `concierge train-tagger …` / `concierge eval-tagger …` train and score the entity tagger
+//! (`concierge ensemble-tagger …` assembles several into one),
 //! `concierge train-intent …` / `concierge eval-intent …` the intent classifier,
 //! instead (see `concierge train-tagger --help`).
 use std::process::ExitCode;
@@ -17,6 +18,8 @@ enum Command {
     TrainTagger(concierge_train::tagger::TrainTagger),
     /// Score a tagger checkpoint on a test file (conlleval: entity-level P/R/F1, per label).
     EvalTagger(concierge_train::tagger::EvalTagger),
+    /// Assemble an ensemble tagger from taggers trained apart (same settings, own seeds).
+    EnsembleTagger(concierge_train::tagger::EnsembleTagger),
     /// Train an intent classifier (Banking77, CLINC150 or JSONL with images) over the text encoder.
     TrainIntent(concierge_train::intent::TrainIntent),
     /// Score an intent checkpoint: accuracy, macro-F1, handoff, CLINC150's out-of-scope figures.
@@ -27,6 +30,7 @@ fn offline(cmd: Command) -> ExitCode {
     let result = match cmd {
         Command::TrainTagger(args) => concierge_train::tagger::train(&args),
         Command::EvalTagger(args) => concierge_train::tagger::eval(&args).map(|_| ()),
+        Command::EnsembleTagger(args) => concierge_train::tagger::ensemble(&args),
         Command::TrainIntent(args) => concierge_train::intent::train(&args).map(|_| ()),
         Command::EvalIntent(args) => concierge_train::intent::eval(&args).map(|_| ()),
     };

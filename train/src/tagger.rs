@@ -2,7 +2,9 @@
 //! ATIS slots (English, BIO, over the text encoder's frozen token states) or MSRA NER (Chinese,
 //! BMES, over the tagger's own character embeddings). CRF negative log-likelihood by the forward
 //! algorithm, AdamW, shuffled batches, dev-set model selection with early stopping; the best
-//! checkpoint (safetensors + config + tag set [+ vocabulary]) is what `--out` holds.
+//! checkpoint (safetensors + config + tag set [+ vocabulary]) is what `--out` holds (or, with
+//! `--dev-fraction 0`, the last of a fixed number of epochs over every sentence).
+//! `concierge ensemble-tagger` assembles taggers trained apart into one ensemble checkpoint.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -51,6 +53,10 @@ pub struct TrainTagger {
     /// Development sentences for model selection; default: --dev-fraction of --train, held out.
     #[arg(long)]
     pub dev: Option<PathBuf>,
+    /// The share of --train held out as the dev set when there is no --dev. `0`: no dev set;
+    /// every training sentence is trained on for exactly --epochs (or until --max-minutes),
+    /// and the last epoch's weights are the checkpoint (an epoch count chosen on an earlier
+    /// run's dev scores).
     #[arg(long, default_value_t = 0.1)]
     pub dev_fraction: f64,
     /// Test sentences: the best checkpoint is scored on them at the end.
@@ -194,6 +200,108 @@ pub struct EvalTagger {
     /// line between sentences: conlleval's input format), for error analysis.
     #[arg(long)]
     pub predictions: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct EnsembleTagger {
+    /// A member checkpoint (give two or more): taggers from train-tagger with the same settings
+    /// and data but their own --seed. Encoder input, the same encoder, layers, sizes and tags.
+    #[arg(long = "member", required = true)]
+    pub members: Vec<PathBuf>,
+    /// Where the ensemble checkpoint goes (one folder: config.json with `ensemble`, tags.json,
+    /// model.safetensors with each member under `members.{k}.`).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Store the members' LSTM and emission weights in f16 (half the size; computed in f32 as
+    /// before; the CRFs stay f32). The test split is scored on the checkpoint as saved.
+    #[arg(long)]
+    pub f16: bool,
+    /// Score the saved ensemble on this file (e.g. the official test split) and record it.
+    #[arg(long, requires = "format")]
+    pub test: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Text encoder folder (for --test).
+    #[arg(long, default_value = "model-store/all-MiniLM-L6-v2")]
+    pub encoder_dir: PathBuf,
+}
+
+/// Assembles an ensemble checkpoint from separately trained members (see
+/// `TaggerConfig::ensemble`): it tags by the mean of their path scores.
+pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
+    let device = Device::Cpu;
+    if args.members.len() < 2 {
+        bail!("an ensemble needs two or more --member checkpoints; got {}", args.members.len());
+    }
+    let members = args
+        .members
+        .iter()
+        .map(|d| BiLstmCrf::load(d, &device, DType::F32).with_context(|| format!("--member {}", d.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    // What must agree: the config but for what says how it was trained, and the encoder it read.
+    let shape = |m: &BiLstmCrf| {
+        let mut c = m.config().clone();
+        c.extra.retain(|k, _| k == "encoder" || k == "scheme");
+        c
+    };
+    let first = &members[0];
+    for (m, dir) in members.iter().zip(&args.members) {
+        let why = if m.num_members() > 1 {
+            Some("is already an ensemble".to_string())
+        } else if m.config().input != InputKind::Encoder || m.branch().is_some() {
+            Some("is not an encoder-input tagger with frozen encoder states (ensembles are for those)".to_string())
+        } else if shape(m) != shape(first) {
+            Some(format!("has another config than {} (sizes, encoder layers or encoder differ)", args.members[0].display()))
+        } else if m.tags() != first.tags() || m.intents() != first.intents() {
+            Some(format!("has another tag or intent set than {}", args.members[0].display()))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            bail!("--member {} {why}", dir.display());
+        }
+    }
+    let mut tensors = HashMap::new();
+    for (k, m) in members.iter().enumerate() {
+        for (name, t) in m.named_tensors() {
+            tensors.insert(format!("members.{k}.{name}"), t.clone());
+        }
+    }
+    let mut cfg = first.config().clone();
+    cfg.ensemble = Some(members.len());
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
+    let mut model = BiLstmCrf::new(vb, &cfg, first.tags().to_vec())?;
+    if cfg.num_intents.is_some() {
+        model = model.with_intents(first.intents().to_vec())?;
+    }
+    model.save(&args.out).with_context(|| format!("writing the ensemble to {}", args.out.display()))?;
+    if args.f16 {
+        let path = args.out.join("model.safetensors");
+        let mut ts = candle_core::safetensors::load(&path, &device)?;
+        for (name, t) in ts.iter_mut() {
+            if !name.contains(".crf.") {
+                *t = t.to_dtype(DType::F16)?;
+            }
+        }
+        candle_core::safetensors::save(&ts, &path)?;
+    }
+    let runs: Vec<serde_json::Value> = args
+        .members
+        .iter()
+        .map(|d| {
+            let training: Option<serde_json::Value> = std::fs::read_to_string(d.join("training.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+            serde_json::json!({"member": d.display().to_string(), "training": training})
+        })
+        .collect();
+    let mut summary = serde_json::json!({"ensemble": members.len(), "f16": args.f16, "members": runs});
+    eprintln!("ensemble-tagger: {} members in {}", members.len(), args.out.display());
+    if let (Some(test), Some(format)) = (&args.test, args.format) {
+        let eval_args = EvalTagger { model: args.out.clone(), format, test: test.clone(), encoder_dir: args.encoder_dir.clone(), predictions: None };
+        let e = eval(&eval_args)?;
+        summary["test"] = serde_json::json!({"path": test.display().to_string(), "f1": e.f1(), "precision": e.precision(), "recall": e.recall()});
+    }
+    std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    Ok(())
 }
 
 fn read(format: Format, path: &Path) -> anyhow::Result<Vec<Sentence>> {
@@ -654,7 +762,8 @@ fn embeddings_to_f16(dir: &Path) -> anyhow::Result<()> {
 struct EpochLog {
     epoch: usize,
     loss: f64,
-    dev_f1: f64,
+    /// None without a dev set (--dev-fraction 0).
+    dev_f1: Option<f64>,
     seconds: f64,
 }
 
@@ -667,8 +776,13 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     });
     let mut train_set = read(args.format, &args.train).with_context(|| format!("reading {}", args.train.display()))?;
     let mut rng = Rng::new(args.seed);
+    if !(0.0..1.0).contains(&args.dev_fraction) {
+        bail!("--dev-fraction must be at least 0 and below 1; got {}", args.dev_fraction);
+    }
+    let no_dev = args.dev.is_none() && args.dev_fraction == 0.0;
     let dev_set = match &args.dev {
         Some(p) => read(args.format, p).with_context(|| format!("reading {}", p.display()))?,
+        None if no_dev => Vec::new(),
         None => {
             // A seeded hold-out, taken before --limit so the dev set does not change with it.
             let mut idx: Vec<usize> = (0..train_set.len()).collect();
@@ -683,7 +797,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(n) = args.limit {
         train_set.truncate(n);
     }
-    if train_set.is_empty() || dev_set.is_empty() {
+    if train_set.is_empty() || (dev_set.is_empty() && !no_dev) {
         bail!("need training and dev sentences; got {} and {}", train_set.len(), dev_set.len());
     }
 
@@ -991,17 +1105,23 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             }
         }
         bar.finish_and_clear();
-        let (dev, dev_intent) = evaluate(&model, &fz, &dev_ex, &device, branch.as_ref())?;
         let loss = total / steps_per_epoch as f64;
-        let secs = t0.elapsed().as_secs_f64();
-        let intent = match dev_intent {
-            Some((acc, _)) => format!(", dev intent accuracy {:.2}%", acc * 100.0),
-            None => String::new(),
+        // Without a dev set every epoch is kept: the last one run is the checkpoint.
+        let dev_f1 = if no_dev {
+            eprintln!("epoch {epoch}: loss {loss:.4} ({:.1} s)", t0.elapsed().as_secs_f64());
+            None
+        } else {
+            let (dev, dev_intent) = evaluate(&model, &fz, &dev_ex, &device, branch.as_ref())?;
+            let intent = match dev_intent {
+                Some((acc, _)) => format!(", dev intent accuracy {:.2}%", acc * 100.0),
+                None => String::new(),
+            };
+            eprintln!("epoch {epoch}: loss {loss:.4}, dev F1 {:.2}{intent} ({:.1} s)", dev.f1() * 100.0, t0.elapsed().as_secs_f64());
+            Some(dev.f1())
         };
-        eprintln!("epoch {epoch}: loss {loss:.4}, dev F1 {:.2}{intent} ({secs:.1} s)", dev.f1() * 100.0);
-        log.push(EpochLog { epoch, loss, dev_f1: dev.f1(), seconds: secs });
-        if dev.f1() > best_f1 {
-            (best_f1, best_epoch, since_best) = (dev.f1(), epoch, 0);
+        log.push(EpochLog { epoch, loss, dev_f1, seconds: t0.elapsed().as_secs_f64() });
+        if no_dev || dev_f1.is_some_and(|f| f > best_f1) {
+            (best_f1, best_epoch, since_best) = (dev_f1.unwrap_or(f64::NAN), epoch, 0);
             model.save(&args.out).with_context(|| format!("writing the checkpoint to {}", args.out.display()))?;
             if args.embeddings_f16 {
                 embeddings_to_f16(&args.out)?;
@@ -1019,7 +1139,11 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         }
     }
     let train_secs = t_start.elapsed().as_secs_f64();
-    eprintln!("best dev F1 {:.2} at epoch {best_epoch}; checkpoint in {}", best_f1 * 100.0, args.out.display());
+    if no_dev {
+        eprintln!("no dev set: the checkpoint is epoch {best_epoch}'s, in {}", args.out.display());
+    } else {
+        eprintln!("best dev F1 {:.2} at epoch {best_epoch}; checkpoint in {}", best_f1 * 100.0, args.out.display());
+    }
 
     let mut summary = serde_json::json!({
         "format": format!("{:?}", args.format).to_lowercase(),
@@ -1032,7 +1156,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "lr": args.lr, "weight_decay": args.weight_decay,
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),
-        "best_epoch": best_epoch, "best_dev_f1": best_f1, "train_seconds": train_secs,
+        "best_epoch": best_epoch, "best_dev_f1": (!no_dev).then_some(best_f1), "train_seconds": train_secs,
         "epochs": log,
     });
     // The saved checkpoint: what every figure below is of.
@@ -1040,10 +1164,12 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if branch.is_some() {
         // Its rounded layers and all, through the server's feature path.
         fz.reads = Reads::Tagger(Box::new(best.clone()));
-        let ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
-        let served = evaluate(&best, &fz, &ex, &device, None)?.0.f1();
-        eprintln!("the saved checkpoint as served: dev F1 {:.2} (trained model {:.2})", served * 100.0, best_f1 * 100.0);
-        summary["served_dev_f1"] = serde_json::json!(served);
+        if !no_dev {
+            let ex = fz.examples(&dev_set, &tag_ids, "dev", args.quiet)?;
+            let served = evaluate(&best, &fz, &ex, &device, None)?.0.f1();
+            eprintln!("the saved checkpoint as served: dev F1 {:.2} (trained model {:.2})", served * 100.0, best_f1 * 100.0);
+            summary["served_dev_f1"] = serde_json::json!(served);
+        }
         summary["train_layers"] = serde_json::json!(args.train_layers);
         summary["encoder_lr"] = serde_json::json!(args.encoder_lr);
         summary["encoder_dropout"] = serde_json::json!(args.encoder_dropout);

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use concierge_train::tagger::{eval, train, EvalTagger, TrainTagger};
+use concierge_train::tagger::{ensemble, eval, train, EnsembleTagger, EvalTagger, Format, TrainTagger};
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -376,4 +376,74 @@ fn msra_with_lac_features_learns_frozen_or_fine_tuned() {
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_dir_all(&tuned).unwrap();
     std::fs::remove_file(&small_test).unwrap();
+}
+
+/// `--dev-fraction 0` trains on every sentence for exactly --epochs and keeps the last epoch;
+/// `ensemble-tagger` assembles two such runs (own seeds) into one checkpoint that eval-tagger
+/// scores as it recorded, f16 weights and all; a member of another shape is refused by name.
+#[test]
+fn atis_runs_without_a_dev_set_assemble_into_an_ensemble() {
+    let data = repo("model-store/data/atis/train_dev");
+    let test = repo("model-store/data/atis/test");
+    let encoder = repo("model-store/all-MiniLM-L6-v2");
+    if !data.is_file() || !encoder.is_dir() {
+        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("concierge-train-ens-{}", std::process::id()));
+    let run = |name: &str, seed: u64, hidden: usize| {
+        let out = tmp.join(name);
+        train(&args(&[
+            "--format=atis".into(), format!("--train={}", data.display()), format!("--encoder-dir={}", encoder.display()),
+            format!("--out={}", out.display()), "--limit=300".into(), "--epochs=3".into(), format!("--hidden={hidden}"),
+            "--batch=16".into(), "--lr=5e-3".into(), format!("--seed={seed}"), "--dev-fraction=0".into(), format!("--test={}", test.display()),
+        ]))
+        .unwrap();
+        out
+    };
+    let (a, b) = (run("a", 5, 48), run("b", 6, 48));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("training.json")).unwrap()).unwrap();
+    // Every epoch ran (no dev set, so no early stop), and the checkpoint is the last one's.
+    assert_eq!((v["dev_sentences"].as_u64(), v["best_epoch"].as_u64(), v["best_dev_f1"].is_null()), (Some(0), Some(3), true), "{v}");
+    assert!(v["epochs"].as_array().unwrap().iter().all(|e| e["dev_f1"].is_null()), "{v}");
+    let score = |model: &Path| {
+        eval(&EvalTagger { model: model.into(), format: Format::Atis, test: test.clone(), encoder_dir: encoder.clone(), predictions: None })
+            .unwrap()
+            .f1()
+    };
+    let fa = score(&a);
+    assert!(fa > 0.5, "a member trained on 300 sentences scored {fa}");
+    assert!((v["test"]["f1"].as_f64().unwrap() - fa).abs() < 1e-9, "the run recorded {} and eval-tagger gives {fa}", v["test"]["f1"]);
+
+    let ens = tmp.join("ens");
+    let assemble = |members: Vec<PathBuf>| {
+        ensemble(&EnsembleTagger {
+            members,
+            out: ens.clone(),
+            f16: true,
+            test: Some(test.clone()),
+            format: Some(Format::Atis),
+            encoder_dir: encoder.clone(),
+        })
+    };
+    assemble(vec![a.clone(), b.clone()]).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ens.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["ensemble"], 2);
+    let member: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("config.json")).unwrap()).unwrap();
+    assert!(cfg["encoder"]["version"].is_string() && cfg["encoder"] == member["encoder"], "{cfg}");
+    let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ens.join("training.json")).unwrap()).unwrap();
+    assert_eq!(rec["members"].as_array().unwrap().len(), 2);
+    assert_eq!(rec["members"][1]["training"]["seed"], 6);
+    let fe = score(&ens);
+    assert!(fe > 0.5 && (rec["test"]["f1"].as_f64().unwrap() - fe).abs() < 1e-9, "ensemble {fe}, recorded {}", rec["test"]["f1"]);
+    let ts = candle_core::safetensors::load(ens.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(ts["members.1.lstm.weight_ih_l0"].dtype(), candle_core::DType::F16);
+    assert_eq!(ts["members.1.crf.transitions"].dtype(), candle_core::DType::F32);
+
+    let c = run("c", 7, 32);
+    let err = format!("{:#}", assemble(vec![a.clone(), c.clone()]).unwrap_err());
+    assert!(err.contains(&c.display().to_string()) && err.contains("another config"), "{err}");
+    let err = format!("{:#}", assemble(vec![a.clone()]).unwrap_err());
+    assert!(err.contains("two or more"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
 }

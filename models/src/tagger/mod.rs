@@ -110,6 +110,15 @@ pub struct TaggerConfig {
     /// intent layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_intents: Option<usize>,
+    /// An ensemble of this many taggers of this config (encoder input, no fine-tuned layers),
+    /// trained apart (different seeds) and assembled by `concierge ensemble-tagger`. Member `k`'s
+    /// tensors are `members.{k}.*` (a PyTorch `nn.ModuleList` named `members`), each with its
+    /// own CRF. The ensemble scores a path by the mean of the members' scores: its emissions are
+    /// the mean of theirs and its CRF the mean of their transitions, which is the normalised
+    /// geometric mean of their path distributions (the log-partition does not depend on the
+    /// path). None: one tagger.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ensemble: Option<usize>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -209,6 +218,7 @@ impl TaggerConfig {
             emission_name: None,
             unk_token: None,
             num_intents: None,
+            ensemble: None,
             extra: BTreeMap::new(),
         }
     }
@@ -256,6 +266,11 @@ impl TaggerConfig {
         }
         if self.num_intents == Some(0) {
             return bad("num_intents must be positive (or absent: no intent layers)");
+        }
+        if let Some(n) = self.ensemble {
+            if n < 2 || n > 64 || self.input != InputKind::Encoder || self.branch_from.is_some() {
+                return bad("ensemble (2 to 64 members) is only for encoder input without fine-tuned layers (branch_from)");
+            }
         }
         if self.branch_from.is_some() && self.input != InputKind::Encoder {
             return bad("branch_from (fine-tuned encoder layers) is only for encoder input");
@@ -446,6 +461,9 @@ pub struct BiLstmCrf {
     intents: Vec<String>,
     crf: Crf,
     params: Params,
+    /// An ensemble's other members ([`TaggerConfig::ensemble`]); this one is member 0, and its
+    /// `crf` is the members' mean.
+    members: Vec<BiLstmCrf>,
 }
 
 impl BiLstmCrf {
@@ -461,6 +479,9 @@ impl BiLstmCrf {
         let mut seen = HashSet::new();
         if let Some(dup) = tags.iter().find(|t| !seen.insert(t.as_str())) {
             return Err(ModelError::Unsupported(format!("tag {dup:?} appears twice in the tag set")));
+        }
+        if let Some(n) = cfg.ensemble {
+            return Self::new_ensemble(vb, cfg, tags, n);
         }
         let mut params = Params::default();
         let embedding = match cfg.input {
@@ -542,7 +563,40 @@ impl BiLstmCrf {
             intents: Vec::new(),
             crf,
             params,
+            members: Vec::new(),
         })
+    }
+
+    /// `n` members under `members.{k}`, each of `cfg` without `ensemble`; the CRF used is the
+    /// mean of theirs.
+    fn new_ensemble(vb: VarBuilder, cfg: &TaggerConfig, tags: Vec<String>, n: usize) -> Result<Self> {
+        let one = TaggerConfig { ensemble: None, ..cfg.clone() };
+        let mut members = (0..n)
+            .map(|k| Self::new(vb.pp(format!("members.{k}")), &one, tags.clone()))
+            .collect::<Result<Vec<_>>>()?;
+        let mean = |get: fn(&Crf) -> &Tensor| -> Result<Tensor> {
+            let all = members.iter().map(|m| get(&m.crf)).collect::<Vec<_>>();
+            Ok((Tensor::stack(&all, 0)?.sum(0)? / n as f64)?)
+        };
+        let crf = Crf::new(mean(Crf::transitions)?, mean(Crf::start_transitions)?, mean(Crf::end_transitions)?)?;
+        let mut first = members.remove(0);
+        for m in &members {
+            first.params.named.extend(m.params.named.iter().cloned());
+        }
+        first.cfg = cfg.clone();
+        first.crf = crf;
+        first.members = members;
+        Ok(first)
+    }
+
+    /// Every weight under its checkpoint name (as `save` writes them, LAC's aside).
+    pub fn named_tensors(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.params.named.iter().map(|(n, t)| (n.as_str(), t))
+    }
+
+    /// Members in the ensemble (1: a single tagger).
+    pub fn num_members(&self) -> usize {
+        1 + self.members.len()
     }
 
     /// Loads a checkpoint folder: `config.json`, `model.safetensors`, `tags.json`, and
@@ -581,6 +635,9 @@ impl BiLstmCrf {
         };
         let mut model = Self::new(vb.clone(), &cfg, tags).map_err(mismatch)?;
         model.lstm.pack_for_cpu()?;
+        for m in &mut model.members {
+            m.lstm.pack_for_cpu()?;
+        }
         if let Some(n) = cfg.num_intents {
             let path = file("intents.json", "the intent names in id order, a JSON list (num_intents in config.json)")?;
             let intents: Vec<String> = std::fs::read_to_string(&path)
@@ -905,7 +962,31 @@ impl BiLstmCrf {
                 input.to_dtype(self.emission.weight().dtype())?
             }
         };
-        let mut h = self.lstm.forward(&x, lengths, train)?;
+        if self.members.is_empty() {
+            return self.forward_features(&x, lengths, train);
+        }
+        if train {
+            return Err(ModelError::InvalidInput(
+                "an ensemble is for inference: train its members apart and assemble them (concierge ensemble-tagger)".into(),
+            ));
+        }
+        // The mean of the members' emission scores (and intent logits).
+        let mut out = self.forward_features(&x, lengths, false)?;
+        for m in &self.members {
+            let o = m.forward_features(&x, lengths, false)?;
+            out.emissions = (out.emissions + o.emissions)?;
+            out.intent_logits = match (out.intent_logits, o.intent_logits) {
+                (Some(a), Some(b)) => Some((a + b)?),
+                _ => None,
+            };
+        }
+        let k = self.num_members() as f64;
+        Ok(TaggerOutput { emissions: (out.emissions / k)?, intent_logits: out.intent_logits.map(|l| l / k).transpose()? })
+    }
+
+    /// One member's emission scores (and intent logits) from the BiLSTM's input `x`.
+    fn forward_features(&self, x: &Tensor, lengths: &[usize], train: bool) -> Result<TaggerOutput> {
+        let mut h = self.lstm.forward(x, lengths, train)?;
         if train && self.cfg.dropout > 0.0 {
             h = candle_nn::ops::dropout(&h, self.cfg.dropout)?;
         }
