@@ -44,7 +44,7 @@ fn offline(cmd: Command) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).is_some_and(|a| matches!(a.as_str(), "train-tagger" | "eval-tagger" | "train-intent" | "eval-intent")) {
+    if std::env::args().nth(1).is_some_and(|a| matches!(a.as_str(), "train-tagger" | "eval-tagger" | "ensemble-tagger" | "train-intent" | "eval-intent")) {
         tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         ).init();

@@ -1,5 +1,7 @@
 //! The bidirectional, multi-layer LSTM of the tagger over padded batches, in candle tensor ops
-//! (PyTorch's gate order i, f, g, o and its weight names, so `nn.LSTM` checkpoints load).
+//! (PyTorch's gate order i, f, g, o and its weight names, so `nn.LSTM` checkpoints load). A
+//! loaded f32 CPU model infers through `BiLstm::forward_cpu` instead: one packed product for
+//! both directions' inputs, then the recurrence in plain loops, checked against the ops.
 //!
 //! Padding never reaches a real position: the forward direction reads left to right, so the
 //! padding after a sequence comes too late to matter; the backward direction runs on each
@@ -67,6 +69,8 @@ struct Cell {
     w_hh: Tensor,
     b_ih: Tensor,
     b_hh: Tensor,
+    /// `W_hh^T` `[H, 4H]` as plain rows for [`Cell::steps_cpu`]; set by `pack_for_cpu`.
+    w_hh_t: Option<std::sync::Arc<Vec<f32>>>,
 }
 
 impl Cell {
@@ -110,6 +114,42 @@ impl Cell {
         }
         Ok(Tensor::stack(&out, 1)?)
     }
+
+    /// Inference on the CPU in f32: the recurrence of [`Self::steps`] in plain loops, over each
+    /// sequence's own steps (`reverse`: from its last), reading this direction's gates at
+    /// `offset` in each row of `xw` (`stride` wide, row `s * l + t`). Returns `[B * L * H]`, zero
+    /// at padding. Stepping a 128-wide cell through candle's ops costs more in dispatch than in
+    /// arithmetic at these sizes.
+    fn steps_cpu(&self, xw: &[f32], stride: usize, offset: usize, lengths: &[usize], l: usize, reverse: bool) -> Vec<f32> {
+        let w_t = self.w_hh_t.as_ref().expect("steps_cpu after pack_for_cpu");
+        let hidden = self.w_hh.dims()[1];
+        let h4 = 4 * hidden;
+        let mut out = vec![0f32; lengths.len() * l * hidden];
+        let (mut h, mut c, mut g) = (vec![0f32; hidden], vec![0f32; hidden], vec![0f32; h4]);
+        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
+        for (s, &n) in lengths.iter().enumerate() {
+            h.fill(0.0);
+            c.fill(0.0);
+            for step in 0..n {
+                let t = if reverse { n - 1 - step } else { step };
+                let row = (s * l + t) * stride + offset;
+                g.copy_from_slice(&xw[row..row + h4]);
+                // g += h W_hh^T, a contiguous row of W_hh^T per hidden unit (vectorises).
+                for (i, &hi) in h.iter().enumerate() {
+                    for (gj, &w) in g.iter_mut().zip(&w_t[i * h4..(i + 1) * h4]) {
+                        *gj += hi * w;
+                    }
+                }
+                for j in 0..hidden {
+                    let (ig, fg, gg, og) = (sigmoid(g[j]), sigmoid(g[hidden + j]), g[2 * hidden + j].tanh(), sigmoid(g[3 * hidden + j]));
+                    c[j] = fg * c[j] + ig * gg;
+                    h[j] = og * c[j].tanh();
+                }
+                out[(s * l + t) * hidden..(s * l + t + 1) * hidden].copy_from_slice(&h);
+            }
+        }
+        out
+    }
 }
 
 impl BiLstm {
@@ -138,6 +178,7 @@ impl BiLstm {
                     w_hh: get(format!("weight_hh_l{k}{suffix}"), vec![4 * hidden, hidden])?,
                     b_ih: get(format!("bias_ih_l{k}{suffix}"), vec![4 * hidden])?,
                     b_hh: get(format!("bias_hh_l{k}{suffix}"), vec![4 * hidden])?,
+                    w_hh_t: None,
                 });
             }
             let bwd = pair.pop().unwrap();
@@ -156,10 +197,13 @@ impl BiLstm {
             return Ok(());
         }
         let mut packed = Vec::with_capacity(self.layers.len());
-        for (f, b) in &self.layers {
+        for (f, b) in &mut self.layers {
             let wt = Tensor::cat(&[&f.w_ih, &b.w_ih], 0)?.t()?.contiguous()?;
             let bias = Tensor::cat(&[(&f.b_ih + &f.b_hh)?, (&b.b_ih + &b.b_hh)?], 0)?;
             packed.push(Packed(concierge_kernels::linear::PackedLinear::new(&wt, Some(&bias))?));
+            for cell in [f, b] {
+                cell.w_hh_t = Some(std::sync::Arc::new(cell.w_hh.t()?.contiguous()?.flatten_all()?.to_vec1()?));
+            }
         }
         self.packed = Some(packed);
         Ok(())
@@ -178,6 +222,9 @@ impl BiLstm {
         // Steps past the longest sequence are pure padding: skip them, pad the output back.
         let longest = lengths.iter().copied().max().unwrap_or(0);
         let x = if longest < l { x.narrow(1, 0, longest)? } else { x.clone() };
+        if let Some(packed) = self.packed.as_ref().filter(|_| !train) {
+            return self.forward_cpu(packed, x, lengths, l);
+        }
         let reversal = Reversal::new(lengths, longest, x.device())?;
         let reverse = |t: &Tensor| reversal.apply(t);
         let mut h = x;
@@ -185,23 +232,39 @@ impl BiLstm {
             if train && k > 0 && self.dropout > 0.0 {
                 h = candle_nn::ops::dropout(&h, self.dropout)?;
             }
-            let (f, r) = match self.packed.as_ref().filter(|_| !train) {
-                Some(packed) => {
-                    // Both directions' projections in one product; the backward one's rows are
-                    // then reversed like its input would have been.
-                    let (bb, ll, d) = h.dims3()?;
-                    let h4 = 4 * self.hidden;
-                    let xw = packed[k].0.forward(&h.reshape((bb * ll, d))?.contiguous()?, concierge_kernels::linear::Act::None, None)?;
-                    let xf = xw.narrow(1, 0, h4)?.reshape((bb, ll, h4))?;
-                    let xb = xw.narrow(1, h4, h4)?.reshape((bb, ll, h4))?;
-                    (fwd.steps(&xf)?, reverse(&bwd.steps(&reverse(&xb)?)?)?)
-                }
-                None => (fwd.seq(&h)?, reverse(&bwd.seq(&reverse(&h)?)?)?),
-            };
+            let (f, r) = (fwd.seq(&h)?, reverse(&bwd.seq(&reverse(&h)?)?)?);
             h = Tensor::cat(&[f, r], 2)?;
         }
         let mask = length_mask(lengths, longest, h.device())?.to_dtype(h.dtype())?;
         let h = h.broadcast_mul(&mask.unsqueeze(2)?)?;
         Ok(if longest < l { h.pad_with_zeros(1, 0, l - longest)? } else { h })
+    }
+
+    /// Inference on f32 CPU weights: per layer, both directions' input projections in one packed
+    /// product, then each direction's recurrence in plain loops ([`Cell::steps_cpu`]), the two
+    /// directions on two threads. `x` is already cut to the longest sequence; `l` is the
+    /// padded length to give back. The same arithmetic as the tensor-op path (checked against it).
+    fn forward_cpu(&self, packed: &[Packed], x: Tensor, lengths: &[usize], l: usize) -> Result<Tensor> {
+        let (b, ll, _) = x.dims3()?;
+        let hidden = self.hidden;
+        let (h4, h8) = (4 * hidden, 8 * hidden);
+        let mut h = x;
+        for (k, (fwd, bwd)) in self.layers.iter().enumerate() {
+            let d = h.dim(2)?;
+            let xw = packed[k].0.forward(&h.reshape((b * ll, d))?.contiguous()?, concierge_kernels::linear::Act::None, None)?;
+            let xw: Vec<f32> = xw.flatten_all()?.to_vec1()?;
+            let (f, r) = rayon::join(
+                || fwd.steps_cpu(&xw, h8, 0, lengths, ll, false),
+                || bwd.steps_cpu(&xw, h8, h4, lengths, ll, true),
+            );
+            let mut both = Vec::with_capacity(b * ll * 2 * hidden);
+            for (fr, rr) in f.chunks_exact(hidden).zip(r.chunks_exact(hidden)) {
+                both.extend_from_slice(fr);
+                both.extend_from_slice(rr);
+            }
+            h = Tensor::from_vec(both, (b, ll, 2 * hidden), h.device())?;
+        }
+        // Zero at padding already (the loops never write there).
+        Ok(if ll < l { h.pad_with_zeros(1, 0, l - ll)? } else { h })
     }
 }
