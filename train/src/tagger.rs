@@ -819,7 +819,13 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     // --init's checkpoint, read once: its weights start this run, and its LAC network (which it
     // may have fine-tuned) replaces the folder's.
     let init = match &args.init {
-        Some(dir) => Some(BiLstmCrf::load(dir, &device, DType::F32).with_context(|| format!("--init {}", dir.display()))?),
+        Some(dir) => {
+            let m = BiLstmCrf::load(dir, &device, DType::F32).with_context(|| format!("--init {}", dir.display()))?;
+            if m.num_members() > 1 {
+                bail!("--init {}: an ensemble of {} taggers; start from one of its members instead", dir.display(), m.num_members());
+            }
+            Some(m)
+        }
         None => None,
     };
     let mut lac_net = None;

@@ -440,6 +440,14 @@ fn atis_runs_without_a_dev_set_assemble_into_an_ensemble() {
     assert_eq!(ts["members.1.lstm.weight_ih_l0"].dtype(), candle_core::DType::F16);
     assert_eq!(ts["members.1.crf.transitions"].dtype(), candle_core::DType::F32);
 
+    // An ensemble cannot be trained further as one.
+    let mut more = args(&[
+        "--format=atis".into(), format!("--train={}", data.display()), format!("--encoder-dir={}", encoder.display()),
+        format!("--out={}", tmp.join("more").display()), "--limit=50".into(), "--epochs=1".into(), "--hidden=48".into(),
+    ]);
+    more.init = Some(ens.clone());
+    let err = format!("{:#}", train(&more).unwrap_err());
+    assert!(err.contains("an ensemble of 2 taggers"), "{err}");
     let c = run("c", 7, 32);
     let err = format!("{:#}", assemble(vec![a.clone(), c.clone()]).unwrap_err());
     assert!(err.contains(&c.display().to_string()) && err.contains("another config"), "{err}");
