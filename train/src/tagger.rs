@@ -276,14 +276,7 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
     }
     model.save(&args.out).with_context(|| format!("writing the ensemble to {}", args.out.display()))?;
     if args.f16 {
-        let path = args.out.join("model.safetensors");
-        let mut ts = candle_core::safetensors::load(&path, &device)?;
-        for (name, t) in ts.iter_mut() {
-            if !name.contains(".crf.") {
-                *t = t.to_dtype(DType::F16)?;
-            }
-        }
-        candle_core::safetensors::save(&ts, &path)?;
+        tensors_to_f16(&args.out, |name| !name.contains(".crf."))?;
     }
     let runs: Vec<serde_json::Value> = args
         .members
@@ -746,10 +739,15 @@ fn save_branch(dir: &Path, branch: &VarMap, relative: Option<&RelativeBias>, enc
 /// Rewrites the checkpoint `dir`'s embedding tables (`embedding.weight`, `bigram_embedding.weight`,
 /// LAC's `lac.word_emb`) in f16; the loader widens them again to the dtype it loads in.
 fn embeddings_to_f16(dir: &Path) -> anyhow::Result<()> {
+    tensors_to_f16(dir, |name| ["embedding.weight", "bigram_embedding.weight", "lac.word_emb"].contains(&name))
+}
+
+/// Rewrites the checkpoint in `dir` with the tensors `pick` names in f16.
+fn tensors_to_f16(dir: &Path, pick: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     let path = dir.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;
-    for name in ["embedding.weight", "bigram_embedding.weight", "lac.word_emb"] {
-        if let Some(t) = tensors.get_mut(name) {
+    for (name, t) in tensors.iter_mut() {
+        if pick(name) {
             *t = t.to_dtype(DType::F16)?;
         }
     }
@@ -824,7 +822,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             if m.num_members() > 1 {
                 bail!("--init {}: an ensemble of {} taggers; start from one of its members instead", dir.display(), m.num_members());
             }
-            Some(m)
+            Some((dir, m))
         }
         None => None,
     };
@@ -932,7 +930,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 Some(dir) => {
                     let mut lac = crate::lac::load_dir(dir, args.lac_layers.clone()).with_context(|| format!("--lac {}", dir.display()))?;
                     cfg.lac = Some(lac.config().clone());
-                    if let (Some(from), Some(init_dir)) = (&init, &args.init) {
+                    if let Some((init_dir, from)) = &init {
                         lac = match from.lac() {
                             Some(l) if l.config() == lac.config() => l.clone(),
                             _ => bail!("--init {}: its LAC features differ from this run's (--lac, --lac-layers)", init_dir.display()),
@@ -1022,7 +1020,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         let (found, total) = set_char_vectors(&varmap, vocab, vectors)?;
         eprintln!("train-tagger: pretrained vectors for {found} of {total} characters");
     }
-    if let (Some(dir), Some(from)) = (&args.init, &init) {
+    if let Some((dir, from)) = &init {
         warm_start(&varmap, dir, from, &tag_list, &fz, &cfg)?;
         eprintln!("train-tagger: starting from the weights in {}", dir.display());
     }

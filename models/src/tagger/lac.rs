@@ -22,7 +22,7 @@ use candle_nn::{Embedding, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::crf::{check_lengths, length_mask};
-use super::lstm::Reversal;
+use super::lstm::{add_vec_mat, sigmoid, Reversal};
 use super::Vocab;
 use crate::error::{ModelError, Result};
 
@@ -146,19 +146,13 @@ impl Gru {
         let xp: Vec<f32> = self.project(x)?.flatten_all()?.to_vec1()?;
         let mut out = vec![0f32; b * l * hidden];
         let (mut h, mut ur, mut rh, mut c) = (vec![0f32; hidden], vec![0f32; h2], vec![0f32; hidden], vec![0f32; hidden]);
-        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
         for (s, &n) in lengths.iter().enumerate() {
             h.fill(0.0);
             for step in 0..n {
                 let t = if reverse { n - 1 - step } else { step };
                 let g = &xp[(s * l + t) * h3..(s * l + t + 1) * h3];
-                // ur = g_ur + h W_ur, row by row (contiguous rows: vectorises).
                 ur.copy_from_slice(&g[..h2]);
-                for (i, &hi) in h.iter().enumerate() {
-                    for (u, &w) in ur.iter_mut().zip(&w_ur[i * h2..(i + 1) * h2]) {
-                        *u += hi * w;
-                    }
-                }
+                add_vec_mat(&mut ur, &h, w_ur);
                 for u in ur.iter_mut() {
                     *u = sigmoid(*u);
                 }
@@ -166,11 +160,7 @@ impl Gru {
                     *r = gate * hi;
                 }
                 c.copy_from_slice(&g[h2..]);
-                for (i, &ri) in rh.iter().enumerate() {
-                    for (cj, &w) in c.iter_mut().zip(&w_c[i * hidden..(i + 1) * hidden]) {
-                        *cj += ri * w;
-                    }
-                }
+                add_vec_mat(&mut c, &rh, w_c);
                 for ((hj, &u), &cj) in h.iter_mut().zip(&ur[..hidden]).zip(&c) {
                     *hj += u * (cj.tanh() - *hj);
                 }
@@ -282,10 +272,7 @@ impl Lac {
         let mask = length_mask(lengths, l, ids.device())?.to_dtype(self.word_emb.embeddings().dtype())?.unsqueeze(2)?;
         let mut x = self.word_emb.forward(ids)?;
         // The tensor-op path runs the reverse GRUs on each sequence reversed within its length.
-        let reversal = match self.fast && self.layers[0].0.cpu_inference(&x) {
-            true => None,
-            false => Some(Reversal::new(lengths, l, ids.device())?),
-        };
+        let reversal = if self.fast && self.layers[0].0.cpu_inference(&x) { None } else { Some(Reversal::new(lengths, l, ids.device())?) };
         let mut outs = Vec::with_capacity(self.layers.len());
         for (fwd, rev) in &self.layers {
             let (f, r) = match &reversal {

@@ -15,6 +15,21 @@ use super::crf::{check_lengths, length_mask};
 use super::Params;
 use crate::error::Result;
 
+/// `acc += v W` for `W` row-major `[v.len(), acc.len()]`, a contiguous row of `W` per element
+/// of `v` (vectorises): the per-step product of the CPU recurrences (LSTM and LAC's GRU).
+pub(super) fn add_vec_mat(acc: &mut [f32], v: &[f32], w: &[f32]) {
+    let n = acc.len();
+    for (&vi, row) in v.iter().zip(w.chunks_exact(n)) {
+        for (a, &wij) in acc.iter_mut().zip(row) {
+            *a += vi * wij;
+        }
+    }
+}
+
+pub(super) fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
 /// Reverses each sequence of a padded batch `[B, L, D]` within its own length (its padding
 /// stays at the end): how a backward recurrence runs as a forward one. Its own inverse.
 pub(super) struct Reversal {
@@ -126,7 +141,6 @@ impl Cell {
         let h4 = 4 * hidden;
         let mut out = vec![0f32; lengths.len() * l * hidden];
         let (mut h, mut c, mut g) = (vec![0f32; hidden], vec![0f32; hidden], vec![0f32; h4]);
-        let sigmoid = |v: f32| 1.0 / (1.0 + (-v).exp());
         for (s, &n) in lengths.iter().enumerate() {
             h.fill(0.0);
             c.fill(0.0);
@@ -134,12 +148,7 @@ impl Cell {
                 let t = if reverse { n - 1 - step } else { step };
                 let row = (s * l + t) * stride + offset;
                 g.copy_from_slice(&xw[row..row + h4]);
-                // g += h W_hh^T, a contiguous row of W_hh^T per hidden unit (vectorises).
-                for (i, &hi) in h.iter().enumerate() {
-                    for (gj, &w) in g.iter_mut().zip(&w_t[i * h4..(i + 1) * h4]) {
-                        *gj += hi * w;
-                    }
-                }
+                add_vec_mat(&mut g, &h, w_t);
                 for j in 0..hidden {
                     let (ig, fg, gg, og) = (sigmoid(g[j]), sigmoid(g[hidden + j]), g[2 * hidden + j].tanh(), sigmoid(g[3 * hidden + j]));
                     c[j] = fg * c[j] + ig * gg;
