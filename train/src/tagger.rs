@@ -19,7 +19,7 @@ use concierge_models::entities::{
 };
 use concierge_models::sequence::conlleval::Evaluation;
 use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
-use concierge_models::tagger::{bigram_keys, lexicon, BiLstmCrf, IdColumns, InputKind, Lexicon, Reduction, TaggerConfig, Vocab};
+use concierge_models::tagger::{bigram_keys, lexicon, BiLstmCrf, IdColumns, InputKind, Lexicon, Reduction, SoftLexicon, TaggerConfig, Vocab};
 use concierge_models::{ModelSource, TextEncoder, TokenStates};
 
 use crate::layers::{encoder_weight, pad_rows, Dropout, RelativeBias, TrainLayer};
@@ -134,6 +134,17 @@ pub struct TrainTagger {
     /// With --lac-train: LAC's learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lac_lr: f64,
+    /// Chars input: word-vector lexicon features (SoftLexicon; see
+    /// `models/src/tagger/soft_lexicon.rs`) from these word vectors (word2vec text or binary,
+    /// e.g. `model-store/data/synonyms/words.vector` from `scripts/fetch-word-vectors.sh`): every
+    /// word of 2 to 16 characters joins the lexicon, weighted by 1 + its count in the training
+    /// text; the checkpoint carries the words and their vectors (frozen). With --init from a
+    /// checkpoint without them, its first LSTM layer is widened with zero columns for them.
+    #[arg(long)]
+    pub word_vectors: Option<PathBuf>,
+    /// With --word-vectors: the heaviest words kept in each of a character's B, M and E sets.
+    #[arg(long, default_value_t = 4)]
+    pub soft_lexicon_per_set: usize,
     /// With --lexicon: width of each class's feature embedding.
     #[arg(long, default_value_t = 16)]
     pub lexicon_dim: usize,
@@ -347,6 +358,8 @@ struct Featurizer {
     lexicon: Option<Lexicon>,
     /// LAC's vocabulary (--lac).
     lac: Option<Vocab>,
+    /// Word-vector lexicon (--word-vectors).
+    soft_lexicon: Option<SoftLexicon>,
 }
 
 /// What an encoder-input example is made of.
@@ -368,6 +381,7 @@ impl Featurizer {
             bigrams: self.bigrams.as_ref(),
             lexicon: self.lexicon.as_ref(),
             lac: self.lac.as_ref(),
+            soft_lexicon: self.soft_lexicon.as_ref(),
         }
     }
 
@@ -663,6 +677,41 @@ fn read_lexicon(path: &Path) -> anyhow::Result<Lexicon> {
     Ok(Lexicon::new(classes, entries)?)
 }
 
+/// The word-vector lexicon of `--word-vectors`: every word of 2 to 16 characters in the file,
+/// sorted, weighted by 1 + how often it occurs in the training sentences (every occurrence of
+/// every matching span counts), its vectors the table's rows from 1.
+fn build_soft_lexicon(path: &Path, train: &[Sentence], per_set: usize, device: &Device) -> anyhow::Result<SoftLexicon> {
+    let vectors = Vectors::load(path)?;
+    let words: BTreeSet<&String> = vectors.map.keys().filter(|w| (2..=lexicon::MAX_WORD_CHARS).contains(&w.chars().count())).collect();
+    if words.is_empty() {
+        bail!("no words of 2 to {} characters", lexicon::MAX_WORD_CHARS);
+    }
+    let mut counts: HashMap<&str, f32> = words.iter().map(|w| (w.as_str(), 1.0)).collect();
+    let longest = words.iter().map(|w| w.chars().count()).max().unwrap_or(2);
+    let mut key = String::new();
+    for s in train {
+        for start in 0..s.tokens.len() {
+            key.clear();
+            key.push_str(&s.tokens[start]);
+            for tok in s.tokens.iter().skip(start + 1).take(longest - 1) {
+                key.push_str(tok);
+                if let Some(c) = counts.get_mut(key.as_str()) {
+                    *c += 1.0;
+                }
+            }
+        }
+    }
+    let dim = vectors.dim;
+    let mut table = vec![0f32; (words.len() + 1) * dim];
+    let mut entries = Vec::with_capacity(words.len());
+    for (k, w) in words.iter().enumerate() {
+        table[(k + 1) * dim..(k + 2) * dim].copy_from_slice(&vectors.map[*w]);
+        entries.push(((*w).clone(), counts[w.as_str()]));
+    }
+    let table = Tensor::from_vec(table, (words.len() + 1, dim), device)?;
+    Ok(SoftLexicon::new(entries, table, per_set)?)
+}
+
 /// Sets the rows of `embedding.weight` whose character `vectors` cover; returns (rows set, rows).
 fn set_char_vectors(varmap: &VarMap, vocab: &Vocab, vectors: &Vectors) -> anyhow::Result<(usize, usize)> {
     let data = varmap.data().lock().expect("varmap lock");
@@ -695,10 +744,22 @@ fn warm_start(varmap: &VarMap, dir: &Path, from: &BiLstmCrf, tags: &[String], fz
     if from.lac().map(|l| l.config()) != cfg.lac.as_ref() {
         bail!("--init {}: its LAC features differ from this run's (--lac, --lac-layers)", dir.display());
     }
+    // A soft lexicon added to a checkpoint without one: its features are the first layer's last
+    // input columns, which start at zero, so the run starts where the checkpoint was.
+    let widen = match (from.soft_lexicon(), &cfg.soft_lexicon) {
+        (None, None) => 0,
+        (None, Some(s)) => s.feature_dim(),
+        (Some(a), Some(b)) if a.config() == b => 0,
+        _ => bail!("--init {}: its soft lexicon differs from this run's (--word-vectors)", dir.display()),
+    };
     let weights = candle_core::safetensors::load(dir.join("model.safetensors"), &Device::Cpu)?;
     let data = varmap.data().lock().expect("varmap lock");
     for (name, var) in data.iter() {
-        let w = weights.get(name).with_context(|| format!("--init {}: no tensor {name}", dir.display()))?;
+        let mut w = weights.get(name).with_context(|| format!("--init {}: no tensor {name}", dir.display()))?.clone();
+        if widen > 0 && (name == "lstm.weight_ih_l0" || name == "lstm.weight_ih_l0_reverse") && w.rank() == 2 && w.dim(1)? + widen == var.dim(1)? {
+            let zeros = Tensor::zeros((w.dim(0)?, widen), w.dtype(), w.device())?;
+            w = Tensor::cat(&[&w, &zeros], 1)?;
+        }
         if w.shape() != var.shape() {
             bail!("--init {}: {name} is {:?}, this model's is {:?}", dir.display(), w.dims(), var.dims());
         }
@@ -737,9 +798,9 @@ fn save_branch(dir: &Path, branch: &VarMap, relative: Option<&RelativeBias>, enc
 }
 
 /// Rewrites the checkpoint `dir`'s embedding tables (`embedding.weight`, `bigram_embedding.weight`,
-/// LAC's `lac.word_emb`) in f16; the loader widens them again to the dtype it loads in.
+/// LAC's `lac.word_emb`, the soft lexicon's vectors) in f16; the loader widens them again to the dtype it loads in.
 fn embeddings_to_f16(dir: &Path) -> anyhow::Result<()> {
-    tensors_to_f16(dir, |name| ["embedding.weight", "bigram_embedding.weight", "lac.word_emb"].contains(&name))
+    tensors_to_f16(dir, |name| ["embedding.weight", "bigram_embedding.weight", "lac.word_emb", "soft_lexicon.embedding"].contains(&name))
 }
 
 /// Rewrites the checkpoint in `dir` with the tensors `pick` names in f16.
@@ -829,8 +890,8 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     let mut lac_net = None;
     let (mut fz, mut cfg) = match input {
         Input::Encoder => {
-            if args.char_vectors.is_some() || args.lexicon.is_some() || args.lac.is_some() {
-                bail!("--char-vectors, --lexicon and --lac are features of the tagger's own character input: they need --input chars");
+            if args.char_vectors.is_some() || args.lexicon.is_some() || args.lac.is_some() || args.word_vectors.is_some() {
+                bail!("--char-vectors, --lexicon, --word-vectors and --lac are features of the tagger's own character input: they need --input chars");
             }
             let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
                 .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
@@ -860,7 +921,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Reads::Branch { fixed: layers.into_iter().filter(|&l| l <= from).collect(), from }
                 }
             };
-            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None, vectors: None, lexicon: None, lac: None }, cfg)
+            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None, vectors: None, lexicon: None, lac: None, soft_lexicon: None }, cfg)
         }
         Input::Chars => {
             let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
@@ -940,6 +1001,25 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Some(lac)
                 }
             };
+            let soft_lexicon = match &args.word_vectors {
+                None => None,
+                Some(path) => {
+                    let soft = match init.as_ref().and_then(|(_, from)| from.soft_lexicon()) {
+                        // --init's words and weights, so its ids mean the same.
+                        Some(s) => {
+                            if s.config().per_set != args.soft_lexicon_per_set {
+                                bail!("--soft-lexicon-per-set {}: --init's soft lexicon keeps {}", args.soft_lexicon_per_set, s.config().per_set);
+                            }
+                            s.to(&device, DType::F32)?
+                        }
+                        None => build_soft_lexicon(path, &train_set, args.soft_lexicon_per_set, &device)
+                            .with_context(|| format!("--word-vectors {}", path.display()))?,
+                    };
+                    cfg.soft_lexicon = Some(soft.config().clone());
+                    eprintln!("train-tagger: soft lexicon of {} words ({} wide, {} a set)", soft.len(), soft.config().dim, soft.config().per_set);
+                    Some(soft)
+                }
+            };
             if args.train_layers > 0 {
                 bail!("--train-layers fine-tunes the text encoder: it needs encoder input");
             }
@@ -952,6 +1032,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 vectors,
                 lexicon,
                 lac: lac.as_ref().map(|l| l.vocab().clone()),
+                soft_lexicon,
             };
             lac_net = lac;
             (fz, cfg)
@@ -995,6 +1076,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     }
     if let Some(l) = &fz.lexicon {
         model = model.with_lexicon(l.clone())?;
+    }
+    if let Some(s) = &fz.soft_lexicon {
+        model = model.with_soft_lexicon(s.clone())?;
     }
     // LAC (from --init's checkpoint or the folder): variables of their own VarMap and optimiser
     // with --lac-train.
@@ -1156,7 +1240,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
         "seed": args.seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),
@@ -1208,7 +1292,7 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
         }
         InputKind::Embeddings => (Input::Chars, None),
     };
-    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned(), lac: model.lac().map(|l| l.vocab().clone()) };
+    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned(), lac: model.lac().map(|l| l.vocab().clone()), soft_lexicon: model.soft_lexicon().cloned() };
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
     let ex = fz.examples(&sentences, &tag_ids, "test", false)?;

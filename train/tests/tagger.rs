@@ -218,10 +218,27 @@ fn msra_small(out: &Path) -> Option<(PathBuf, PathBuf)> {
         return None;
     }
     let small_test = out.with_extension("test.txt");
-    let text = std::fs::read_to_string(&test).unwrap();
-    let first: Vec<&str> = text.split("\n\n").take(100).collect();
-    std::fs::write(&small_test, first.join("\n\n") + "\n").unwrap();
+    std::fs::write(&small_test, first_sentences(&test, 100)).unwrap();
     Some((data, small_test))
+}
+
+/// The first `n` sentences of an MSRA file (blank-line separated; the files have CRLF line
+/// ends), with LF line ends.
+fn first_sentences(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut out = String::new();
+    let mut seen = 0;
+    for line in text.lines() {
+        if line.trim().is_empty() {
+            seen += 1;
+            if seen == n {
+                break;
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
 }
 
 /// eval-tagger (the serving code's ids) scores the checkpoint in `out` on `test` as its
@@ -321,6 +338,83 @@ fn msra_with_pretrained_vectors_and_a_lexicon_learns() {
     assert!(format!("{err:#}").contains("--char-dim 8"), "{err:#}");
     std::fs::remove_dir_all(&out).unwrap();
     for f in [&small_test, &vectors, &lexicon] {
+        std::fs::remove_file(f).unwrap();
+    }
+}
+
+/// MSRA with a word-vector lexicon (`--word-vectors`, a word2vec text file) added to a
+/// checkpoint without one (`--init`): the run starts from it (its first LSTM layer widened), the
+/// checkpoint carries `soft_lexicon.txt` (words of 2+ characters, weighted by 1 + their count in
+/// the training text) and the vectors unchanged, and eval-tagger (the serving code's ids) scores
+/// it as the run did. Continuing it without the vectors is refused.
+#[test]
+fn msra_with_a_soft_lexicon_continues_a_checkpoint() {
+    let out = std::env::temp_dir().join(format!("concierge-train-msra-soft-{}", std::process::id()));
+    let Some((data, small_test)) = msra_small(&out) else { return };
+    let base = out.with_extension("base");
+    let common = |out: &Path| -> Vec<String> {
+        vec![
+            "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+            format!("--test={}", small_test.display()), "--limit=400".into(), "--hidden=16".into(), "--char-dim=16".into(),
+            "--batch=32".into(), "--lr=1e-2".into(), "--dev-fraction=0.004".into(),
+        ]
+    };
+    train(&args(&[common(&base), vec!["--epochs=2".into()]].concat())).unwrap();
+    let vectors = out.with_extension("vec");
+    let vec_of = |k: usize| -> Vec<f32> { (0..6).map(|i| (k * 6 + i) as f32 * 0.125 - 2.0).collect() };
+    let words = ["中国", "新华社", "邓小平", "我们", "的", "龘龘"];
+    let text: String = words
+        .iter()
+        .enumerate()
+        .map(|(k, w)| format!("{w} {}\n", vec_of(k).iter().map(|x| x.to_string()).collect::<Vec<_>>().join(" ")))
+        .collect();
+    std::fs::write(&vectors, format!("{} 6\n{text}", words.len())).unwrap();
+    let soft = |init: &Path| {
+        train(&args(&[
+            common(&out),
+            vec!["--epochs=1".into(), format!("--init={}", init.display()), format!("--word-vectors={}", vectors.display()),
+                "--soft-lexicon-per-set=2".into(), "--embeddings-f16".into()],
+        ]
+        .concat()))
+    };
+    soft(&base).unwrap();
+    let (before, _) = losses(&base);
+    let (after, _) = losses(&out);
+    assert!(after[0] < before[0] * 0.9, "the widened run starts from its --init ({after:?} vs {before:?})");
+    let m = concierge_models::BiLstmCrf::load(&out, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let lex = m.soft_lexicon().expect("soft_lexicon.txt");
+    assert_eq!(lex.len(), 5, "one-character words are left out");
+    assert_eq!(m.config().lstm_input_dim(), 16 + 3 * 6);
+    // Sorted; each weighted by 1 + its count in the 400 training sentences (龘龘: none).
+    let listed = std::fs::read_to_string(out.join("soft_lexicon.txt")).unwrap();
+    let rows: Vec<(&str, f32)> = listed.lines().map(|l| l.split_once('\t').map(|(w, c)| (w, c.parse().unwrap())).unwrap()).collect();
+    assert_eq!(rows.iter().map(|r| r.0).collect::<Vec<_>>(), ["中国", "我们", "新华社", "邓小平", "龘龘"]);
+    // The characters, with a | where a sentence ends.
+    let train_text: String =
+        first_sentences(&data, 400).lines().map(|l| l.split_whitespace().next().unwrap_or("|")).collect();
+    // (The dev split takes a sentence or two of the 400.)
+    for (w, c) in &rows {
+        let n = train_text.matches(w).count() as f32;
+        assert!(*c <= 1.0 + n && *c >= n - 3.0, "{w}: weight {c}, {n} times in the 400 sentences");
+    }
+    assert_eq!(rows[4].1, 1.0, "a word the text never has weighs 1");
+    assert!(rows[0].1 > 10.0, "中国 occurs in MSRA's first sentences");
+    // The vectors are frozen and kept (in f16 with --embeddings-f16).
+    let saved = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let table = &saved["soft_lexicon.embedding"];
+    assert_eq!(table.dtype(), candle_core::DType::F16);
+    let row: Vec<f32> = table.get(3).unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1().unwrap();
+    for (got, want) in row.iter().zip(vec_of(1)) {
+        assert!((got - want).abs() < 1e-3, "新华社's vector: {row:?}");
+    }
+    eval_agrees_with_training(&out, &small_test);
+    // Going on from it without the vectors: refused.
+    let err = train(&args(&[common(&base), vec!["--epochs=1".into(), format!("--init={}", out.display())]].concat())).unwrap_err();
+    assert!(format!("{err:#}").contains("soft lexicon differs"), "{err:#}");
+    for d in [&out, &base] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+    for f in [&small_test, &vectors] {
         std::fs::remove_file(f).unwrap();
     }
 }

@@ -11,6 +11,7 @@
 pub mod crf;
 pub mod lac;
 pub mod lexicon;
+pub mod soft_lexicon;
 pub mod lstm;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,6 +24,7 @@ use serde::{Deserialize, Serialize};
 pub use crf::{Crf, Reduction, TagPath};
 pub use lac::{Lac, LacConfig};
 pub use lexicon::Lexicon;
+pub use soft_lexicon::{SoftLexicon, SoftLexiconConfig};
 pub use lstm::BiLstm;
 
 use crate::bert::{BertLayers, Config as BertConfig};
@@ -86,6 +88,12 @@ pub struct TaggerConfig {
     /// follow its other features.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lac: Option<LacConfig>,
+    /// Word-vector lexicon features (embeddings input; see [`soft_lexicon`]): the word list
+    /// (`soft_lexicon.txt`) and its frozen vector table (`soft_lexicon.embedding`) ship with the
+    /// checkpoint. Each character's `3 * per_set` word ids follow all its other ids, and its three
+    /// set vectors follow all its other features (LAC's too).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub soft_lexicon: Option<SoftLexiconConfig>,
     /// LSTM hidden size per direction; the emission layer sees twice this.
     pub hidden_size: usize,
     #[serde(default = "one")]
@@ -143,7 +151,8 @@ pub fn bigram_keys<S: AsRef<str>>(chars: &[S]) -> Vec<String> {
 
 /// How an embeddings-input tagger turns a sequence of tokens (characters) into ids: per token,
 /// its vocabulary id, then (with bigrams) the ids of the bigrams ending and starting at it, then
-/// (with a lexicon) one id per lexicon class, then (with LAC features) its LAC id. The one rule
+/// (with a lexicon) one id per lexicon class, then (with LAC features) its LAC id, then (with a
+/// soft lexicon) its B, M and E sets' word ids. The one rule
 /// training and serving share.
 #[derive(Debug, Clone, Copy)]
 pub struct IdColumns<'a> {
@@ -152,12 +161,16 @@ pub struct IdColumns<'a> {
     pub lexicon: Option<&'a Lexicon>,
     /// LAC's vocabulary.
     pub lac: Option<&'a Vocab>,
+    pub soft_lexicon: Option<&'a SoftLexicon>,
 }
 
 impl IdColumns<'_> {
     /// Ids a token.
     pub fn width(&self) -> usize {
-        1 + if self.bigrams.is_some() { 2 } else { 0 } + self.lexicon.map_or(0, |l| l.classes().len()) + usize::from(self.lac.is_some())
+        1 + if self.bigrams.is_some() { 2 } else { 0 }
+            + self.lexicon.map_or(0, |l| l.classes().len())
+            + usize::from(self.lac.is_some())
+            + self.soft_lexicon.map_or(0, |s| s.config().id_columns())
     }
 
     /// The ids of `seq`, token-major (`seq.len() * width()`).
@@ -165,6 +178,7 @@ impl IdColumns<'_> {
         let w = self.width();
         let bigrams = self.bigrams.map(|b| b.encode_bigrams(seq));
         let lexicon = self.lexicon.map(|l| (l.classes().len(), l.ids(seq)));
+        let soft = self.soft_lexicon.map(|s| (s.config().id_columns(), s.ids(seq)));
         let mut out = Vec::with_capacity(seq.len() * w);
         for (i, tok) in seq.iter().enumerate() {
             out.push(self.vocab.id(tok.as_ref()));
@@ -176,6 +190,9 @@ impl IdColumns<'_> {
             }
             if let Some(lac) = self.lac {
                 out.push(lac::lac_id(lac, tok.as_ref()));
+            }
+            if let Some((c, ids)) = &soft {
+                out.extend_from_slice(&ids[i * c..(i + 1) * c]);
             }
         }
         out
@@ -192,6 +209,9 @@ impl IdColumns<'_> {
         }
         if let Some(lac) = self.lac {
             out.push(lac.unk_id());
+        }
+        if let Some(s) = self.soft_lexicon {
+            out.extend(s.none_ids());
         }
         out
     }
@@ -211,6 +231,7 @@ impl TaggerConfig {
             lexicon_classes: None,
             lexicon_dim: None,
             lac: None,
+            soft_lexicon: None,
             hidden_size,
             num_layers: 1,
             dropout: 0.0,
@@ -264,6 +285,12 @@ impl TaggerConfig {
             }
             lac.validate().map_err(ModelError::Unsupported)?;
         }
+        if let Some(soft) = &self.soft_lexicon {
+            if self.input != InputKind::Embeddings {
+                return bad("soft_lexicon (word-vector lexicon features) is only for embeddings input");
+            }
+            soft.validate().map_err(ModelError::Unsupported)?;
+        }
         if self.num_intents == Some(0) {
             return bad("num_intents must be positive (or absent: no intent layers)");
         }
@@ -293,6 +320,7 @@ impl TaggerConfig {
             + 2 * self.bigram_dim.unwrap_or(0)
             + self.lexicon_classes().len() * self.lexicon_dim.unwrap_or(0)
             + self.lac.as_ref().map_or(0, LacConfig::feature_dim)
+            + self.soft_lexicon.as_ref().map_or(0, SoftLexiconConfig::feature_dim)
     }
 
     fn lexicon_classes(&self) -> &[String] {
@@ -302,7 +330,10 @@ impl TaggerConfig {
     /// Embeddings input: ids a position (character; left and right bigram; one per lexicon
     /// class; LAC's).
     pub fn id_columns(&self) -> usize {
-        1 + if self.bigram_dim.is_some() { 2 } else { 0 } + self.lexicon_classes().len() + usize::from(self.lac.is_some())
+        1 + if self.bigram_dim.is_some() { 2 } else { 0 }
+            + self.lexicon_classes().len()
+            + usize::from(self.lac.is_some())
+            + self.soft_lexicon.as_ref().map_or(0, SoftLexiconConfig::id_columns)
     }
 
     /// Encoder input: the layers it reads from an encoder of `num_layers` layers (its config's
@@ -448,6 +479,8 @@ pub struct BiLstmCrf {
     lexicon: Option<Lexicon>,
     /// LAC's frozen network and vocabulary ([`TaggerConfig::lac`]).
     lac: Option<Lac>,
+    /// Word-vector lexicon features ([`TaggerConfig::soft_lexicon`]).
+    soft_lexicon: Option<SoftLexicon>,
     embedding: Option<Embedding>,
     bigram_embedding: Option<Embedding>,
     lexicon_embedding: Option<Embedding>,
@@ -553,6 +586,7 @@ impl BiLstmCrf {
             bigrams: None,
             lexicon: None,
             lac: None,
+            soft_lexicon: None,
             embedding,
             bigram_embedding,
             lexicon_embedding,
@@ -684,6 +718,17 @@ impl BiLstmCrf {
                     })?;
                     model = model.with_lac(lac)?;
                 }
+                if let Some(soft_cfg) = &cfg.soft_lexicon {
+                    let path = file("soft_lexicon.txt", "the word list of the soft lexicon (the soft_lexicon entry of config.json), `word<TAB>weight` lines")?;
+                    let soft = SoftLexicon::load(&path, &vb.pp("soft_lexicon"), soft_cfg).map_err(|e| match e {
+                        ModelError::Candle(c) => ModelError::BadFile {
+                            path: weights.clone(),
+                            reason: format!("its soft lexicon table (soft_lexicon.embedding, the soft_lexicon entry of {}): {c}", config.display()),
+                        },
+                        other => other,
+                    })?;
+                    model = model.with_soft_lexicon(soft)?;
+                }
                 if let Some(classes) = &cfg.lexicon_classes {
                     let path = file("lexicon.txt", "the word list of the lexicon features (lexicon_classes), `word<TAB>class,…` lines")?;
                     let lexicon = Lexicon::from_file(&path, classes)?;
@@ -725,12 +770,18 @@ impl BiLstmCrf {
         if let Some(lac) = &self.lac {
             lac.vocab().save(&dir.join("lac_vocab.json"))?;
         }
+        if let Some(soft) = &self.soft_lexicon {
+            soft.save_words(&dir.join("soft_lexicon.txt"))?;
+        }
         if self.intent.is_some() {
             write_json(&dir.join("intents.json"), &self.intents)?;
         }
         let mut ts: HashMap<String, Tensor> = self.params.named.iter().cloned().collect();
         for (name, t) in self.lac.iter().flat_map(|l| l.tensors()) {
             ts.insert(format!("lac.{name}"), t.clone());
+        }
+        if let Some(soft) = &self.soft_lexicon {
+            ts.insert("soft_lexicon.embedding".into(), soft.table().clone());
         }
         let weights = dir.join("model.safetensors");
         candle_core::safetensors::save(&ts, &weights)
@@ -806,6 +857,25 @@ impl BiLstmCrf {
         self.lac.as_ref()
     }
 
+    /// Attaches the word-vector lexicon of a tagger whose config has `soft_lexicon`; its shape
+    /// must be the config's.
+    pub fn with_soft_lexicon(mut self, soft: SoftLexicon) -> Result<Self> {
+        if self.cfg.soft_lexicon.as_ref() != Some(soft.config()) {
+            return Err(ModelError::Unsupported(format!(
+                "a soft lexicon of {:?} for a tagger whose config has soft_lexicon {:?}",
+                soft.config(),
+                self.cfg.soft_lexicon
+            )));
+        }
+        self.soft_lexicon = Some(soft);
+        Ok(self)
+    }
+
+    /// The word-vector lexicon, if the tagger reads one.
+    pub fn soft_lexicon(&self) -> Option<&SoftLexicon> {
+        self.soft_lexicon.as_ref()
+    }
+
     /// How this tagger turns tokens into ids (embeddings input with a vocabulary).
     pub fn id_columns(&self) -> Option<IdColumns<'_>> {
         Some(IdColumns {
@@ -813,6 +883,7 @@ impl BiLstmCrf {
             bigrams: self.bigrams.as_ref(),
             lexicon: self.lexicon.as_ref(),
             lac: self.lac.as_ref().map(Lac::vocab),
+            soft_lexicon: self.soft_lexicon.as_ref(),
         })
     }
 
@@ -946,6 +1017,14 @@ impl BiLstmCrf {
                             ModelError::InvalidInput("this tagger reads LAC features, but no LAC network is attached (with_lac)".into())
                         })?;
                         parts.push(lac.features(&at(next)?.contiguous()?, lengths, parts[0].dtype())?);
+                        next += 1;
+                    }
+                    if let Some(soft_cfg) = &self.cfg.soft_lexicon {
+                        let soft = self.soft_lexicon.as_ref().ok_or_else(|| {
+                            ModelError::InvalidInput("this tagger reads soft lexicon features, but none is attached (with_soft_lexicon)".into())
+                        })?;
+                        let ids = input.narrow(2, next, soft_cfg.id_columns())?.contiguous()?;
+                        parts.push(soft.features(&ids, parts[0].dtype())?);
                     }
                     Tensor::cat(&parts, 2)?
                 }
