@@ -326,6 +326,41 @@ fn a_lexicon_feature_tagger_matches_its_reference() {
     assert!(BiLstmCrf::new(vb, &cfg, tag_set(7)).is_err());
 }
 
+/// Word-vector lexicon features (`soft_lexicon`): the B/M/E set features, emissions and Viterbi
+/// paths against scripts/make_tagger_soft_lexicon_fixture.py (NumPy in float64); `char_ids`
+/// gives the script's own set ids for its texts (the heaviest two a set, ties to the lower id);
+/// the round trip keeps `soft_lexicon.txt` and the vectors.
+#[test]
+fn a_soft_lexicon_tagger_matches_its_reference() {
+    for dev in devices() {
+        let dir = fixture_dir("tagger-soft-lexicon-tiny");
+        let model = BiLstmCrf::load(&dir, &dev, DType::F32).unwrap();
+        assert_eq!((model.config().lstm_input_dim(), model.config().id_columns()), (30, 9));
+        let soft = model.soft_lexicon().expect("the soft lexicon");
+        assert_eq!((soft.len(), soft.config().dim, soft.config().per_set), (12, 4, 2));
+        let r = Reference::load(&dir, &dev);
+        let (x, lengths) = (r.input(), r.lengths.clone());
+        assert_eq!(x.dims(), &[5, 7, 9]);
+        let set_ids = x.narrow(2, 3, 6).unwrap().contiguous().unwrap();
+        check_close("soft lexicon features", &soft.features(&set_ids, DType::F32).unwrap(), &r.t["features"]);
+        check_char_fixture("soft lexicon", &model, &dir, &r, &dev, &[1, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // Without the word ids the input is refused, saying what it takes.
+        let err = model.forward_emissions(&x.narrow(2, 0, 3).unwrap(), &lengths).unwrap_err().to_string();
+        assert!(err.contains("[batch, length, 9]"), "{err}");
+
+        check_round_trip_needs("soft_lexicon.txt", &model, &r, &dev, |again, out_dir| {
+            assert_eq!(std::fs::read(out_dir.join("soft_lexicon.txt")).unwrap(), std::fs::read(dir.join("soft_lexicon.txt")).unwrap());
+            assert_eq!(again.soft_lexicon(), model.soft_lexicon());
+            check_close("soft lexicon vectors", again.soft_lexicon().unwrap().table(), model.soft_lexicon().unwrap().table());
+        });
+    }
+    // A soft lexicon needs embeddings input.
+    let mut cfg = TaggerConfig::encoder(12, 8, 7);
+    cfg.soft_lexicon = Some(concierge_models::tagger::SoftLexiconConfig { words: 5, dim: 4, per_set: 2 });
+    let vb = VarBuilder::from_varmap(&VarMap::new(), DType::F32, &Device::Cpu);
+    assert!(BiLstmCrf::new(vb, &cfg, tag_set(7)).is_err());
+}
+
 /// LAC features (`lac`): LAC's BiGRU features, emissions and Viterbi paths against
 /// scripts/make_tagger_lac_fixture.py (NumPy in float64: Paddle's GRU in its weight layout, each
 /// sequence's reverse pass from its own end); `char_ids` gives LAC's ids (its `OOV` for the

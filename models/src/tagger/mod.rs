@@ -984,7 +984,7 @@ impl BiLstmCrf {
                 let rank = if cols > 1 { 3 } else { 2 };
                 if input.rank() != rank || input.dtype().is_float() || (rank == 3 && input.dim(2)? != cols) {
                     let want = if rank == 3 {
-                        format!("[batch, length, {cols}] (character, then left and right bigram and one per lexicon class as the tagger has them)")
+                        format!("[batch, length, {cols}] (character, then the bigram, lexicon class, LAC and word-set ids the tagger reads)")
                     } else {
                         "[batch, length]".to_string()
                     };
