@@ -295,7 +295,7 @@ impl TaggerConfig {
             return bad("num_intents must be positive (or absent: no intent layers)");
         }
         if let Some(n) = self.ensemble {
-            if n < 2 || n > 64 || self.input != InputKind::Encoder || self.branch_from.is_some() {
+            if !(2..=64).contains(&n) || self.input != InputKind::Encoder || self.branch_from.is_some() {
                 return bad("ensemble (2 to 64 members) is only for encoder input without fine-tuned layers (branch_from)");
             }
         }
