@@ -11,6 +11,10 @@
 #
 #   scripts/train-msra.sh [MSRA_TRAIN] [MSRA_TEST] [OUT]
 #
+# With WORD_VECTORS set to a word2vec file (model-store/data/synonyms/words.vector, fetched by
+# scripts/fetch-word-vectors.sh), every stage also reads the word-vector lexicon
+# (`--word-vectors`; benches/RESULTS.md measures it).
+#
 # Defaults: model-store/data/msra/msra_{train,test}.txt and model-store/data/lac (fetched
 # by scripts/fetch-tagger-data.sh, which scripts/fetch-default-model.sh runs), and
 # checkpoints/entities-zh-msra. Test figures are printed at the end and stored in
@@ -27,6 +31,10 @@ BIN=${CARGO_TARGET_DIR:-target}/release/concierge
 COMMON=(--format msra --train "$TRAIN" --test "$TEST" --batch 128 --dev-fraction 0.02
   --length-buckets --bigram-dim 50 --bigram-min-count 5 --char-vectors "$VECTORS" --lac "$VECTORS"
   --patience 3 --seed 13)
+if [ -n "${WORD_VECTORS:-}" ]; then
+  [ -f "$WORD_VECTORS" ] || { echo "WORD_VECTORS=$WORD_VECTORS: no such file (scripts/fetch-word-vectors.sh fetches it)" >&2; exit 1; }
+  COMMON+=(--word-vectors "$WORD_VECTORS")
+fi
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 "$BIN" train-tagger "${COMMON[@]}" --out "$WORK/first" --epochs 2 --lr 5e-3
