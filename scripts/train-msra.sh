@@ -32,7 +32,8 @@ TRAIN=${POSITIONAL[0]:-model-store/data/msra/msra_train.txt}
 TEST=${POSITIONAL[1]:-model-store/data/msra/msra_test.txt}
 OUT=${POSITIONAL[2]:-checkpoints/entities-zh-msra}
 VECTORS=model-store/data/lac
-WORD_VECTORS=${WORD_VECTORS:-model-store/data/synonyms/words.vector}
+DEFAULT_WORD_VECTORS=model-store/data/synonyms/words.vector
+WORD_VECTORS=${WORD_VECTORS:-$DEFAULT_WORD_VECTORS}
 read -r E1 E2 E3 <<< "${EPOCHS:-2 1 0}"
 [ -f "$TRAIN" ] && [ -f "$TEST" ] && [ -f "$VECTORS/model_baseline/gru_0.w_0" ] || scripts/fetch-tagger-data.sh
 cargo build --release -p concierge-server --bin concierge
@@ -40,15 +41,11 @@ BIN=${CARGO_TARGET_DIR:-target}/release/concierge
 COMMON=(--format msra --train "$TRAIN" --test "$TEST" --batch 128 --dev-fraction 0.02
   --length-buckets --bigram-dim 50 --bigram-min-count 5 --char-vectors "$VECTORS" --lac "$VECTORS"
   --patience 3 --seed 13)
+if [ "$WORD_VECTORS" = "$DEFAULT_WORD_VECTORS" ] && [ ! -f "$WORD_VECTORS" ]; then
+  scripts/fetch-word-vectors.sh
+fi
 if [ "$WORD_VECTORS" != none ]; then
-  if [ ! -f "$WORD_VECTORS" ]; then
-    if [ "$WORD_VECTORS" = model-store/data/synonyms/words.vector ]; then
-      scripts/fetch-word-vectors.sh
-    else
-      echo "WORD_VECTORS=$WORD_VECTORS: no such file (scripts/fetch-word-vectors.sh fetches it; WORD_VECTORS=none trains without the lexicon)" >&2
-      exit 1
-    fi
-  fi
+  [ -f "$WORD_VECTORS" ] || { echo "WORD_VECTORS=$WORD_VECTORS: no such file (scripts/fetch-word-vectors.sh fetches it; WORD_VECTORS=none trains without the lexicon)" >&2; exit 1; }
   COMMON+=(--word-vectors "$WORD_VECTORS")
 fi
 COMMON+=("$@")

@@ -1247,6 +1247,18 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "best_epoch": best_epoch, "best_dev_f1": (!no_dev).then_some(best_f1), "train_seconds": train_secs,
         "epochs": log,
     });
+    if let Some(init) = &args.init {
+        // The runs that made the starting checkpoint, oldest first, so a chain of `--init` runs
+        // leaves its whole history in the last one's training.json.
+        if let Some(mut prev) = std::fs::read_to_string(init.join("training.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+            let mut runs = match prev.as_object_mut().and_then(|o| o.remove("previous_runs")) {
+                Some(serde_json::Value::Array(runs)) => runs,
+                _ => Vec::new(),
+            };
+            runs.push(prev);
+            summary["previous_runs"] = serde_json::Value::Array(runs);
+        }
+    }
     // The saved checkpoint: what every figure below is of.
     let best = BiLstmCrf::load(&args.out, &device, DType::F32)?;
     if branch.is_some() {

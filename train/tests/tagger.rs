@@ -201,6 +201,9 @@ fn msra_over_characters_learns() {
     again(&out, 400).unwrap();
     let (continued, _) = losses(&more);
     assert!(continued[0] < loss[0] * 0.9, "a continued run's first epoch ({continued:?}) is no better than a fresh one's ({loss:?})");
+    // Its training.json carries the run it started from, as that run wrote it.
+    let record = |d: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join("training.json")).unwrap()).unwrap() };
+    assert_eq!(record(&more)["previous_runs"], serde_json::json!([record(&out)]));
     // Another training set has another vocabulary (or tag set): refused, saying so.
     let err = again(&out, 200).unwrap_err().to_string();
     assert!(err.contains("differs"), "{err}");
