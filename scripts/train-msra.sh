@@ -19,7 +19,8 @@
 # lexicon (benches/RESULTS.md). STAGES_DIR: keep the earlier stages' checkpoints there (default:
 # a temporary folder, removed). EPOCHS="2 1 2 2": the epochs of the four stages (a later
 # stage is skipped at 0: "2 1 0" made the 89.92 checkpoint, "2 1 2 0" the 90.32 one); the
-# checkpoint committed before 2026-12-03 (88.99 without the lexicon) was "2 3 2". Arguments after `--` go to every stage.
+# checkpoint committed before 2026-12-03 (88.99 without the lexicon) was "2 3 2". Arguments
+# after `--` go to every stage.
 #
 # Defaults: model-store/data/msra/msra_{train,test}.txt and model-store/data/lac (fetched
 # by scripts/fetch-tagger-data.sh, which scripts/fetch-default-model.sh runs), and
