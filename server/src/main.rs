@@ -2,7 +2,8 @@
 //! Exits 0 after a clean stop, 1 when start-up fails (the log says why).
 //!
 //! `concierge train-tagger …` / `concierge eval-tagger …` train and score the entity tagger
-//! (`concierge ensemble-tagger …` assembles several into one),
+//! (`concierge ensemble-tagger …` assembles several into one, `concierge average-tagger …`
+//! averages checkpoints along one run),
 //! `concierge train-intent …` / `concierge eval-intent …` the intent classifier,
 //! instead (see `concierge train-tagger --help`).
 use std::process::ExitCode;
@@ -20,6 +21,8 @@ enum Command {
     EvalTagger(concierge_train::tagger::EvalTagger),
     /// Assemble an ensemble tagger from taggers trained apart (same settings, own seeds).
     EnsembleTagger(concierge_train::tagger::EnsembleTagger),
+    /// Average the weights of checkpoints along one training run, the dev split choosing.
+    AverageTagger(concierge_train::tagger::AverageTagger),
     /// Train an intent classifier (Banking77, CLINC150 or JSONL with images) over the text encoder.
     TrainIntent(concierge_train::intent::TrainIntent),
     /// Score an intent checkpoint: accuracy, macro-F1, handoff, CLINC150's out-of-scope figures.
@@ -31,6 +34,7 @@ fn offline(cmd: Command) -> ExitCode {
         Command::TrainTagger(args) => concierge_train::tagger::train(&args),
         Command::EvalTagger(args) => concierge_train::tagger::eval(&args).map(|_| ()),
         Command::EnsembleTagger(args) => concierge_train::tagger::ensemble(&args),
+        Command::AverageTagger(args) => concierge_train::tagger::average(&args),
         Command::TrainIntent(args) => concierge_train::intent::train(&args).map(|_| ()),
         Command::EvalIntent(args) => concierge_train::intent::eval(&args).map(|_| ()),
     };
@@ -44,7 +48,7 @@ fn offline(cmd: Command) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).is_some_and(|a| matches!(a.as_str(), "train-tagger" | "eval-tagger" | "ensemble-tagger" | "train-intent" | "eval-intent")) {
+    if std::env::args().nth(1).is_some_and(|a| matches!(a.as_str(), "train-tagger" | "eval-tagger" | "ensemble-tagger" | "average-tagger" | "train-intent" | "eval-intent")) {
         tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         ).init();

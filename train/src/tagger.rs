@@ -4,7 +4,8 @@
 //! algorithm, AdamW, shuffled batches, dev-set model selection with early stopping; the best
 //! checkpoint (safetensors + config + tag set [+ vocabulary]) is what `--out` holds (or, with
 //! `--dev-fraction 0`, the last of a fixed number of epochs over every sentence).
-//! `concierge ensemble-tagger` assembles taggers trained apart into one ensemble checkpoint.
+//! `concierge ensemble-tagger` assembles taggers trained apart into one ensemble checkpoint;
+//! `concierge average-tagger` averages the weights of checkpoints along one training run.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -25,6 +26,9 @@ use concierge_models::{ModelSource, TextEncoder, TokenStates};
 use crate::layers::{encoder_weight, pad_rows, Dropout, RelativeBias, TrainLayer};
 use crate::rng::Rng;
 use crate::vectors::Vectors;
+
+mod average;
+pub use average::{average, AverageTagger};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Format {
@@ -189,6 +193,10 @@ pub struct TrainTagger {
     /// an earlier run further) instead of a seeded initialisation.
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Also write every epoch's weights as a checkpoint folder `DIR/epoch-N` (as --out is
+    /// written: f16 tables with --embeddings-f16), for `average-tagger` to average the last few.
+    #[arg(long)]
+    pub keep_epochs: Option<PathBuf>,
     /// No progress bar (logs only).
     #[arg(long)]
     pub quiet: bool,
@@ -306,6 +314,17 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
     }
     std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
     Ok(())
+}
+
+/// train-tagger's dev hold-out: a seeded `fraction` of `sentences` (at least one), returned as
+/// (training, dev), each in file order. `average-tagger` holds out the same split again.
+fn hold_out(sentences: Vec<Sentence>, fraction: f64, seed: u64) -> (Vec<Sentence>, Vec<Sentence>) {
+    let mut idx: Vec<usize> = (0..sentences.len()).collect();
+    Rng::new(seed ^ 0xD5).shuffle(&mut idx);
+    let n_dev = ((sentences.len() as f64) * fraction).round().max(1.0) as usize;
+    let dev: BTreeSet<usize> = idx[..n_dev.min(idx.len())].iter().copied().collect();
+    let (d, t): (Vec<_>, Vec<_>) = sentences.into_iter().enumerate().partition(|(i, _)| dev.contains(i));
+    (t.into_iter().map(|(_, s)| s).collect(), d.into_iter().map(|(_, s)| s).collect())
 }
 
 fn read(format: Format, path: &Path) -> anyhow::Result<Vec<Sentence>> {
@@ -843,14 +862,10 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         Some(p) => read(args.format, p).with_context(|| format!("reading {}", p.display()))?,
         None if no_dev => Vec::new(),
         None => {
-            // A seeded hold-out, taken before --limit so the dev set does not change with it.
-            let mut idx: Vec<usize> = (0..train_set.len()).collect();
-            Rng::new(args.seed ^ 0xD5).shuffle(&mut idx);
-            let n_dev = ((train_set.len() as f64) * args.dev_fraction).round().max(1.0) as usize;
-            let dev: BTreeSet<usize> = idx[..n_dev].iter().copied().collect();
-            let (d, t): (Vec<_>, Vec<_>) = train_set.into_iter().enumerate().partition(|(i, _)| dev.contains(i));
-            train_set = t.into_iter().map(|(_, s)| s).collect();
-            d.into_iter().map(|(_, s)| s).collect()
+            // Taken before --limit so the dev set does not change with it.
+            let (t, d) = hold_out(train_set, args.dev_fraction, args.seed);
+            train_set = t;
+            d
         }
     };
     if let Some(n) = args.limit {
@@ -1208,15 +1223,30 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             Some(dev.f1())
         };
         log.push(EpochLog { epoch, loss, dev_f1, seconds: t0.elapsed().as_secs_f64() });
-        if no_dev || dev_f1.is_some_and(|f| f > best_f1) {
-            (best_f1, best_epoch, since_best) = (dev_f1.unwrap_or(f64::NAN), epoch, 0);
-            model.save(&args.out).with_context(|| format!("writing the checkpoint to {}", args.out.display()))?;
+        let save_to = |dir: &Path| -> anyhow::Result<()> {
+            model.save(dir).with_context(|| format!("writing the checkpoint to {}", dir.display()))?;
             if args.embeddings_f16 {
-                embeddings_to_f16(&args.out)?;
+                embeddings_to_f16(dir)?;
             }
             if branch.is_some() {
-                save_branch(&args.out, &branch_map, branch.as_ref().and_then(|b| b.relative.as_ref()), &args.encoder_dir, args.branch_f16)?;
+                save_branch(dir, &branch_map, branch.as_ref().and_then(|b| b.relative.as_ref()), &args.encoder_dir, args.branch_f16)?;
             }
+            Ok(())
+        };
+        if let Some(keep) = &args.keep_epochs {
+            let dir = keep.join(format!("epoch-{epoch}"));
+            save_to(&dir)?;
+            // What average-tagger checks its dev split against.
+            let record = serde_json::json!({
+                "epoch": epoch, "loss": loss, "dev_f1": dev_f1, "train": args.train.display().to_string(),
+                "dev_fraction": args.dev.is_none().then_some(args.dev_fraction), "dev_sentences": dev_ex.len(), "seed": args.seed,
+                "run": args.out.display().to_string(),
+            });
+            std::fs::write(dir.join("training.json"), serde_json::to_string_pretty(&record)? + "\n")?;
+        }
+        if no_dev || dev_f1.is_some_and(|f| f > best_f1) {
+            (best_f1, best_epoch, since_best) = (dev_f1.unwrap_or(f64::NAN), epoch, 0);
+            save_to(&args.out)?;
         } else {
             since_best += 1;
         }
@@ -1239,6 +1269,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "train": args.train.display().to_string(),
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
+        "dev_fraction": args.dev.is_none().then_some(args.dev_fraction),
         "seed": args.seed,
         "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
@@ -1294,21 +1325,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
 
 /// Scores a checkpoint on a test file and prints conlleval's report.
 pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
-    let device = Device::Cpu;
-    let model = BiLstmCrf::load(&args.model, &device, DType::F32)?;
     let sentences = read(args.format, &args.test)?;
-    let (input, encoder) = match model.config().input {
-        InputKind::Encoder => {
-            let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)?;
-            (Input::Encoder, Some(enc))
-        }
-        InputKind::Embeddings => (Input::Chars, None),
-    };
-    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned(), lac: model.lac().map(|l| l.vocab().clone()), soft_lexicon: model.soft_lexicon().cloned() };
-    let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let t0 = Instant::now();
-    let ex = fz.examples(&sentences, &tag_ids, "test", false)?;
-    let (eval, preds, _) = predict(&model, &fz, &ex, &device, None)?;
+    let (eval, preds) = score(&args.model, &sentences, &args.encoder_dir, "test", false)?;
     if let Some(path) = &args.predictions {
         let mut text = String::new();
         for (s, p) in sentences.iter().zip(&preds) {
@@ -1321,4 +1340,23 @@ pub fn eval(args: &EvalTagger) -> anyhow::Result<Evaluation> {
     }
     println!("{}: {} sentences, scored in {:.1} s\n{eval}", args.test.display(), sentences.len(), t0.elapsed().as_secs_f64());
     Ok(eval)
+}
+
+/// The checkpoint in `dir` as saved, through the server's feature path, on `sentences`: the
+/// scores and each sentence's predicted tags.
+fn score(dir: &Path, sentences: &[Sentence], encoder_dir: &Path, what: &str, quiet: bool) -> anyhow::Result<(Evaluation, Vec<Vec<String>>)> {
+    let device = Device::Cpu;
+    let model = BiLstmCrf::load(dir, &device, DType::F32).with_context(|| format!("loading the tagger in {}", dir.display()))?;
+    let (input, encoder) = match model.config().input {
+        InputKind::Encoder => {
+            let enc = TextEncoder::load(&ModelSource::Dir(encoder_dir.to_path_buf()), &device, DType::F32, None)?;
+            (Input::Encoder, Some(enc))
+        }
+        InputKind::Embeddings => (Input::Chars, None),
+    };
+    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned(), lac: model.lac().map(|l| l.vocab().clone()), soft_lexicon: model.soft_lexicon().cloned() };
+    let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let ex = fz.examples(sentences, &tag_ids, what, quiet)?;
+    let (eval, preds, _) = predict(&model, &fz, &ex, &device, None)?;
+    Ok((eval, preds))
 }

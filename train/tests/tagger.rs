@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use concierge_train::tagger::{ensemble, eval, train, EnsembleTagger, EvalTagger, Format, TrainTagger};
+use concierge_train::tagger::{average, ensemble, eval, train, AverageTagger, EnsembleTagger, EvalTagger, Format, TrainTagger};
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -551,4 +551,113 @@ fn atis_runs_without_a_dev_set_assemble_into_an_ensemble() {
     let err = format!("{:#}", assemble(vec![a.clone()]).unwrap_err());
     assert!(err.contains("two or more"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+#[derive(Parser)]
+struct WrapAverage {
+    #[command(flatten)]
+    args: AverageTagger,
+}
+
+/// `train-tagger --keep-epochs` writes every epoch as a checkpoint (the best one byte for byte
+/// as --out holds it); `average-tagger` averages them: without dev sentences the mean of all
+/// (checked tensor by tensor, f16 tables kept f16), with --train the dev split held out again
+/// (each epoch scores as its run recorded) choosing between each epoch and the means of the
+/// last k. Checkpoints of another model, a dev split other than the run's, --out on a
+/// checkpoint and a single checkpoint are refused, saying why.
+#[test]
+fn msra_epochs_average_along_one_run_the_dev_split_choosing() {
+    let out = std::env::temp_dir().join(format!("concierge-train-avg-{}", std::process::id()));
+    let Some((data, test)) = msra_small(&out) else { return };
+    let epochs = out.with_extension("epochs");
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+        "--limit=400".into(), "--epochs=3".into(), "--patience=9".into(), "--hidden=32".into(), "--char-dim=32".into(), "--bigram-dim=8".into(),
+        "--batch=32".into(), "--lr=1e-2".into(), "--dev-fraction=0.01".into(), "--embeddings-f16".into(),
+        format!("--keep-epochs={}", epochs.display()),
+    ]))
+    .unwrap();
+    let record = |d: &Path| -> serde_json::Value { serde_json::from_str(&std::fs::read_to_string(d.join("training.json")).unwrap()).unwrap() };
+    let run = record(&out);
+    let dirs: Vec<PathBuf> = (1..=3).map(|e| epochs.join(format!("epoch-{e}"))).collect();
+    let best = run["best_epoch"].as_u64().unwrap() as usize;
+    let weights = |d: &Path| std::fs::read(d.join("model.safetensors")).unwrap();
+    assert_eq!(weights(&out), weights(&dirs[best - 1]), "--out and epoch-{best} differ");
+    assert_ne!(weights(&dirs[0]), weights(&dirs[2]));
+
+    let avg = |extra: &[String]| {
+        let mut argv = vec!["average-tagger".to_string(), "--format=msra".into()];
+        argv.extend(dirs.iter().map(|d| format!("--checkpoint={}", d.display())));
+        argv.extend(extra.iter().cloned());
+        average(&WrapAverage::parse_from(argv).args)
+    };
+    // No dev sentences: the mean of all three, each tensor in its own dtype.
+    let mean = out.with_extension("mean");
+    avg(&[format!("--out={}", mean.display())]).unwrap();
+    let load = |d: &Path| candle_core::safetensors::load(d.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let (m, parts) = (load(&mean), dirs.iter().map(|d| load(d)).collect::<Vec<_>>());
+    assert_eq!(m.len(), parts[0].len());
+    assert_eq!(m["embedding.weight"].dtype(), candle_core::DType::F16);
+    for name in ["embedding.weight", "lstm.weight_hh_l0_reverse", "crf.transitions"] {
+        let f = |t: &candle_core::Tensor| t.to_dtype(candle_core::DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (got, p) = (f(&m[name]), parts.iter().map(|t| f(&t[name])).collect::<Vec<_>>());
+        let tol = if m[name].dtype() == candle_core::DType::F16 { 2e-3 } else { 1e-6 };
+        for i in 0..got.len() {
+            let want = (p[0][i] + p[1][i] + p[2][i]) / 3.0;
+            assert!((got[i] - want).abs() <= tol * (1.0 + want.abs()), "{name}[{i}]: {} against {want}", got[i]);
+        }
+    }
+    assert_eq!(record(&mean)["kept"], "mean of the last 3");
+    for f in ["config.json", "tags.json", "vocab.json", "bigrams.json"] {
+        assert_eq!(std::fs::read(mean.join(f)).unwrap(), std::fs::read(dirs[0].join(f)).unwrap(), "{f}");
+    }
+
+    // With the run's dev split: five candidates, the best kept, the test split scored on it.
+    let chosen = out.with_extension("chosen");
+    let dev_args = |o: &Path, fraction: &str| vec![format!("--out={}", o.display()), format!("--train={}", data.display()), format!("--dev-fraction={fraction}"), format!("--test={}", test.display())];
+    avg(&dev_args(&chosen, "0.01")).unwrap();
+    let rec = record(&chosen);
+    let cands = rec["candidates"].as_array().unwrap();
+    assert_eq!(cands.len(), 5, "{rec}");
+    let f1s: Vec<f64> = cands.iter().map(|c| c["dev_f1"].as_f64().unwrap()).collect();
+    for (e, f) in run["epochs"].as_array().unwrap().iter().zip(&f1s) {
+        // Scored as saved (f16 tables) against the run's own scores before rounding.
+        assert!((e["dev_f1"].as_f64().unwrap() - f).abs() < 0.02, "{e} against {f}");
+    }
+    let top = f1s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let k = f1s.iter().position(|&f| f == top).unwrap();
+    assert_eq!(rec["kept"], cands[k]["name"], "{rec}");
+    assert_eq!(rec["chosen_on"]["sentences"], run["dev_sentences"]);
+    let e = eval(&EvalTagger { model: chosen.clone(), format: Format::Msra, test: test.clone(), encoder_dir: repo("model-store/all-MiniLM-L6-v2"), predictions: None }).unwrap();
+    assert_eq!(e.f1(), rec["test"]["f1"].as_f64().unwrap());
+    if k < 3 {
+        assert_eq!(weights(&chosen), weights(&dirs[k]));
+    }
+    assert!(!chosen.with_extension("chosen.candidates").exists(), "the candidates' folder is left behind");
+
+    // Refusals.
+    let err = |extra: Vec<String>| format!("{:#}", avg(&extra).unwrap_err());
+    let e = err(dev_args(&out.with_extension("x"), "0.02"));
+    assert!(e.contains("is not the one") && e.contains("--dev-fraction"), "{e}");
+    let e = err(vec![format!("--out={}", dirs[1].display())]);
+    assert!(e.contains("is one of the --checkpoint folders"), "{e}");
+    let odd = out.with_extension("odd");
+    std::fs::create_dir_all(&odd).unwrap();
+    for entry in std::fs::read_dir(&dirs[0]).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), odd.join(entry.file_name())).unwrap();
+    }
+    std::fs::write(odd.join("tags.json"), "[\"O\"]").unwrap();
+    let mut argv = vec!["average-tagger".to_string(), "--format=msra".into(), format!("--out={}", out.with_extension("y").display())];
+    argv.push(format!("--checkpoint={}", dirs[0].display()));
+    argv.push(format!("--checkpoint={}", odd.display()));
+    let e = format!("{:#}", average(&WrapAverage::parse_from(argv.clone()).args).unwrap_err());
+    assert!(e.contains("tags.json differs"), "{e}");
+    argv.pop();
+    let e = format!("{:#}", average(&WrapAverage::parse_from(argv).args).unwrap_err());
+    assert!(e.contains("two or more"), "{e}");
+    for d in [&out, &epochs, &mean, &chosen, &odd] {
+        std::fs::remove_dir_all(d).unwrap();
+    }
+    std::fs::remove_file(out.with_extension("test.txt")).unwrap();
 }
