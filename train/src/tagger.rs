@@ -178,8 +178,15 @@ pub struct TrainTagger {
     /// Stop after this many epochs without a better dev F1.
     #[arg(long, default_value_t = 5)]
     pub patience: usize,
+    /// Seeds the dev hold-out, and (unless --run-seed) the initialisation, the data order and
+    /// the dropout masks.
     #[arg(long, default_value_t = 13)]
     pub seed: u64,
+    /// Seeds the initialisation, the data order and the dropout masks apart from the dev
+    /// hold-out: another run over the same dev split (e.g. a second `--init` continuation to
+    /// average with the first).
+    #[arg(long)]
+    pub run_seed: Option<u64>,
     /// Use only the first N training sentences (quick runs, tests).
     #[arg(long)]
     pub limit: Option<usize>,
@@ -853,7 +860,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         Format::Msra => Input::Chars,
     });
     let mut train_set = read(args.format, &args.train).with_context(|| format!("reading {}", args.train.display()))?;
-    let mut rng = Rng::new(args.seed);
+    let mut rng = Rng::new(args.run_seed.unwrap_or(args.seed));
     if !(0.0..1.0).contains(&args.dev_fraction) {
         bail!("--dev-fraction must be at least 0 and below 1; got {}", args.dev_fraction);
     }
@@ -1271,6 +1278,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "dev_sentences": dev_ex.len(),
         "dev_fraction": args.dev.is_none().then_some(args.dev_fraction),
         "seed": args.seed,
+        "run_seed": args.run_seed,
         "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay,
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),

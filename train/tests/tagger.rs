@@ -564,7 +564,8 @@ struct WrapAverage {
 /// (checked tensor by tensor, f16 tables kept f16), with --train the dev split held out again
 /// (each epoch scores as its run recorded) choosing between each epoch and the means of the
 /// last k. Checkpoints of another model, a dev split other than the run's, --out on a
-/// checkpoint and a single checkpoint are refused, saying why.
+/// checkpoint and a single checkpoint are refused, saying why. `--run-seed` reseeds a run but
+/// not its dev split.
 #[test]
 fn msra_epochs_average_along_one_run_the_dev_split_choosing() {
     let out = std::env::temp_dir().join(format!("concierge-train-avg-{}", std::process::id()));
@@ -656,7 +657,18 @@ fn msra_epochs_average_along_one_run_the_dev_split_choosing() {
     argv.pop();
     let e = format!("{:#}", average(&WrapAverage::parse_from(argv).args).unwrap_err());
     assert!(e.contains("two or more"), "{e}");
-    for d in [&out, &epochs, &mean, &chosen, &odd] {
+    // --run-seed: another run (init, order, dropout) over the same dev split.
+    let other = out.with_extension("other");
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", other.display()),
+        "--limit=400".into(), "--epochs=1".into(), "--hidden=32".into(), "--char-dim=32".into(), "--bigram-dim=8".into(),
+        "--batch=32".into(), "--lr=1e-2".into(), "--dev-fraction=0.01".into(), "--run-seed=14".into(),
+    ]))
+    .unwrap();
+    let o = record(&other);
+    assert_eq!((o["seed"].as_u64(), o["run_seed"].as_u64(), &o["dev_sentences"]), (Some(13), Some(14), &run["dev_sentences"]));
+    assert_ne!(o["epochs"][0]["loss"], run["epochs"][0]["loss"], "--run-seed changed nothing");
+    for d in [&out, &epochs, &mean, &chosen, &odd, &other] {
         std::fs::remove_dir_all(d).unwrap();
     }
     std::fs::remove_file(out.with_extension("test.txt")).unwrap();
