@@ -308,7 +308,7 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
         .members
         .iter()
         .map(|d| {
-            let training: Option<serde_json::Value> = std::fs::read_to_string(d.join("training.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
+            let training = read_record(d);
             serde_json::json!({"member": d.display().to_string(), "training": training})
         })
         .collect();
@@ -319,7 +319,7 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
         let e = eval(&eval_args)?;
         summary["test"] = serde_json::json!({"path": test.display().to_string(), "f1": e.f1(), "precision": e.precision(), "recall": e.recall()});
     }
-    std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    write_record(&args.out, &summary)?;
     Ok(())
 }
 
@@ -332,6 +332,17 @@ fn hold_out(sentences: Vec<Sentence>, fraction: f64, seed: u64) -> (Vec<Sentence
     let dev: BTreeSet<usize> = idx[..n_dev.min(idx.len())].iter().copied().collect();
     let (d, t): (Vec<_>, Vec<_>) = sentences.into_iter().enumerate().partition(|(i, _)| dev.contains(i));
     (t.into_iter().map(|(_, s)| s).collect(), d.into_iter().map(|(_, s)| s).collect())
+}
+
+/// A checkpoint folder's `training.json` (how it was made), if it has a readable one.
+fn read_record(dir: &Path) -> Option<serde_json::Value> {
+    std::fs::read_to_string(dir.join("training.json")).ok().and_then(|t| serde_json::from_str(&t).ok())
+}
+
+/// Writes `record` as the checkpoint folder's `training.json`.
+fn write_record(dir: &Path, record: &serde_json::Value) -> anyhow::Result<()> {
+    let path = dir.join("training.json");
+    std::fs::write(&path, serde_json::to_string_pretty(record)? + "\n").with_context(|| format!("writing {}", path.display()))
 }
 
 fn read(format: Format, path: &Path) -> anyhow::Result<Vec<Sentence>> {
@@ -1249,7 +1260,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 "dev_fraction": args.dev.is_none().then_some(args.dev_fraction), "dev_sentences": dev_ex.len(), "seed": args.seed,
                 "run": args.out.display().to_string(),
             });
-            std::fs::write(dir.join("training.json"), serde_json::to_string_pretty(&record)? + "\n")?;
+            write_record(&dir, &record)?;
         }
         if no_dev || dev_f1.is_some_and(|f| f > best_f1) {
             (best_f1, best_epoch, since_best) = (dev_f1.unwrap_or(f64::NAN), epoch, 0);
@@ -1289,7 +1300,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(init) = &args.init {
         // The runs that made the starting checkpoint, oldest first, so a chain of `--init` runs
         // leaves its whole history in the last one's training.json.
-        if let Some(mut prev) = std::fs::read_to_string(init.join("training.json")).ok().and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok()) {
+        if let Some(mut prev) = read_record(init) {
             let mut runs = match prev.as_object_mut().and_then(|o| o.remove("previous_runs")) {
                 Some(serde_json::Value::Array(runs)) => runs,
                 _ => Vec::new(),
@@ -1327,7 +1338,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             summary["test"]["intent_scored"] = serde_json::json!(n);
         }
     }
-    std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    write_record(&args.out, &summary)?;
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use candle_core::{DType, Device, Tensor};
 use clap::Args;
 
-use super::{hold_out, read, score, Format};
+use super::{hold_out, read, read_record, score, write_record, Format};
 
 #[derive(Debug, Clone, Args)]
 pub struct AverageTagger {
@@ -148,6 +148,8 @@ pub fn average(args: &AverageTagger) -> anyhow::Result<()> {
         }
     }
 
+    // The run that made the last checkpoint, with its --init history.
+    let last_run = read_record(&args.checkpoints[n - 1]);
     // The dev sentences that choose, if any.
     let dev = match (&args.dev, &args.train) {
         (Some(path), _) => Some((read(args.format, path).with_context(|| format!("reading {}", path.display()))?, path.display().to_string())),
@@ -158,11 +160,10 @@ pub fn average(args: &AverageTagger) -> anyhow::Result<()> {
             let sentences = read(args.format, train).with_context(|| format!("reading {}", train.display()))?;
             let (_, dev) = hold_out(sentences, args.dev_fraction, args.seed);
             // The last checkpoint's record says which split it was chosen on: the same one, or refuse.
-            let record: Option<serde_json::Value> = std::fs::read_to_string(args.checkpoints[n - 1].join("training.json")).ok().and_then(|t| serde_json::from_str(&t).ok());
-            if record.is_none() {
+            if last_run.is_none() {
                 eprintln!("warning: {} has no training.json to check the dev split against", args.checkpoints[n - 1].display());
             }
-            if let Some(r) = record {
+            if let Some(r) = &last_run {
                 let (seed, held) = (r["seed"].as_u64(), r["dev_sentences"].as_u64());
                 let fraction = r["dev_fraction"].as_f64();
                 if seed.is_some_and(|s| s != args.seed) || held.is_some_and(|h| h as usize != dev.len()) || fraction.is_some_and(|f| f != args.dev_fraction) {
@@ -241,7 +242,6 @@ pub fn average(args: &AverageTagger) -> anyhow::Result<()> {
         None => eprintln!("kept {} (no dev sentences to choose by), in {}", kept.name, args.out.display()),
     }
 
-    let record = |d: &Path| -> Option<serde_json::Value> { std::fs::read_to_string(d.join("training.json")).ok().and_then(|t| serde_json::from_str(&t).ok()) };
     let mut summary = serde_json::json!({
         "average_of": args.checkpoints.iter().map(|d| d.display().to_string()).collect::<Vec<_>>(),
         "chosen_on": dev.as_ref().map(|(s, what)| serde_json::json!({"dev": what, "sentences": s.len()})),
@@ -252,8 +252,7 @@ pub fn average(args: &AverageTagger) -> anyhow::Result<()> {
         })).collect::<Vec<_>>(),
         "kept": kept.name,
         "kept_checkpoints": kept.members.iter().map(|&i| args.checkpoints[i].display().to_string()).collect::<Vec<_>>(),
-        // The run that made the last checkpoint, with its --init history.
-        "last_run": record(&args.checkpoints[n - 1]),
+        "last_run": last_run,
     });
     if let Some(test) = &args.test {
         let sentences = read(args.format, test).with_context(|| format!("reading {}", test.display()))?;
@@ -261,6 +260,6 @@ pub fn average(args: &AverageTagger) -> anyhow::Result<()> {
         println!("test ({}), {}: {} sentences\n{e}", test.display(), kept.name, sentences.len());
         summary["test"] = serde_json::json!({"path": test.display().to_string(), "f1": e.f1(), "precision": e.precision(), "recall": e.recall()});
     }
-    std::fs::write(args.out.join("training.json"), serde_json::to_string_pretty(&summary)? + "\n")?;
+    write_record(&args.out, &summary)?;
     Ok(())
 }
