@@ -9,6 +9,7 @@ use std::time::Duration;
 use candle_core::{DType, Device};
 use concierge_models::imageproc::ImageLimits;
 use concierge_models::{ImageEncoder, ModelSource};
+use concierge_proto::v1::embeddings_client::EmbeddingsClient;
 use concierge_proto::v1::{EmbedImageRequest, EmbedImageResponse};
 use image::ImageFormat;
 use tonic::Code;
@@ -175,7 +176,8 @@ async fn mixed_concurrent_text_and_image_callers_each_get_their_own_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_request_past_its_deadline_gets_deadline_exceeded() {
     let running = common::serve(&[]).await;
-    let mut client = common::client(&running).await;
+    // The server's own answer, not a client-side timer's (see common::unenforced).
+    let mut client = EmbeddingsClient::with_origin(common::unenforced(), common::origin(&running));
     let mut req = tonic::Request::new(request(vec![common::encoded_image(64, 64, 0, ImageFormat::Png); 8]));
     req.set_timeout(Duration::from_millis(1));
     let err = client.embed_image(req).await.unwrap_err();

@@ -90,6 +90,24 @@ pub async fn client(running: &Running) -> EmbeddingsClient<Channel> {
     EmbeddingsClient::connect(format!("http://{}", running.grpc_addr)).await.expect("connects")
 }
 
+/// The transport of [`unenforced`]: plain HTTP/2 over loopback, no timer of its own.
+pub type Unenforced = hyper_util::client::legacy::Client<hyper_util::client::legacy::connect::HttpConnector, tonic::body::Body>;
+
+/// A transport for tests of what the *server* answers when a deadline passes. A call's
+/// `grpc-timeout` still goes to the server, but unlike tonic's `Channel`, which arms its own timer
+/// for that timeout and answers CANCELLED ("Timeout expired") when it fires, nothing on this side
+/// enforces it. On a loaded machine tonic's timer can fire a moment before the server's
+/// DEADLINE_EXCEEDED arrives, so asserting the server's code through a `Channel` is a race.
+/// Use with a generated client's `with_origin(unenforced(), origin(&running))`.
+pub fn unenforced() -> Unenforced {
+    hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).http2_only(true).build_http()
+}
+
+/// The server's gRPC address as a URI, for [`unenforced`] clients.
+pub fn origin(running: &Running) -> tonic::codegen::http::Uri {
+    format!("http://{}", running.grpc_addr).parse().expect("a valid URI")
+}
+
 pub fn request(inputs: &[&str]) -> EmbedTextRequest {
     EmbedTextRequest { inputs: inputs.iter().map(|s| s.to_string()).collect(), normalize: None, truncate: None }
 }
