@@ -1075,9 +1075,6 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     cfg.extra.insert("scheme".into(), serde_json::json!(if bmes { "bmes" } else { "bio" }));
     // Joint intent: the training set's intents, sorted (several joined by `;` stay one label).
     let intent_list: Vec<String> = if args.joint_intent {
-        if args.train_layers > 0 {
-            bail!("--joint-intent with --train-layers is not supported yet; use frozen encoder states");
-        }
         if let Some(s) = train_set.iter().find(|s| s.intent.is_none()) {
             bail!("--joint-intent needs an intent for every training sentence; {:?}… has none", s.tokens.iter().take(6).collect::<Vec<_>>());
         }

@@ -124,6 +124,44 @@ fn atis_with_a_fine_tuned_encoder_layer_learns_and_serves_as_trained() {
     std::fs::remove_dir_all(&out).unwrap();
 }
 
+/// `--joint-intent` with `--train-layers`: the intent term trains through the fine-tuned layer
+/// too, and the checkpoint (its layer, its intents) serves as it was trained.
+#[test]
+fn atis_with_joint_intents_and_a_fine_tuned_layer_serves_as_trained() {
+    let data = repo("model-store/data/atis/train_dev");
+    let encoder = repo("model-store/all-MiniLM-L6-v2");
+    if !data.is_file() || !encoder.is_dir() {
+        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
+        return;
+    }
+    let out = std::env::temp_dir().join(format!("concierge-train-atis-joint-ft-{}", std::process::id()));
+    let test = repo("model-store/data/atis/test");
+    train(&args(&[
+        "--format=atis".into(), format!("--train={}", data.display()), format!("--encoder-dir={}", encoder.display()),
+        format!("--out={}", out.display()), format!("--test={}", test.display()), "--limit=200".into(), "--epochs=3".into(),
+        "--hidden=32".into(), "--batch=16".into(), "--lr=5e-3".into(), "--seed=5".into(), "--encoder-layers=5,6".into(),
+        "--train-layers=1".into(), "--encoder-lr=1e-4".into(), "--joint-intent".into(),
+    ]))
+    .unwrap();
+    let (loss, f1) = losses(&out);
+    assert!(loss[loss.len() - 1] < loss[0] * 0.6, "the loss did not fall: {loss:?}");
+    let best = f1.iter().cloned().fold(0.0, f64::max);
+    assert!(best > 0.4, "dev F1 stayed low: {f1:?}");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    let intents: Vec<String> = serde_json::from_str(&std::fs::read_to_string(out.join("intents.json")).unwrap()).unwrap();
+    assert_eq!((config["branch_from"].as_u64(), config["num_intents"].as_u64()), (Some(5), Some(intents.len() as u64)));
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
+    let served = summary["served_dev_f1"].as_f64().unwrap();
+    assert!((served - best).abs() <= 0.01, "the saved checkpoint scores dev F1 {served}, the trained model {best}");
+    // Answering atis_flight always scores 74.4%; the intent layer must have learned more than that.
+    let acc = summary["test"]["intent_accuracy"].as_f64().unwrap();
+    assert!(acc > 0.76, "the tagger's test intent accuracy {acc}");
+    let e = eval(&EvalTagger { model: out.clone(), format: concierge_train::tagger::Format::Atis, test, encoder_dir: encoder.clone(), predictions: None })
+        .unwrap();
+    assert_eq!(e.f1(), summary["test"]["f1"].as_f64().unwrap(), "eval-tagger and the training run score the checkpoint alike");
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
 /// `--joint-intent`: the tagger learns ATIS's utterance intents with the slots; the checkpoint
 /// names them (`intents.json`, `num_intents`), scores the test file through eval-tagger as the
 /// run did, and reports the tagger's own intent accuracy. Data without intents is refused.
