@@ -175,6 +175,11 @@ pub struct TrainTagger {
     pub lr: f64,
     #[arg(long, default_value_t = 1e-4)]
     pub weight_decay: f64,
+    /// Decay every learning rate (--lr, --encoder-lr, --lac-lr) linearly to zero over --epochs'
+    /// steps, as BERT fine-tuning does; without it they stay constant. Early stopping still
+    /// applies: a run stopped early ends before its rates reach zero.
+    #[arg(long)]
+    pub linear_decay: bool,
     /// Stop after this many epochs without a better dev F1.
     #[arg(long, default_value_t = 5)]
     pub patience: usize,
@@ -1193,6 +1198,17 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         }
         let mut total = 0.0f64;
         for (step, chunk) in batches.into_iter().enumerate() {
+            if args.linear_decay {
+                let done = ((epoch - 1) * steps_per_epoch + step) as f64 / (args.epochs * steps_per_epoch) as f64;
+                let f = (1.0 - done).max(0.0);
+                opt.set_learning_rate(args.lr * f);
+                if let Some(o) = branch_opt.as_mut() {
+                    o.set_learning_rate(args.encoder_lr * f);
+                }
+                if let Some(o) = lac_opt.as_mut() {
+                    o.set_learning_rate(args.lac_lr * f);
+                }
+            }
             let batch: Vec<&Example> = chunk.iter().map(|&i| &train_ex[i]).collect();
             let x = match &branch {
                 Some(br) => {
@@ -1288,7 +1304,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "seed": args.seed,
         "run_seed": args.run_seed,
         "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
-        "lr": args.lr, "weight_decay": args.weight_decay,
+        "lr": args.lr, "weight_decay": args.weight_decay, "lr_schedule": if args.linear_decay { "linear" } else { "constant" },
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),
         "best_epoch": best_epoch, "best_dev_f1": (!no_dev).then_some(best_f1), "train_seconds": train_secs,

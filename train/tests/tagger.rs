@@ -140,7 +140,7 @@ fn atis_with_joint_intents_and_a_fine_tuned_layer_serves_as_trained() {
         "--format=atis".into(), format!("--train={}", data.display()), format!("--encoder-dir={}", encoder.display()),
         format!("--out={}", out.display()), format!("--test={}", test.display()), "--limit=200".into(), "--epochs=3".into(),
         "--hidden=32".into(), "--batch=16".into(), "--lr=5e-3".into(), "--seed=5".into(), "--encoder-layers=5,6".into(),
-        "--train-layers=1".into(), "--encoder-lr=1e-4".into(), "--joint-intent".into(),
+        "--train-layers=1".into(), "--encoder-lr=1e-4".into(), "--joint-intent".into(), "--linear-decay".into(),
     ]))
     .unwrap();
     let (loss, f1) = losses(&out);
@@ -153,6 +153,7 @@ fn atis_with_joint_intents_and_a_fine_tuned_layer_serves_as_trained() {
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("training.json")).unwrap()).unwrap();
     let served = summary["served_dev_f1"].as_f64().unwrap();
     assert!((served - best).abs() <= 0.01, "the saved checkpoint scores dev F1 {served}, the trained model {best}");
+    assert_eq!(summary["lr_schedule"], "linear");
     // Answering atis_flight always scores 74.4%; the intent layer must have learned more than that.
     let acc = summary["test"]["intent_accuracy"].as_f64().unwrap();
     assert!(acc > 0.76, "the tagger's test intent accuracy {acc}");
