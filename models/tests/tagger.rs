@@ -995,3 +995,104 @@ fn the_cpu_lstm_loops_match_the_tensor_ops() {
     assert!(pad.iter().all(|&v| v == 0.0), "padding outputs must be zero");
     std::fs::remove_dir_all(&out).unwrap();
 }
+
+/// A tiny random BERT's tensors for `char_bert`, by their `transformers` names.
+fn random_char_bert(cfg: &concierge_models::tagger::CharBertConfig, seed: u64, dev: &Device) -> HashMap<String, Tensor> {
+    let mut rng = Rng(seed | 1);
+    cfg.tensor_shapes()
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            // LayerNorm gains near 1, everything else small.
+            let base = if name.ends_with("LayerNorm.weight") { 1.0 } else { 0.0 };
+            let v: Vec<f32> = (0..n).map(|_| base + rng.float(0.2)).collect();
+            (name, Tensor::from_vec(v, shape, dev).unwrap())
+        })
+        .collect()
+}
+
+/// Char BERT features (`char_bert`): each layer read equals candle-transformers' reference BERT
+/// (`bert::reference_forward`, the reference the encoder is tested against) over `[CLS] chars
+/// [SEP]`, at the characters' positions; a sequence longer than the BERT's positions runs in
+/// windows, each as its own `[CLS] window [SEP]`; padding reads zeros; characters find their row
+/// as written, lower-cased or folded to half-width, else `[UNK]`; and a tagger reading them
+/// saves and loads with `char_bert_vocab.json` and the `char_bert.*` tensors.
+#[test]
+fn char_bert_features_match_the_reference_bert() {
+    use concierge_models::tagger::char_bert::char_bert_id;
+    use concierge_models::tagger::{CharBert, CharBertConfig, Vocab};
+    let dev = Device::Cpu;
+    let cfg = CharBertConfig {
+        vocab_size: 12,
+        hidden_size: 8,
+        num_hidden_layers: 2,
+        num_attention_heads: 2,
+        intermediate_size: 16,
+        max_position_embeddings: 7,
+        type_vocab_size: 2,
+        layer_norm_eps: 1e-12,
+        layers: vec![1, 2],
+    };
+    let tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "中", "国", "人", "a", "1", "北", "京", "!"];
+    let vocab = Vocab::new(tokens.iter().enumerate().map(|(i, t)| (t.to_string(), i as u32)).collect(), "[UNK]").unwrap();
+    assert_eq!(["中", "A", "ａ", "１", "！", "x", "Ａ"].map(|t| char_bert_id(&vocab, t)), [4, 7, 7, 8, 11, 1, 7]);
+    let weights = random_char_bert(&cfg, 5, &dev);
+    let cb = CharBert::load(&VarBuilder::from_tensors(weights.clone(), DType::F32, &dev), &cfg, vocab.clone()).unwrap();
+    // Sequence 0 is 7 characters: windows of 5 (7 positions less [CLS] and [SEP]) and 2.
+    let seqs: [&[u32]; 3] = [&[4, 5, 6, 9, 10, 7, 8], &[9, 10, 1], &[11]];
+    let lengths: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
+    let l = 7;
+    let flat: Vec<u32> = seqs.iter().flat_map(|s| s.iter().copied().chain(std::iter::repeat_n(0, l - s.len()))).collect();
+    let ids = Tensor::from_vec(flat, (3, l), &dev).unwrap();
+    let got = cb.features(&ids, &lengths, DType::F32).unwrap();
+    assert_eq!(got.dims(), [3, l, 16]);
+    // The reference, one window at a time, for each layer read.
+    let reference = |window: &[u32], layer: usize| -> Tensor {
+        let mut bert = cfg.bert().unwrap();
+        bert.num_hidden_layers = layer;
+        let mut w = vec![2u32];
+        w.extend_from_slice(window);
+        w.push(3);
+        let n = w.len();
+        let ids = Tensor::from_vec(w, (1, n), &dev).unwrap();
+        let vb = VarBuilder::from_tensors(weights.clone(), DType::F32, &dev);
+        let out = concierge_models::bert::reference_forward(vb, &bert, &ids, &ids.zeros_like().unwrap(), &ids.ones_like().unwrap()).unwrap();
+        out.squeeze(0).unwrap().narrow(0, 1, n - 2).unwrap()
+    };
+    for (s, seq) in seqs.iter().enumerate() {
+        for (k, &layer) in cfg.layers.iter().enumerate() {
+            let want = Tensor::cat(&seq.chunks(5).map(|w| reference(w, layer)).collect::<Vec<_>>(), 0).unwrap();
+            let part = got.get(s).unwrap().narrow(0, 0, seq.len()).unwrap().narrow(1, 8 * k, 8).unwrap();
+            check_close(&format!("sequence {s}, layer {layer}"), &part, &want);
+        }
+        let pad = got.get(s).unwrap().narrow(0, seq.len(), l - seq.len()).unwrap();
+        assert!(floats(&pad).iter().all(|&v| v == 0.0), "padding reads zeros");
+    }
+
+    // A tagger reading them: ids carry the BERT row last, and the checkpoint round-trips.
+    let mut tcfg = TaggerConfig::embeddings(5, 4, 3, 3);
+    tcfg.char_bert = Some(cfg.clone());
+    assert_eq!(tcfg.lstm_input_dim(), 4 + 16);
+    let varmap = VarMap::new();
+    let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
+    let tvocab = Vocab::new([("<unk>", 0), ("中", 1), ("国", 2)].into_iter().map(|(k, v)| (k.to_owned(), v)).collect(), "<unk>").unwrap();
+    let model = BiLstmCrf::new(vb, &tcfg, tag_set(3)).unwrap().with_vocab(tvocab).unwrap().with_char_bert(cb.clone()).unwrap();
+    let (ids, lengths) = model.char_ids(&["中国人", "Ａ"], &dev).unwrap();
+    assert_eq!(ids.to_vec3::<u32>().unwrap(), [[[1, 4], [2, 5], [0, 6]], [[0, 7], [0, 1], [0, 1]]]);
+    let out = tmp_dir("char-bert");
+    model.save(&out).unwrap();
+    assert!(out.join("char_bert_vocab.json").is_file());
+    let again = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
+    assert_eq!(again.char_bert().unwrap().vocab(), &vocab);
+    let (a, b) = (model.forward_emissions(&ids, &lengths).unwrap(), again.forward_emissions(&ids, &lengths).unwrap());
+    check_close("emissions after the round trip", &a, &b);
+    // Without its vocabulary the checkpoint names the missing file.
+    std::fs::remove_file(out.join("char_bert_vocab.json")).unwrap();
+    let err = BiLstmCrf::load(&out, &dev, DType::F32).unwrap_err().to_string();
+    assert!(err.contains("char_bert_vocab.json"), "{err}");
+    std::fs::remove_dir_all(&out).unwrap();
+    // Layers past the BERT's are refused.
+    let mut bad = cfg.clone();
+    bad.layers = vec![3];
+    assert!(CharBert::load(&VarBuilder::from_tensors(weights, DType::F32, &dev), &bad, vocab).is_err());
+}

@@ -1,6 +1,7 @@
 //! Training and evaluation behind `concierge train-… / eval-…`: data in, a checkpoint folder
 //! out that the server loads as it is. CPU or any candle device; seeded (parameter init, data
 //! order and dropout masks come from our own RNG, so a seed gives the same run).
+pub mod char_bert;
 pub mod intent;
 pub mod lac;
 mod layers;

@@ -146,6 +146,16 @@ pub struct TrainTagger {
     /// checkpoint without them, its first LSTM layer is widened with zero columns for them.
     #[arg(long)]
     pub word_vectors: Option<PathBuf>,
+    /// Chars input: a pretrained Chinese BERT as frozen contextual character features (one
+    /// BERT token per character), from its folder (`config.json`, `vocab.txt` or
+    /// `tokenizer.json`, `model.safetensors` or `pytorch_model.bin`; e.g. `model-store/zh-bert`
+    /// from `scripts/fetch-zh-bert.sh`); the checkpoint carries it (its single-character rows).
+    #[arg(long)]
+    pub char_bert: Option<PathBuf>,
+    /// With --char-bert: the BERT layers (0: the embeddings) whose states the tagger reads, side
+    /// by side; none given: its last layer.
+    #[arg(long, value_delimiter = ',')]
+    pub char_bert_layers: Vec<usize>,
     /// With --word-vectors: the heaviest words kept in each of a character's B, M and E sets.
     #[arg(long, default_value_t = 4)]
     pub soft_lexicon_per_set: usize,
@@ -402,6 +412,8 @@ struct Featurizer {
     lac: Option<Vocab>,
     /// Word-vector lexicon (--word-vectors).
     soft_lexicon: Option<SoftLexicon>,
+    /// The char BERT's vocabulary (--char-bert).
+    char_bert: Option<Vocab>,
 }
 
 /// What an encoder-input example is made of.
@@ -424,6 +436,7 @@ impl Featurizer {
             lexicon: self.lexicon.as_ref(),
             lac: self.lac.as_ref(),
             soft_lexicon: self.soft_lexicon.as_ref(),
+            char_bert: self.char_bert.as_ref(),
         }
     }
 
@@ -786,6 +799,9 @@ fn warm_start(varmap: &VarMap, dir: &Path, from: &BiLstmCrf, tags: &[String], fz
     if from.lac().map(|l| l.config()) != cfg.lac.as_ref() {
         bail!("--init {}: its LAC features differ from this run's (--lac, --lac-layers)", dir.display());
     }
+    if from.char_bert().map(|c| c.config()) != cfg.char_bert.as_ref() {
+        bail!("--init {}: its char BERT differs from this run's (--char-bert, --char-bert-layers)", dir.display());
+    }
     // A soft lexicon added to a checkpoint without one: its features are the first layer's last
     // input columns, which start at zero, so the run starts where the checkpoint was.
     let widen = match (from.soft_lexicon(), &cfg.soft_lexicon) {
@@ -842,7 +858,9 @@ fn save_branch(dir: &Path, branch: &VarMap, relative: Option<&RelativeBias>, enc
 /// Rewrites the checkpoint `dir`'s embedding tables (`embedding.weight`, `bigram_embedding.weight`,
 /// LAC's `lac.word_emb`, the soft lexicon's vectors) in f16; the loader widens them again to the dtype it loads in.
 fn embeddings_to_f16(dir: &Path) -> anyhow::Result<()> {
-    tensors_to_f16(dir, |name| ["embedding.weight", "bigram_embedding.weight", "lac.word_emb", "soft_lexicon.embedding"].contains(&name))
+    tensors_to_f16(dir, |name| {
+        ["embedding.weight", "bigram_embedding.weight", "lac.word_emb", "soft_lexicon.embedding"].contains(&name) || name.starts_with("char_bert.")
+    })
 }
 
 /// Rewrites the checkpoint in `dir` with the tensors `pick` names in f16.
@@ -926,10 +944,11 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         None => None,
     };
     let mut lac_net = None;
+    let mut char_bert_net = None;
     let (mut fz, mut cfg) = match input {
         Input::Encoder => {
-            if args.char_vectors.is_some() || args.lexicon.is_some() || args.lac.is_some() || args.word_vectors.is_some() {
-                bail!("--char-vectors, --lexicon, --word-vectors and --lac are features of the tagger's own character input: they need --input chars");
+            if args.char_vectors.is_some() || args.lexicon.is_some() || args.lac.is_some() || args.word_vectors.is_some() || args.char_bert.is_some() {
+                bail!("--char-vectors, --lexicon, --word-vectors, --lac and --char-bert are features of the tagger's own character input: they need --input chars");
             }
             let enc = TextEncoder::load(&ModelSource::Dir(args.encoder_dir.clone()), &device, DType::F32, None)
                 .with_context(|| format!("loading the text encoder from {}", args.encoder_dir.display()))?;
@@ -959,7 +978,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Reads::Branch { fixed: layers.into_iter().filter(|&l| l <= from).collect(), from }
                 }
             };
-            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None, vectors: None, lexicon: None, lac: None, soft_lexicon: None }, cfg)
+            (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None, vectors: None, lexicon: None, lac: None, soft_lexicon: None, char_bert: None }, cfg)
         }
         Input::Chars => {
             let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
@@ -1058,6 +1077,21 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                     Some(soft)
                 }
             };
+            let char_bert = match &args.char_bert {
+                None => None,
+                Some(dir) => {
+                    let mut cb = crate::char_bert::load_dir(dir, &args.char_bert_layers, &device).with_context(|| format!("--char-bert {}", dir.display()))?;
+                    if let Some((init_dir, from)) = &init {
+                        cb = match from.char_bert() {
+                            Some(c) if c.config() == cb.config() => c.clone(),
+                            _ => bail!("--init {}: its char BERT differs from this run's (--char-bert, --char-bert-layers)", init_dir.display()),
+                        };
+                    }
+                    cfg.char_bert = Some(cb.config().clone());
+                    eprintln!("train-tagger: char BERT from {} (layers {:?}, {} wide, {} tokens)", dir.display(), cb.config().layers, cb.config().feature_dim(), cb.vocab().len());
+                    Some(cb)
+                }
+            };
             if args.train_layers > 0 {
                 bail!("--train-layers fine-tunes the text encoder: it needs encoder input");
             }
@@ -1071,8 +1105,10 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 lexicon,
                 lac: lac.as_ref().map(|l| l.vocab().clone()),
                 soft_lexicon,
+                char_bert: char_bert.as_ref().map(|c| c.vocab().clone()),
             };
             lac_net = lac;
+            char_bert_net = char_bert;
             (fz, cfg)
         }
     };
@@ -1130,6 +1166,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         model = model.with_lac(lac)?;
     } else if args.lac_train {
         bail!("--lac-train fine-tunes the LAC network of --lac: give --lac DIR");
+    }
+    if let Some(cb) = char_bert_net {
+        model = model.with_char_bert(cb)?;
     }
     if args.joint_intent {
         model = model.with_intents(intent_list.clone())?;
@@ -1303,7 +1342,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "dev_fraction": args.dev.is_none().then_some(args.dev_fraction),
         "seed": args.seed,
         "run_seed": args.run_seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "char_bert": args.char_bert.as_ref().map(|p| p.display().to_string()), "char_bert_layers": args.char_bert.as_ref().map(|_| &args.char_bert_layers), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay, "lr_schedule": if args.linear_decay { "linear" } else { "constant" },
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),
@@ -1386,7 +1425,7 @@ fn score(dir: &Path, sentences: &[Sentence], encoder_dir: &Path, what: &str, qui
         }
         InputKind::Embeddings => (Input::Chars, None),
     };
-    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned(), lac: model.lac().map(|l| l.vocab().clone()), soft_lexicon: model.soft_lexicon().cloned() };
+    let fz = Featurizer { input, encoder, reads: Reads::Tagger(Box::new(model.clone())), vocab: model.vocab().cloned(), bigrams: model.bigrams().cloned(), vectors: None, lexicon: model.lexicon().cloned(), lac: model.lac().map(|l| l.vocab().clone()), soft_lexicon: model.soft_lexicon().cloned(), char_bert: model.char_bert().map(|c| c.vocab().clone()) };
     let tag_ids: HashMap<String, u32> = model.tags().iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
     let ex = fz.examples(sentences, &tag_ids, what, quiet)?;
     let (eval, preds, _) = predict(&model, &fz, &ex, &device, None)?;

@@ -712,3 +712,89 @@ fn msra_epochs_average_along_one_run_the_dev_split_choosing() {
     }
     std::fs::remove_file(out.with_extension("test.txt")).unwrap();
 }
+
+/// A tiny random Chinese BERT folder as `--char-bert` reads one: `config.json`, a WordPiece
+/// `tokenizer.json` (with multi-character and `##` tokens, which a character tagger drops) and
+/// `model.safetensors` under `bert.` names. Returns the full vocabulary, token -> id.
+fn tiny_zh_bert(dir: &Path) -> std::collections::HashMap<String, u32> {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut tokens: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "中国", "##国"].map(String::from).to_vec();
+    tokens.extend("中国人民的在了是北京上海新华社记者日月年".chars().map(String::from));
+    let vocab: std::collections::HashMap<String, u32> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), i as u32)).collect();
+    let (h, inter, layers, positions) = (8usize, 16usize, 2usize, 64usize);
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::json!({"model_type": "bert", "vocab_size": tokens.len(), "hidden_size": h, "num_hidden_layers": layers,
+            "num_attention_heads": 2, "intermediate_size": inter, "hidden_act": "gelu", "max_position_embeddings": positions,
+            "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0, "hidden_dropout_prob": 0.1, "initializer_range": 0.02})
+        .to_string(),
+    )
+    .unwrap();
+    std::fs::write(dir.join("tokenizer.json"), serde_json::json!({"model": {"type": "WordPiece", "vocab": vocab}}).to_string()).unwrap();
+    let cfg = concierge_models::tagger::CharBertConfig {
+        vocab_size: tokens.len(), hidden_size: h, num_hidden_layers: layers, num_attention_heads: 2, intermediate_size: inter,
+        max_position_embeddings: positions, type_vocab_size: 2, layer_norm_eps: 1e-12, layers: vec![layers],
+    };
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in cfg.tensor_shapes() {
+        let n: usize = shape.iter().product();
+        let base = if name.ends_with("LayerNorm.weight") { 1.0 } else { 0.0 };
+        let v: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                base + ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.4
+            })
+            .collect();
+        tensors.insert(format!("bert.{name}"), candle_core::Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap());
+    }
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).unwrap();
+    vocab
+}
+
+/// MSRA with a pretrained Chinese BERT's features (`--char-bert`, here a tiny random one): the
+/// loss falls, the checkpoint carries the BERT's single-character rows and special tokens
+/// (`char_bert_vocab.json`) and its weights unchanged (frozen; f16 with `--embeddings-f16`),
+/// and eval-tagger (the serving code's ids) scores it as the run did.
+#[test]
+fn msra_with_char_bert_features_learns() {
+    let out = std::env::temp_dir().join(format!("concierge-train-msra-char-bert-{}", std::process::id()));
+    let Some((data, small_test)) = msra_small(&out) else { return };
+    let bert_dir = out.with_extension("bert");
+    let full = tiny_zh_bert(&bert_dir);
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+        format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=2".into(), "--hidden=32".into(),
+        "--char-dim=16".into(), format!("--char-bert={}", bert_dir.display()), "--char-bert-layers=1,2".into(), "--batch=32".into(),
+        "--lr=1e-2".into(), "--dev-fraction=0.004".into(), "--embeddings-f16".into(),
+    ]))
+    .unwrap();
+    let (loss, _) = losses(&out);
+    assert!(loss[1] < loss[0], "the loss did not fall: {loss:?}");
+    let m = concierge_models::BiLstmCrf::load(&out, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
+    let cb = m.char_bert().expect("the char BERT");
+    assert_eq!((cb.config().layers.clone(), cb.config().feature_dim()), (vec![1, 2], 16));
+    assert_eq!(m.config().lstm_input_dim(), 16 + 16);
+    // The specials and the 20 single characters, not 中国 / ##国 / [MASK].
+    let kept: std::collections::BTreeMap<String, u32> = cb.vocab().entries().map(|(t, i)| (t.to_string(), i)).collect();
+    assert_eq!(kept.len(), 4 + 20);
+    assert!(!kept.contains_key("中国") && !kept.contains_key("##国") && !kept.contains_key("[MASK]"));
+    let saved = candle_core::safetensors::load(out.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let folder = candle_core::safetensors::load(bert_dir.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    assert_eq!(saved["char_bert.encoder.layer.1.output.dense.weight"].dtype(), candle_core::DType::F16);
+    let close = |a: &candle_core::Tensor, b: &candle_core::Tensor| {
+        let d = (a.to_dtype(candle_core::DType::F32).unwrap() - b).unwrap().abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() <= 1e-3
+    };
+    assert!(close(&saved["char_bert.encoder.layer.1.output.dense.weight"], &folder["bert.encoder.layer.1.output.dense.weight"]), "the BERT must stay frozen");
+    // Each kept token's row is its row in the folder's table.
+    let table = &folder["bert.embeddings.word_embeddings.weight"];
+    let rows = &saved["char_bert.embeddings.word_embeddings.weight"];
+    for t in ["[CLS]", "北", "年"] {
+        assert!(close(&rows.get(kept[t] as usize).unwrap(), &table.get(full[t] as usize).unwrap()), "row of {t}");
+    }
+    eval_agrees_with_training(&out, &small_test);
+    std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&bert_dir).unwrap();
+    std::fs::remove_file(&small_test).unwrap();
+}

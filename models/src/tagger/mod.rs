@@ -8,6 +8,7 @@
 //! batch_first=True)` as `lstm`, `nn.Linear` as `hidden2tag`, pytorch-crf's `CRF` as `crf`)
 //! loads as saved. A checkpoint folder is `config.json`, `model.safetensors`, `tags.json` (the
 //! tag names in id order) and, for embeddings input, `vocab.json`.
+pub mod char_bert;
 pub mod crf;
 pub mod lac;
 pub mod lexicon;
@@ -21,6 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Init, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
+pub use char_bert::{CharBert, CharBertConfig};
 pub use crf::{Crf, Reduction, TagPath};
 pub use lac::{Lac, LacConfig};
 pub use lexicon::Lexicon;
@@ -94,6 +96,12 @@ pub struct TaggerConfig {
     /// set vectors follow all its other features (LAC's too).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub soft_lexicon: Option<SoftLexiconConfig>,
+    /// Contextual character features from a frozen pretrained Chinese BERT (embeddings input;
+    /// see [`char_bert`]): its tensors (`char_bert.*`) and vocabulary (`char_bert_vocab.json`)
+    /// ship with the checkpoint. Each character's BERT id follows all its other ids, and the
+    /// states of the BERT layers named follow all its other features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub char_bert: Option<CharBertConfig>,
     /// LSTM hidden size per direction; the emission layer sees twice this.
     pub hidden_size: usize,
     #[serde(default = "one")]
@@ -162,6 +170,8 @@ pub struct IdColumns<'a> {
     /// LAC's vocabulary.
     pub lac: Option<&'a Vocab>,
     pub soft_lexicon: Option<&'a SoftLexicon>,
+    /// The char BERT's vocabulary.
+    pub char_bert: Option<&'a Vocab>,
 }
 
 impl IdColumns<'_> {
@@ -171,6 +181,7 @@ impl IdColumns<'_> {
             + self.lexicon.map_or(0, |l| l.classes().len())
             + usize::from(self.lac.is_some())
             + self.soft_lexicon.map_or(0, |s| s.config().id_columns())
+            + usize::from(self.char_bert.is_some())
     }
 
     /// The ids of `seq`, token-major (`seq.len() * width()`).
@@ -194,6 +205,9 @@ impl IdColumns<'_> {
             if let Some((c, ids)) = &soft {
                 out.extend_from_slice(&ids[i * c..(i + 1) * c]);
             }
+            if let Some(v) = self.char_bert {
+                out.push(char_bert::char_bert_id(v, tok.as_ref()));
+            }
         }
         out
     }
@@ -212,6 +226,9 @@ impl IdColumns<'_> {
         }
         if let Some(s) = self.soft_lexicon {
             out.extend(s.none_ids());
+        }
+        if let Some(v) = self.char_bert {
+            out.push(v.unk_id());
         }
         out
     }
@@ -232,6 +249,7 @@ impl TaggerConfig {
             lexicon_dim: None,
             lac: None,
             soft_lexicon: None,
+            char_bert: None,
             hidden_size,
             num_layers: 1,
             dropout: 0.0,
@@ -291,6 +309,12 @@ impl TaggerConfig {
             }
             soft.validate().map_err(ModelError::Unsupported)?;
         }
+        if let Some(cb) = &self.char_bert {
+            if self.input != InputKind::Embeddings {
+                return bad("char_bert (pretrained BERT character features) is only for embeddings input");
+            }
+            cb.validate().map_err(ModelError::Unsupported)?;
+        }
         if self.num_intents == Some(0) {
             return bad("num_intents must be positive (or absent: no intent layers)");
         }
@@ -321,6 +345,7 @@ impl TaggerConfig {
             + self.lexicon_classes().len() * self.lexicon_dim.unwrap_or(0)
             + self.lac.as_ref().map_or(0, LacConfig::feature_dim)
             + self.soft_lexicon.as_ref().map_or(0, SoftLexiconConfig::feature_dim)
+            + self.char_bert.as_ref().map_or(0, CharBertConfig::feature_dim)
     }
 
     fn lexicon_classes(&self) -> &[String] {
@@ -334,6 +359,7 @@ impl TaggerConfig {
             + self.lexicon_classes().len()
             + usize::from(self.lac.is_some())
             + self.soft_lexicon.as_ref().map_or(0, SoftLexiconConfig::id_columns)
+            + usize::from(self.char_bert.is_some())
     }
 
     /// Encoder input: the layers it reads from an encoder of `num_layers` layers (its config's
@@ -481,6 +507,8 @@ pub struct BiLstmCrf {
     lac: Option<Lac>,
     /// Word-vector lexicon features ([`TaggerConfig::soft_lexicon`]).
     soft_lexicon: Option<SoftLexicon>,
+    /// The frozen char BERT ([`TaggerConfig::char_bert`]).
+    char_bert: Option<CharBert>,
     embedding: Option<Embedding>,
     bigram_embedding: Option<Embedding>,
     lexicon_embedding: Option<Embedding>,
@@ -587,6 +615,7 @@ impl BiLstmCrf {
             lexicon: None,
             lac: None,
             soft_lexicon: None,
+            char_bert: None,
             embedding,
             bigram_embedding,
             lexicon_embedding,
@@ -729,6 +758,19 @@ impl BiLstmCrf {
                     })?;
                     model = model.with_soft_lexicon(soft)?;
                 }
+                if let Some(cb_cfg) = &cfg.char_bert {
+                    let path = file("char_bert_vocab.json", "the char BERT's token -> row object (the char_bert entry of config.json)")?;
+                    let vocab = Vocab::from_file(&path, char_bert::CHAR_BERT_UNK)?;
+                    let cb = CharBert::load(&vb.pp("char_bert"), cb_cfg, vocab).map_err(|e| match e {
+                        ModelError::Candle(c) => ModelError::BadFile {
+                            path: weights.clone(),
+                            reason: format!("its char BERT (char_bert.*, the char_bert entry of {}): {c}", config.display()),
+                        },
+                        ModelError::Unsupported(reason) => ModelError::BadFile { path: path.clone(), reason },
+                        other => other,
+                    })?;
+                    model = model.with_char_bert(cb)?;
+                }
                 if let Some(classes) = &cfg.lexicon_classes {
                     let path = file("lexicon.txt", "the word list of the lexicon features (lexicon_classes), `word<TAB>class,…` lines")?;
                     let lexicon = Lexicon::from_file(&path, classes)?;
@@ -773,12 +815,18 @@ impl BiLstmCrf {
         if let Some(soft) = &self.soft_lexicon {
             soft.save_words(&dir.join("soft_lexicon.txt"))?;
         }
+        if let Some(cb) = &self.char_bert {
+            cb.vocab().save(&dir.join("char_bert_vocab.json"))?;
+        }
         if self.intent.is_some() {
             write_json(&dir.join("intents.json"), &self.intents)?;
         }
         let mut ts: HashMap<String, Tensor> = self.params.named.iter().cloned().collect();
         for (name, t) in self.lac.iter().flat_map(|l| l.tensors()) {
             ts.insert(format!("lac.{name}"), t.clone());
+        }
+        for (name, t) in self.char_bert.iter().flat_map(|c| c.tensors()) {
+            ts.insert(format!("char_bert.{name}"), t.clone());
         }
         if let Some(soft) = &self.soft_lexicon {
             ts.insert("soft_lexicon.embedding".into(), soft.table().clone());
@@ -876,6 +924,25 @@ impl BiLstmCrf {
         self.soft_lexicon.as_ref()
     }
 
+    /// Attaches the frozen char BERT of a tagger whose config has `char_bert`; their configs
+    /// must agree.
+    pub fn with_char_bert(mut self, cb: CharBert) -> Result<Self> {
+        if self.cfg.char_bert.as_ref() != Some(cb.config()) {
+            return Err(ModelError::Unsupported(format!(
+                "a char BERT {:?} for a tagger whose config has char_bert {:?}",
+                cb.config(),
+                self.cfg.char_bert
+            )));
+        }
+        self.char_bert = Some(cb);
+        Ok(self)
+    }
+
+    /// The char BERT, if the tagger reads one.
+    pub fn char_bert(&self) -> Option<&CharBert> {
+        self.char_bert.as_ref()
+    }
+
     /// How this tagger turns tokens into ids (embeddings input with a vocabulary).
     pub fn id_columns(&self) -> Option<IdColumns<'_>> {
         Some(IdColumns {
@@ -884,6 +951,7 @@ impl BiLstmCrf {
             lexicon: self.lexicon.as_ref(),
             lac: self.lac.as_ref().map(Lac::vocab),
             soft_lexicon: self.soft_lexicon.as_ref(),
+            char_bert: self.char_bert.as_ref().map(CharBert::vocab),
         })
     }
 
@@ -1025,6 +1093,13 @@ impl BiLstmCrf {
                         })?;
                         let ids = input.narrow(2, next, soft_cfg.id_columns())?.contiguous()?;
                         parts.push(soft.features(&ids, parts[0].dtype())?);
+                        next += soft_cfg.id_columns();
+                    }
+                    if self.cfg.char_bert.is_some() {
+                        let cb = self.char_bert.as_ref().ok_or_else(|| {
+                            ModelError::InvalidInput("this tagger reads char BERT features, but none is attached (with_char_bert)".into())
+                        })?;
+                        parts.push(cb.features(&at(next)?.contiguous()?, lengths, parts[0].dtype())?);
                     }
                     Tensor::cat(&parts, 2)?
                 }
