@@ -10,10 +10,12 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
 use concierge_models::tagger::char_bert::CHAR_BERT_UNK;
-use concierge_models::tagger::{CharBert, CharBertConfig, Vocab};
+use concierge_models::tagger::{CharBert, CharBertConfig, CharBertPass, Vocab};
+
+use crate::layers::{Dropout, Norm, TrainLayer};
 
 /// The tokens kept besides single characters.
 const SPECIALS: [&str; 4] = ["[PAD]", CHAR_BERT_UNK, "[CLS]", "[SEP]"];
@@ -79,4 +81,69 @@ pub fn load_dir(dir: &Path, layers: &[usize], device: &Device) -> anyhow::Result
     let vocab = Vocab::new(kept.iter().enumerate().map(|(row, &(t, _))| (t.to_string(), row as u32)).collect(), CHAR_BERT_UNK)?;
     let vb = VarBuilder::from_tensors(weights, DType::F32, device);
     CharBert::load(&vb, &cfg, vocab).with_context(|| format!("{}: its weights do not match its config.json", dir.display()))
+}
+
+/// The BERT as autograd ops over variables of `varmap` (started at `cb`'s weights), for
+/// fine-tuning it with the tagger (`--char-bert-train`): BERT's embeddings and post-LN layers,
+/// no dropout, the same arithmetic as the frozen pass.
+struct TrainPass {
+    word: Tensor,
+    position: Tensor,
+    token_type: Tensor,
+    norm: Norm,
+    layers: Vec<TrainLayer>,
+}
+
+impl CharBertPass for TrainPass {
+    fn taps(&self, ids: &Tensor, lens: &[usize], taps: &[usize]) -> concierge_models::Result<Vec<Tensor>> {
+        let run = || -> candle_core::Result<Vec<Tensor>> {
+            let (w, l) = ids.dims2()?;
+            let h = self.word.dim(1)?;
+            let x = self.word.index_select(&ids.flatten_all()?, 0)?.reshape((w, l, h))?;
+            let x = x.broadcast_add(&self.position.narrow(0, 0, l)?.unsqueeze(0)?)?.broadcast_add(&self.token_type.get(0)?)?;
+            let mut x = self.norm.forward(&x)?;
+            let mask: Vec<f32> = lens.iter().flat_map(|&n| (0..l).map(move |i| if i < n { 0.0 } else { -1e9 })).collect();
+            let mask = Tensor::from_vec(mask, (w, 1, 1, l), ids.device())?;
+            let mut out: Vec<Option<Tensor>> = vec![None; taps.len()];
+            let deepest = taps.iter().copied().max().unwrap_or(0);
+            for n in 0..=deepest {
+                if n > 0 {
+                    x = self.layers[n - 1].forward(&x, &mask, &mut Dropout(None))?;
+                }
+                for (slot, _) in out.iter_mut().zip(taps).filter(|(_, &t)| t == n) {
+                    *slot = Some(x.clone());
+                }
+            }
+            Ok(out.into_iter().map(|t| t.expect("every tap is at most the deepest")).collect())
+        };
+        Ok(run()?)
+    }
+}
+
+/// `cb` made trainable: its weights become variables of `varmap` (f32, CPU), its features run
+/// through autograd ops, and its checkpoint tensors are those variables.
+pub fn trainable(cb: &CharBert, varmap: &VarMap) -> anyhow::Result<CharBert> {
+    let device = Device::Cpu;
+    {
+        let mut data = varmap.data().lock().expect("varmap lock");
+        for (name, t) in cb.tensors() {
+            data.insert(name.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&device)?)?);
+        }
+    }
+    let vb = VarBuilder::from_varmap(varmap, DType::F32, &device);
+    let cfg = cb.config();
+    let bert = cfg.bert()?;
+    let e = vb.pp("embeddings");
+    let pass = TrainPass {
+        word: e.get((cfg.vocab_size, cfg.hidden_size), "word_embeddings.weight")?,
+        position: e.get((cfg.max_position_embeddings, cfg.hidden_size), "position_embeddings.weight")?,
+        token_type: e.get((cfg.type_vocab_size, cfg.hidden_size), "token_type_embeddings.weight")?,
+        norm: Norm::new(&e.pp("LayerNorm"), cfg.hidden_size, cfg.layer_norm_eps)?,
+        layers: (0..cfg.num_hidden_layers).map(|i| TrainLayer::new(vb.pp(format!("encoder.layer.{i}")), &bert)).collect::<candle_core::Result<_>>()?,
+    };
+    let named: Vec<(String, Tensor)> = {
+        let data = varmap.data().lock().expect("varmap lock");
+        cb.tensors().iter().map(|(n, _)| (n.clone(), data[n].as_tensor().clone())).collect()
+    };
+    Ok(cb.clone().with_pass(std::sync::Arc::new(pass), named)?)
 }

@@ -156,6 +156,14 @@ pub struct TrainTagger {
     /// by side; none given: its last layer.
     #[arg(long, value_delimiter = ',')]
     pub char_bert_layers: Vec<usize>,
+    /// With --char-bert: fine-tune the BERT with the tagger (its own AdamW at --char-bert-lr)
+    /// instead of keeping it frozen. Its features then run through autograd ops, several times
+    /// slower than the frozen pass.
+    #[arg(long)]
+    pub char_bert_train: bool,
+    /// With --char-bert-train: the BERT's learning rate.
+    #[arg(long, default_value_t = 2e-5)]
+    pub char_bert_lr: f64,
     /// With --word-vectors: the heaviest words kept in each of a character's B, M and E sets.
     #[arg(long, default_value_t = 4)]
     pub soft_lexicon_per_set: usize,
@@ -185,7 +193,7 @@ pub struct TrainTagger {
     pub lr: f64,
     #[arg(long, default_value_t = 1e-4)]
     pub weight_decay: f64,
-    /// Decay every learning rate (--lr, --encoder-lr, --lac-lr) linearly to zero over --epochs'
+    /// Decay every learning rate (--lr, --encoder-lr, --lac-lr, --char-bert-lr) linearly to zero over --epochs'
     /// steps, as BERT fine-tuning does; without it they stay constant. Early stopping still
     /// applies: a run stopped early ends before its rates reach zero.
     #[arg(long)]
@@ -1167,8 +1175,19 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     } else if args.lac_train {
         bail!("--lac-train fine-tunes the LAC network of --lac: give --lac DIR");
     }
-    if let Some(cb) = char_bert_net {
+    let char_bert_map = VarMap::new();
+    let mut char_bert_opt = None;
+    if let Some(mut cb) = char_bert_net {
+        if args.char_bert_train {
+            cb = crate::char_bert::trainable(&cb, &char_bert_map)?;
+            char_bert_opt = Some(AdamW::new(
+                char_bert_map.all_vars(),
+                ParamsAdamW { lr: args.char_bert_lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() },
+            )?);
+        }
         model = model.with_char_bert(cb)?;
+    } else if args.char_bert_train {
+        bail!("--char-bert-train fine-tunes the BERT of --char-bert: give --char-bert DIR");
     }
     if args.joint_intent {
         model = model.with_intents(intent_list.clone())?;
@@ -1247,6 +1266,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 if let Some(o) = lac_opt.as_mut() {
                     o.set_learning_rate(args.lac_lr * f);
                 }
+                if let Some(o) = char_bert_opt.as_mut() {
+                    o.set_learning_rate(args.char_bert_lr * f);
+                }
             }
             let batch: Vec<&Example> = chunk.iter().map(|&i| &train_ex[i]).collect();
             let x = match &branch {
@@ -1269,6 +1291,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 o.step(&grads)?;
             }
             if let Some(o) = lac_opt.as_mut() {
+                o.step(&grads)?;
+            }
+            if let Some(o) = char_bert_opt.as_mut() {
                 o.step(&grads)?;
             }
             total += loss.to_scalar::<f32>()? as f64;
@@ -1342,7 +1367,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "dev_fraction": args.dev.is_none().then_some(args.dev_fraction),
         "seed": args.seed,
         "run_seed": args.run_seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "char_bert": args.char_bert.as_ref().map(|p| p.display().to_string()), "char_bert_layers": args.char_bert.as_ref().map(|_| &args.char_bert_layers), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "char_bert": args.char_bert.as_ref().map(|p| p.display().to_string()), "char_bert_layers": args.char_bert.as_ref().map(|_| &args.char_bert_layers), "char_bert_lr": args.char_bert_train.then_some(args.char_bert_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay, "lr_schedule": if args.linear_decay { "linear" } else { "constant" },
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),

@@ -794,7 +794,39 @@ fn msra_with_char_bert_features_learns() {
         assert!(close(&rows.get(kept[t] as usize).unwrap(), &table.get(full[t] as usize).unwrap()), "row of {t}");
     }
     eval_agrees_with_training(&out, &small_test);
+
+    // The fine-tuning pass (autograd ops) computes the frozen pass's features: within 1e-5 on
+    // sentences padded to different lengths, one longer than the BERT's 64 positions.
+    let long: String = "中国人民在北京上海".repeat(9);
+    let texts = ["新华社记者", long.as_str(), "日"];
+    let (ids, lengths) = m.char_ids(&texts, &candle_core::Device::Cpu).unwrap();
+    let col = ids.narrow(2, ids.dim(2).unwrap() - 1, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
+    let frozen = cb.features(&col, &lengths, candle_core::DType::F32).unwrap();
+    let map = candle_nn::VarMap::new();
+    let tuned = concierge_train::char_bert::trainable(cb, &map).unwrap();
+    let through = tuned.features(&col, &lengths, candle_core::DType::F32).unwrap();
+    let err = (frozen - through).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(err <= 1e-5, "the fine-tuning pass differs from the frozen one by {err}");
+
+    // --char-bert-train, continuing that run (--init): the BERT's weights now move, and the
+    // checkpoint as served scores as the run did.
+    let tuned = out.with_extension("tuned");
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", tuned.display()),
+        format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=1".into(), "--hidden=32".into(),
+        "--char-dim=16".into(), format!("--char-bert={}", bert_dir.display()), "--char-bert-layers=1,2".into(), "--batch=32".into(),
+        "--lr=1e-2".into(), "--dev-fraction=0.004".into(), format!("--init={}", out.display()), "--char-bert-train".into(),
+        "--char-bert-lr=1e-2".into(),
+    ]))
+    .unwrap();
+    let after = candle_core::safetensors::load(tuned.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let name = "char_bert.encoder.layer.1.output.dense.weight";
+    let moved = (after[name].to_dtype(candle_core::DType::F32).unwrap() - saved[name].to_dtype(candle_core::DType::F32).unwrap())
+        .unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(moved > 1e-4, "--char-bert-train left the BERT's weights where they were");
+    eval_agrees_with_training(&tuned, &small_test);
     std::fs::remove_dir_all(&out).unwrap();
+    std::fs::remove_dir_all(&tuned).unwrap();
     std::fs::remove_dir_all(&bert_dir).unwrap();
     std::fs::remove_file(&small_test).unwrap();
 }

@@ -164,7 +164,15 @@ pub fn char_bert_id(vocab: &Vocab, token: &str) -> u32 {
     vocab.id(&half_width(&lower))
 }
 
-/// The frozen BERT, its vocabulary and the layers read.
+/// A differentiable BERT pass standing in for the frozen one while the BERT is fine-tuned with
+/// the tagger (the train crate's): for windows `ids` `[W, Lw]` (u32, `[CLS] chars [SEP]`, then
+/// `[PAD]`) of lengths `lens`, the states after each layer in `taps` (0: the embeddings), in
+/// that order, `[W, Lw, H]` each.
+pub trait CharBertPass: Send + Sync {
+    fn taps(&self, ids: &Tensor, lens: &[usize], taps: &[usize]) -> Result<Vec<Tensor>>;
+}
+
+/// The BERT, its vocabulary and the layers read.
 #[derive(Clone)]
 pub struct CharBert {
     cfg: CharBertConfig,
@@ -174,6 +182,8 @@ pub struct CharBert {
     sep: u32,
     /// Every tensor under its name without `char_bert.`, for saving.
     named: Vec<(String, Tensor)>,
+    /// Fine-tuning: the pass features run through instead of `bert`.
+    pass: Option<Arc<dyn CharBertPass>>,
 }
 
 impl std::fmt::Debug for CharBert {
@@ -208,7 +218,22 @@ impl CharBert {
             map.insert(name, t);
         }
         let bert = BertEncoder::load(VarBuilder::from_tensors(map, vb.dtype(), vb.device()), &cfg.bert()?)?;
-        Ok(Self { cfg: cfg.clone(), vocab, bert: Arc::new(bert), cls, sep, named })
+        Ok(Self { cfg: cfg.clone(), vocab, bert: Arc::new(bert), cls, sep, named, pass: None })
+    }
+
+    /// For fine-tuning: features run through `pass` (gradients flow), and `named` (the tensors
+    /// it trains, by the same names) are what the checkpoint saves.
+    pub fn with_pass(mut self, pass: Arc<dyn CharBertPass>, named: Vec<(String, Tensor)>) -> Result<Self> {
+        let mut want: Vec<&str> = self.named.iter().map(|(n, _)| n.as_str()).collect();
+        let mut got: Vec<&str> = named.iter().map(|(n, _)| n.as_str()).collect();
+        want.sort_unstable();
+        got.sort_unstable();
+        if want != got {
+            return Err(ModelError::Unsupported("char_bert: a fine-tuning pass must carry every tensor of the BERT".into()));
+        }
+        self.pass = Some(pass);
+        self.named = named;
+        Ok(self)
     }
 
     pub fn config(&self) -> &CharBertConfig {
@@ -231,6 +256,9 @@ impl CharBert {
         super::crf::check_lengths(lengths, b, l)?;
         let rows = ids.to_device(&candle_core::Device::Cpu)?.to_vec2::<u32>()?;
         let window = self.cfg.max_position_embeddings - 2;
+        if let Some(pass) = &self.pass {
+            return self.features_through(pass.as_ref(), &rows, lengths, l, ids.device(), dtype);
+        }
         // Pack every window as [CLS] chars [SEP]; `gather[s * l + i]` is the packed row of
         // character i of sequence s, or the zero row past the end at padding.
         let (mut packed, mut lens, mut gather) = (Vec::new(), Vec::new(), Vec::with_capacity(b * l));
@@ -268,5 +296,51 @@ impl CharBert {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Tensor::cat(&parts, 2)?.to_dtype(dtype)?.detach())
+    }
+
+    /// [`Self::features`] through a fine-tuning pass: the windows padded to the longest.
+    fn features_through(&self, pass: &dyn CharBertPass, rows: &[Vec<u32>], lengths: &[usize], l: usize, dev: &candle_core::Device, dtype: DType) -> Result<Tensor> {
+        let window = self.cfg.max_position_embeddings - 2;
+        let windows: Vec<&[u32]> = rows.iter().zip(lengths).flat_map(|(row, &n)| row[..n].chunks(window)).collect();
+        let b = rows.len();
+        let h = self.cfg.hidden_size;
+        if windows.is_empty() {
+            return Ok(Tensor::zeros((b, l, self.cfg.feature_dim()), dtype, dev)?);
+        }
+        let lw = windows.iter().map(|w| w.len()).max().unwrap_or(0) + 2;
+        let (mut flat, mut lens) = (Vec::with_capacity(windows.len() * lw), Vec::with_capacity(windows.len()));
+        for w in &windows {
+            flat.push(self.cls);
+            flat.extend_from_slice(w);
+            flat.push(self.sep);
+            flat.extend(std::iter::repeat_n(0, lw - w.len() - 2));
+            lens.push(w.len() + 2);
+        }
+        // Character i of window k is row k * lw + 1 + i; padding reads the zero row at the end.
+        let zero = (windows.len() * lw) as u32;
+        let mut gather = Vec::with_capacity(b * l);
+        let mut k = 0;
+        for &n in lengths {
+            let mut i = 0;
+            while i < n {
+                let take = (n - i).min(window);
+                gather.extend((0..take).map(|j| (k * lw + 1 + j) as u32));
+                i += take;
+                k += 1;
+            }
+            gather.extend(std::iter::repeat_n(zero, l - n));
+        }
+        let ids = Tensor::from_vec(flat, (windows.len(), lw), dev)?;
+        let taps = pass.taps(&ids, &lens, &self.cfg.layers)?;
+        let gather = Tensor::from_vec(gather, b * l, dev)?;
+        let parts = taps
+            .iter()
+            .map(|t| {
+                let t = t.reshape((windows.len() * lw, h))?;
+                let t = Tensor::cat(&[&t, &Tensor::zeros((1, h), t.dtype(), t.device())?], 0)?;
+                Ok(t.index_select(&gather, 0)?.reshape((b, l, h))?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Tensor::cat(&parts, 2)?.to_dtype(dtype)?)
     }
 }

@@ -22,7 +22,7 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::{Embedding, Init, Linear, Module, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-pub use char_bert::{CharBert, CharBertConfig};
+pub use char_bert::{CharBert, CharBertConfig, CharBertPass};
 pub use crf::{Crf, Reduction, TagPath};
 pub use lac::{Lac, LacConfig};
 pub use lexicon::Lexicon;
