@@ -87,6 +87,8 @@ pub fn load_dir(dir: &Path, layers: &[usize], device: &Device) -> anyhow::Result
 /// fine-tuning it with the tagger (`--char-bert-train`): BERT's embeddings and post-LN layers,
 /// no dropout, the same arithmetic as the frozen pass.
 struct TrainPass {
+    /// Fine-tuning only the layers above `from`: the frozen BERT that runs the rest.
+    below: Option<(CharBert, usize)>,
     word: Tensor,
     position: Tensor,
     token_type: Tensor,
@@ -96,6 +98,28 @@ struct TrainPass {
 
 impl CharBertPass for TrainPass {
     fn taps(&self, ids: &Tensor, lens: &[usize], taps: &[usize]) -> concierge_models::Result<Vec<Tensor>> {
+        if let Some((frozen, from)) = &self.below {
+            let mut x = frozen.frozen_states(ids, lens, *from)?;
+            let (w, l) = ids.dims2()?;
+            let mask: Vec<f32> = lens.iter().flat_map(|&n| (0..l).map(move |i| if i < n { 0.0 } else { -1e9 })).collect();
+            let mask = Tensor::from_vec(mask, (w, 1, 1, l), ids.device())?;
+            let mut out: Vec<Option<Tensor>> = vec![None; taps.len()];
+            for (slot, &t) in out.iter_mut().zip(taps) {
+                if t < *from {
+                    *slot = Some(frozen.frozen_states(ids, lens, t)?);
+                }
+            }
+            let deepest = taps.iter().copied().max().unwrap_or(0);
+            for n in *from..=deepest {
+                if n > *from {
+                    x = self.layers[n - 1].forward(&x, &mask, &mut Dropout(None))?;
+                }
+                for (slot, _) in out.iter_mut().zip(taps).filter(|(_, &t)| t == n) {
+                    *slot = Some(x.clone());
+                }
+            }
+            return Ok(out.into_iter().map(|t| t.expect("every tap is filled")).collect());
+        }
         let run = || -> candle_core::Result<Vec<Tensor>> {
             let (w, l) = ids.dims2()?;
             let h = self.word.dim(1)?;
@@ -121,13 +145,26 @@ impl CharBertPass for TrainPass {
 }
 
 /// `cb` made trainable: its weights become variables of `varmap` (f32, CPU), its features run
-/// through autograd ops, and its checkpoint tensors are those variables.
-pub fn trainable(cb: &CharBert, varmap: &VarMap) -> anyhow::Result<CharBert> {
+/// through autograd ops, and its checkpoint tensors are those variables. With `top = Some(n)`
+/// only its top `n` layers are: the frozen pass runs the layers below (and the embeddings).
+pub fn trainable(cb: &CharBert, varmap: &VarMap, top: Option<usize>) -> anyhow::Result<CharBert> {
     let device = Device::Cpu;
+    let layers = cb.config().num_hidden_layers;
+    let from = match top {
+        None => 0,
+        Some(n) if (1..=layers).contains(&n) => layers - n,
+        Some(n) => bail!("fine-tuning the top {n} layers of a {layers}-layer BERT"),
+    };
+    let trained = |name: &str| {
+        from == 0 || name.strip_prefix("encoder.layer.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok()).is_some_and(|i| i >= from)
+    };
     {
         let mut data = varmap.data().lock().expect("varmap lock");
         for (name, t) in cb.tensors() {
-            data.insert(name.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?.to_device(&device)?)?);
+            let t = t.to_dtype(DType::F32)?.to_device(&device)?;
+            // Frozen tensors join as variables too, so the layers can be built from one
+            // VarBuilder; only the trained ones go to the optimiser (see `trainable_vars`).
+            data.insert(name.clone(), Var::from_tensor(&t)?);
         }
     }
     let vb = VarBuilder::from_varmap(varmap, DType::F32, &device);
@@ -135,6 +172,7 @@ pub fn trainable(cb: &CharBert, varmap: &VarMap) -> anyhow::Result<CharBert> {
     let bert = cfg.bert()?;
     let e = vb.pp("embeddings");
     let pass = TrainPass {
+        below: (from > 0).then(|| (cb.clone(), from)),
         word: e.get((cfg.vocab_size, cfg.hidden_size), "word_embeddings.weight")?,
         position: e.get((cfg.max_position_embeddings, cfg.hidden_size), "position_embeddings.weight")?,
         token_type: e.get((cfg.type_vocab_size, cfg.hidden_size), "token_type_embeddings.weight")?,
@@ -142,8 +180,11 @@ pub fn trainable(cb: &CharBert, varmap: &VarMap) -> anyhow::Result<CharBert> {
         layers: (0..cfg.num_hidden_layers).map(|i| TrainLayer::new(vb.pp(format!("encoder.layer.{i}")), &bert)).collect::<candle_core::Result<_>>()?,
     };
     let named: Vec<(String, Tensor)> = {
-        let data = varmap.data().lock().expect("varmap lock");
-        cb.tensors().iter().map(|(n, _)| (n.clone(), data[n].as_tensor().clone())).collect()
+        let mut data = varmap.data().lock().expect("varmap lock");
+        let named = cb.tensors().iter().map(|(n, t)| (n.clone(), if trained(n) { data[n].as_tensor().clone() } else { t.clone() })).collect();
+        // The varmap keeps only what the optimiser trains.
+        data.retain(|n, _| trained(n));
+        named
     };
     Ok(cb.clone().with_pass(std::sync::Arc::new(pass), named)?)
 }

@@ -161,6 +161,10 @@ pub struct TrainTagger {
     /// slower than the frozen pass.
     #[arg(long)]
     pub char_bert_train: bool,
+    /// With --char-bert-train: fine-tune only the BERT's top N layers (the frozen pass runs the
+    /// rest, much cheaper); 0: all of it.
+    #[arg(long, default_value_t = 0)]
+    pub char_bert_train_layers: usize,
     /// With --char-bert-train: the BERT's learning rate.
     #[arg(long, default_value_t = 2e-5)]
     pub char_bert_lr: f64,
@@ -1179,7 +1183,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     let mut char_bert_opt = None;
     if let Some(mut cb) = char_bert_net {
         if args.char_bert_train {
-            cb = crate::char_bert::trainable(&cb, &char_bert_map)?;
+            cb = crate::char_bert::trainable(&cb, &char_bert_map, (args.char_bert_train_layers > 0).then_some(args.char_bert_train_layers))?;
             char_bert_opt = Some(AdamW::new(
                 char_bert_map.all_vars(),
                 ParamsAdamW { lr: args.char_bert_lr, weight_decay: args.weight_decay, ..ParamsAdamW::default() },
@@ -1367,7 +1371,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "dev_fraction": args.dev.is_none().then_some(args.dev_fraction),
         "seed": args.seed,
         "run_seed": args.run_seed,
-        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "char_bert": args.char_bert.as_ref().map(|p| p.display().to_string()), "char_bert_layers": args.char_bert.as_ref().map(|_| &args.char_bert_layers), "char_bert_lr": args.char_bert_train.then_some(args.char_bert_lr), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
+        "hidden": args.hidden, "layers": args.layers, "encoder_layers": args.encoder_layers, "dropout": args.dropout, "char_dim": args.char_dim, "char_vectors": args.char_vectors.as_ref().map(|p| p.display().to_string()), "lexicon": args.lexicon.as_ref().map(|p| p.display().to_string()), "lexicon_dim": args.lexicon_dim, "word_vectors": args.word_vectors.as_ref().map(|p| p.display().to_string()), "soft_lexicon_per_set": args.word_vectors.as_ref().map(|_| args.soft_lexicon_per_set), "lac": args.lac.as_ref().map(|p| p.display().to_string()), "lac_layers": args.lac.as_ref().map(|_| &args.lac_layers), "lac_lr": args.lac_train.then_some(args.lac_lr), "char_bert": args.char_bert.as_ref().map(|p| p.display().to_string()), "char_bert_layers": args.char_bert.as_ref().map(|_| &args.char_bert_layers), "char_bert_lr": args.char_bert_train.then_some(args.char_bert_lr), "char_bert_train_layers": args.char_bert_train.then_some(args.char_bert_train_layers), "bigram_dim": args.bigram_dim, "bigram_min_count": args.bigram_min_count, "embeddings_f16": args.embeddings_f16, "batch": args.batch,
         "lr": args.lr, "weight_decay": args.weight_decay, "lr_schedule": if args.linear_decay { "linear" } else { "constant" },
         "joint_intent": args.joint_intent, "intent_weight": args.joint_intent.then_some(args.intent_weight),
         "init": args.init.as_ref().map(|p| p.display().to_string()),

@@ -803,10 +803,16 @@ fn msra_with_char_bert_features_learns() {
     let col = ids.narrow(2, ids.dim(2).unwrap() - 1, 1).unwrap().squeeze(2).unwrap().contiguous().unwrap();
     let frozen = cb.features(&col, &lengths, candle_core::DType::F32).unwrap();
     let map = candle_nn::VarMap::new();
-    let tuned = concierge_train::char_bert::trainable(cb, &map).unwrap();
+    let tuned = concierge_train::char_bert::trainable(cb, &map, None).unwrap();
     let through = tuned.features(&col, &lengths, candle_core::DType::F32).unwrap();
     let err = (frozen - through).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(err <= 1e-5, "the fine-tuning pass differs from the frozen one by {err}");
+    let map = candle_nn::VarMap::new();
+    let top = concierge_train::char_bert::trainable(cb, &map, Some(1)).unwrap();
+    let through = top.features(&col, &lengths, candle_core::DType::F32).unwrap();
+    let err = (cb.features(&col, &lengths, candle_core::DType::F32).unwrap() - through).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(err <= 1e-5, "the top-layer fine-tuning pass differs from the frozen one by {err}");
+    assert!(map.all_vars().len() == 16, "only the top layer's 16 tensors train, not {}", map.all_vars().len());
 
     // --char-bert-train, continuing that run (--init): the BERT's weights now move, and the
     // checkpoint as served scores as the run did.
@@ -825,6 +831,25 @@ fn msra_with_char_bert_features_learns() {
         .unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
     assert!(moved > 1e-4, "--char-bert-train left the BERT's weights where they were");
     eval_agrees_with_training(&tuned, &small_test);
+    // --char-bert-train-layers 1: the top layer moves, the layer below does not.
+    let top = out.with_extension("top");
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", top.display()),
+        format!("--test={}", small_test.display()), "--limit=400".into(), "--epochs=1".into(), "--hidden=32".into(),
+        "--char-dim=16".into(), format!("--char-bert={}", bert_dir.display()), "--char-bert-layers=1,2".into(), "--batch=32".into(),
+        "--lr=1e-2".into(), "--dev-fraction=0.004".into(), format!("--init={}", out.display()), "--char-bert-train".into(),
+        "--char-bert-lr=1e-2".into(), "--char-bert-train-layers=1".into(),
+    ]))
+    .unwrap();
+    let after = candle_core::safetensors::load(top.join("model.safetensors"), &candle_core::Device::Cpu).unwrap();
+    let change = |name: &str| {
+        (after[name].to_dtype(candle_core::DType::F32).unwrap() - saved[name].to_dtype(candle_core::DType::F32).unwrap())
+            .unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert!(change(name) > 1e-4, "the top layer did not move");
+    assert_eq!(change("char_bert.encoder.layer.0.output.dense.weight"), 0.0, "the layer below the top moved");
+    eval_agrees_with_training(&top, &small_test);
+    std::fs::remove_dir_all(&top).unwrap();
     std::fs::remove_dir_all(&out).unwrap();
     std::fs::remove_dir_all(&tuned).unwrap();
     std::fs::remove_dir_all(&bert_dir).unwrap();

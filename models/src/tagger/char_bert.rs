@@ -298,6 +298,29 @@ impl CharBert {
         Ok(Tensor::cat(&parts, 2)?.to_dtype(dtype)?.detach())
     }
 
+    /// The frozen BERT's states after its first `n` layers (0: the embeddings) for padded
+    /// windows `ids` `[W, Lw]` (u32) of lengths `lens`: `[W, Lw, H]` f32, zeros past each length.
+    /// What a pass fine-tuning only the top layers starts from.
+    pub fn frozen_states(&self, ids: &Tensor, lens: &[usize], n: usize) -> Result<Tensor> {
+        let (w, lw) = ids.dims2()?;
+        super::crf::check_lengths(lens, w, lw)?;
+        let rows = ids.to_device(&candle_core::Device::Cpu)?.to_vec2::<u32>()?;
+        let packed: Vec<u32> = rows.iter().zip(lens).flat_map(|(r, &k)| r[..k].iter().copied()).collect();
+        let types = vec![0u32; packed.len()];
+        let h = self.cfg.hidden_size;
+        let x = self.bert.forward_until(&PackedBatch { ids: &packed, type_ids: &types, lens }, n)?;
+        let zero = packed.len() as u32;
+        let mut gather = Vec::with_capacity(w * lw);
+        let mut start = 0u32;
+        for &k in lens {
+            gather.extend((0..lw).map(|i| if i < k { start + i as u32 } else { zero }));
+            start += k as u32;
+        }
+        let x = Tensor::cat(&[&x.to_dtype(DType::F32)?, &Tensor::zeros((1, h), DType::F32, x.device())?], 0)?;
+        let gather = Tensor::from_vec(gather, w * lw, x.device())?;
+        Ok(x.index_select(&gather, 0)?.reshape((w, lw, h))?.to_device(ids.device())?.detach())
+    }
+
     /// [`Self::features`] through a fine-tuning pass: the windows padded to the longest.
     fn features_through(&self, pass: &dyn CharBertPass, rows: &[Vec<u32>], lengths: &[usize], l: usize, dev: &candle_core::Device, dtype: DType) -> Result<Tensor> {
         let window = self.cfg.max_position_embeddings - 2;
