@@ -27,6 +27,10 @@
 # committed before 2026-12-03 (88.99 without the lexicon) was "2 3 2". Arguments
 # after `--` go to every stage.
 #
+# CHAR_BERT: a pretrained Chinese BERT folder whose frozen states join every character's
+# features (`--char-bert`; model-store/zh-bert is fetched by scripts/fetch-zh-bert.sh when
+# missing; default none).
+#
 # Defaults: model-store/data/msra/msra_{train,test}.txt and model-store/data/lac (fetched
 # by scripts/fetch-tagger-data.sh, which scripts/fetch-default-model.sh runs), and
 # checkpoints/entities-zh-msra. Test figures are printed at the end and stored in
@@ -56,6 +60,15 @@ fi
 if [ "$WORD_VECTORS" != none ]; then
   [ -f "$WORD_VECTORS" ] || { echo "WORD_VECTORS=$WORD_VECTORS: no such file (scripts/fetch-word-vectors.sh fetches it; WORD_VECTORS=none trains without the lexicon)" >&2; exit 1; }
   COMMON+=(--word-vectors "$WORD_VECTORS")
+fi
+DEFAULT_CHAR_BERT=model-store/zh-bert
+CHAR_BERT=${CHAR_BERT:-none}
+if [ "$CHAR_BERT" = "$DEFAULT_CHAR_BERT" ] && [ ! -f "$CHAR_BERT/config.json" ]; then
+  scripts/fetch-zh-bert.sh
+fi
+if [ "$CHAR_BERT" != none ]; then
+  [ -f "$CHAR_BERT/config.json" ] || { echo "CHAR_BERT=$CHAR_BERT: no BERT folder there (scripts/fetch-zh-bert.sh fetches m3e-small to $DEFAULT_CHAR_BERT)" >&2; exit 1; }
+  COMMON+=(--char-bert "$CHAR_BERT")
 fi
 COMMON+=("$@")
 if [ -n "${STAGES_DIR:-}" ]; then
