@@ -96,51 +96,46 @@ struct TrainPass {
     layers: Vec<TrainLayer>,
 }
 
+impl TrainPass {
+    /// The embeddings (LayerNorm applied) of padded windows, `[W, Lw, H]`.
+    fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
+        let (w, l) = ids.dims2()?;
+        let h = self.word.dim(1)?;
+        let x = self.word.index_select(&ids.flatten_all()?, 0)?.reshape((w, l, h))?;
+        let x = x.broadcast_add(&self.position.narrow(0, 0, l)?.unsqueeze(0)?)?.broadcast_add(&self.token_type.get(0)?)?;
+        self.norm.forward(&x)
+    }
+}
+
 impl CharBertPass for TrainPass {
     fn taps(&self, ids: &Tensor, lens: &[usize], taps: &[usize]) -> concierge_models::Result<Vec<Tensor>> {
-        if let Some((frozen, from)) = &self.below {
-            let mut x = frozen.frozen_states(ids, lens, *from)?;
-            let (w, l) = ids.dims2()?;
-            let mask: Vec<f32> = lens.iter().flat_map(|&n| (0..l).map(move |i| if i < n { 0.0 } else { -1e9 })).collect();
-            let mask = Tensor::from_vec(mask, (w, 1, 1, l), ids.device())?;
-            let mut out: Vec<Option<Tensor>> = vec![None; taps.len()];
-            for (slot, &t) in out.iter_mut().zip(taps) {
-                if t < *from {
-                    *slot = Some(frozen.frozen_states(ids, lens, t)?);
+        let (w, l) = ids.dims2()?;
+        let mut out: Vec<Option<Tensor>> = vec![None; taps.len()];
+        // The trained layers start from the frozen pass's states at `from` (0: the embeddings,
+        // themselves trained); taps below `from` are the frozen pass's.
+        let (mut x, from) = match &self.below {
+            Some((frozen, from)) => {
+                for (slot, &t) in out.iter_mut().zip(taps) {
+                    if t < *from {
+                        *slot = Some(frozen.frozen_states(ids, lens, t)?);
+                    }
                 }
+                (frozen.frozen_states(ids, lens, *from)?, *from)
             }
-            let deepest = taps.iter().copied().max().unwrap_or(0);
-            for n in *from..=deepest {
-                if n > *from {
-                    x = self.layers[n - 1].forward(&x, &mask, &mut Dropout(None))?;
-                }
-                for (slot, _) in out.iter_mut().zip(taps).filter(|(_, &t)| t == n) {
-                    *slot = Some(x.clone());
-                }
-            }
-            return Ok(out.into_iter().map(|t| t.expect("every tap is filled")).collect());
-        }
-        let run = || -> candle_core::Result<Vec<Tensor>> {
-            let (w, l) = ids.dims2()?;
-            let h = self.word.dim(1)?;
-            let x = self.word.index_select(&ids.flatten_all()?, 0)?.reshape((w, l, h))?;
-            let x = x.broadcast_add(&self.position.narrow(0, 0, l)?.unsqueeze(0)?)?.broadcast_add(&self.token_type.get(0)?)?;
-            let mut x = self.norm.forward(&x)?;
-            let mask: Vec<f32> = lens.iter().flat_map(|&n| (0..l).map(move |i| if i < n { 0.0 } else { -1e9 })).collect();
-            let mask = Tensor::from_vec(mask, (w, 1, 1, l), ids.device())?;
-            let mut out: Vec<Option<Tensor>> = vec![None; taps.len()];
-            let deepest = taps.iter().copied().max().unwrap_or(0);
-            for n in 0..=deepest {
-                if n > 0 {
-                    x = self.layers[n - 1].forward(&x, &mask, &mut Dropout(None))?;
-                }
-                for (slot, _) in out.iter_mut().zip(taps).filter(|(_, &t)| t == n) {
-                    *slot = Some(x.clone());
-                }
-            }
-            Ok(out.into_iter().map(|t| t.expect("every tap is at most the deepest")).collect())
+            None => (self.embed(ids)?, 0),
         };
-        Ok(run()?)
+        let mask: Vec<f32> = lens.iter().flat_map(|&n| (0..l).map(move |i| if i < n { 0.0 } else { -1e9 })).collect();
+        let mask = Tensor::from_vec(mask, (w, 1, 1, l), ids.device())?;
+        let deepest = taps.iter().copied().max().unwrap_or(0);
+        for n in from..=deepest {
+            if n > from {
+                x = self.layers[n - 1].forward(&x, &mask, &mut Dropout(None))?;
+            }
+            for (slot, _) in out.iter_mut().zip(taps).filter(|(_, &t)| t == n) {
+                *slot = Some(x.clone());
+            }
+        }
+        Ok(out.into_iter().map(|t| t.expect("every tap is at most the deepest layer")).collect())
     }
 }
 

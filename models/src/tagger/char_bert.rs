@@ -280,22 +280,13 @@ impl CharBert {
             }
         }
         let dev = ids.device();
-        let h = self.cfg.hidden_size;
         if packed.is_empty() {
             return Ok(Tensor::zeros((b, l, self.cfg.feature_dim()), dtype, dev)?);
         }
         let types = vec![0u32; packed.len()];
         let batch = PackedBatch { ids: &packed, type_ids: &types, lens: &lens };
         let (_, taps) = self.bert.forward_taps_until(&batch, &self.cfg.layers)?;
-        let gather = Tensor::from_vec(gather, b * l, dev)?;
-        let parts = taps
-            .iter()
-            .map(|t| {
-                let t = Tensor::cat(&[t, &Tensor::zeros((1, h), t.dtype(), t.device())?], 0)?;
-                Ok(t.index_select(&gather, 0)?.reshape((b, l, h))?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 2)?.to_dtype(dtype)?.detach())
+        Ok(gather_characters(&taps, gather, b, l)?.to_dtype(dtype)?.detach())
     }
 
     /// The frozen BERT's states after its first `n` layers (0: the embeddings) for padded
@@ -355,15 +346,26 @@ impl CharBert {
         }
         let ids = Tensor::from_vec(flat, (windows.len(), lw), dev)?;
         let taps = pass.taps(&ids, &lens, &self.cfg.layers)?;
-        let gather = Tensor::from_vec(gather, b * l, dev)?;
-        let parts = taps
-            .iter()
-            .map(|t| {
-                let t = t.reshape((windows.len() * lw, h))?;
-                let t = Tensor::cat(&[&t, &Tensor::zeros((1, h), t.dtype(), t.device())?], 0)?;
-                Ok(t.index_select(&gather, 0)?.reshape((b, l, h))?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(Tensor::cat(&parts, 2)?.to_dtype(dtype)?)
+        let taps = taps.iter().map(|t| t.reshape((windows.len() * lw, h))).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(gather_characters(&taps, gather, b, l)?.to_dtype(dtype)?)
     }
+}
+
+/// Each character's rows of the tapped states (`[N, H]` each), side by side: `[B, L, H * taps]`,
+/// where `gather[s * L + i]` is the row of character `i` of sequence `s`, or `N` (a zero row) at
+/// padding.
+fn gather_characters(taps: &[Tensor], gather: Vec<u32>, b: usize, l: usize) -> Result<Tensor> {
+    let Some(first) = taps.first() else {
+        return Err(ModelError::Unsupported("char_bert: no layers read".into()));
+    };
+    let gather = Tensor::from_vec(gather, b * l, first.device())?;
+    let parts = taps
+        .iter()
+        .map(|t| {
+            let h = t.dim(1)?;
+            let t = Tensor::cat(&[t, &Tensor::zeros((1, h), t.dtype(), t.device())?], 0)?;
+            Ok(t.index_select(&gather, 0)?.reshape((b, l, h))?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 2)?)
 }
