@@ -151,17 +151,11 @@ impl CharBertConfig {
 
 /// The BERT vocabulary row of one character (see the module header).
 pub fn char_bert_id(vocab: &Vocab, token: &str) -> u32 {
-    let unk = vocab.unk_id();
-    let id = vocab.id(token);
-    if id != unk {
+    if let Some(id) = vocab.get(token) {
         return id;
     }
     let lower = token.to_lowercase();
-    let id = vocab.id(&lower);
-    if id != unk {
-        return id;
-    }
-    vocab.id(&half_width(&lower))
+    vocab.get(&lower).unwrap_or_else(|| vocab.id(&half_width(&lower)))
 }
 
 /// A differentiable BERT pass standing in for the frozen one while the BERT is fine-tuned with
@@ -205,10 +199,7 @@ impl CharBert {
                 cfg.vocab_size
             )));
         }
-        let special = |t: &str| {
-            let ids: HashMap<&str, u32> = vocab.entries().collect();
-            ids.get(t).copied().ok_or_else(|| ModelError::Unsupported(format!("the char_bert vocabulary has no {t}")))
-        };
+        let special = |t: &str| vocab.get(t).ok_or_else(|| ModelError::Unsupported(format!("the char_bert vocabulary has no {t}")));
         let (cls, sep) = (special(CLS)?, special(SEP)?);
         let mut named = Vec::new();
         let mut map = HashMap::new();

@@ -400,7 +400,12 @@ impl Vocab {
     }
 
     pub fn id(&self, token: &str) -> u32 {
-        self.ids.get(token).copied().unwrap_or(self.unk)
+        self.get(token).unwrap_or(self.unk)
+    }
+
+    /// The id of `token` if the vocabulary has it (no unknown-token fallback).
+    pub fn get(&self, token: &str) -> Option<u32> {
+        self.ids.get(token).copied()
     }
 
     /// Every (token, id), in no particular order.
