@@ -1,7 +1,8 @@
 //! `Entities/Extract` end to end: the committed English tagger (ATIS slots over the default text
 //! model's states) finds the right spans in held-aside queries, offsets are exact code point and
 //! byte ranges on tricky text, bad input gets clear statuses, a character-level tagger is routed
-//! to its own lane, and one encoder pass serves embeddings and entities together.
+//! to its own lane, the committed Chinese tagger serves one flag away, and one encoder pass
+//! serves embeddings and entities together.
 mod common;
 
 use concierge_proto::v1::entities_client::EntitiesClient;
@@ -115,6 +116,38 @@ async fn a_character_tagger_runs_on_its_own_lane_with_exact_offsets() {
         assert!(err.message().contains("1001 characters"), "{}", err.message());
         running.shutdown().await.unwrap();
     }
+}
+
+/// The committed Chinese tagger (`checkpoints/entities-zh-msra`: characters, LAC, the lexicon
+/// and m3e-small's states) served the way the README says, one flag away: whole spans in
+/// sentences written for this test, exact offsets around emoji and full-width text, and a text
+/// of the longest length allowed (1,000 characters), which the BERT reads in windows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_committed_chinese_tagger_serves_people_places_and_organisations() {
+    let dir = common::repo_path("checkpoints/entities-zh-msra");
+    let running = common::serve(&[&format!("--entity-model-dir={}", dir.display())]).await;
+    let mut client = EntitiesClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+    let long: String = "她毕业于北京大学，现在在联合国工作。".repeat(56).chars().take(1000).collect();
+    let texts = ["她毕业于北京大学，现在在联合国工作。", "😀我明天要去上海出差，ＯＫ？", "邓小平是四川人。", long.as_str()];
+    let resp = extract(&mut client, &texts).await;
+    check_offsets(&texts, &resp);
+    let want: [&[(&str, &str, u32)]; 3] = [
+        &[("ORG", "北京大学", 4), ("ORG", "联合国", 12)],
+        &[("LOC", "上海", 6)],
+        &[("PER", "邓小平", 0), ("LOC", "四川", 4)],
+    ];
+    for (i, w) in want.iter().enumerate() {
+        let got: Vec<(String, String, u32)> = resp.results[i].entities.iter().map(|e| (e.label.clone(), e.text.clone(), e.start)).collect();
+        for (label, text, start) in w.iter() {
+            assert!(got.iter().any(|(l, t, s)| l == label && t == text && s == start), "{:?}: no {label} {text:?} at {start} in {got:?}", texts[i]);
+        }
+    }
+    // The long text repeats the first sentence: its universities are found past the BERT's
+    // first 510-character window too.
+    let far = resp.results[3].entities.iter().filter(|e| e.text == "北京大学" && e.start > 510).count();
+    assert!(far >= 20, "{far} of the long text's later universities found");
+    assert_eq!(resp.model.unwrap().id, "entities-zh-msra");
+    running.shutdown().await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
