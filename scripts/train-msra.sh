@@ -14,7 +14,8 @@
 # average follow when EPOCHS asks for all of stages 3-5: `concierge average-tagger` then keeps
 # whichever of the three stages, the mean of the last two and the mean of all three the dev split
 # (the 2% every stage held out) scores best. (Stages 3 and 4 alone are not averaged: their mean
-# scored dev 94.65 against stage 4's 94.60, but test F1 91.65 against 91.92.)
+# scored dev 94.65 against stage 4's 94.60, but test F1 91.65 against 91.92.) EPOCHS="2 1 2 1 2"
+# kept stage 5's first epoch (dev 95.00): test F1 92.00, not committed (benches/RESULTS.md).
 # About 2 h 10 on a quiet 2-core machine (about 20 min an epoch; 35 min on a busy one).
 # Seeded: the same data and binary give the same weights.
 #
