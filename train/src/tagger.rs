@@ -223,8 +223,10 @@ pub struct TrainTagger {
     /// Batch sentences of similar length together (less padding; long, uneven data like MSRA).
     #[arg(long)]
     pub length_buckets: bool,
-    /// Start from this checkpoint's weights (same data, tag set and vocabulary, e.g. to train
-    /// an earlier run further) instead of a seeded initialisation.
+    /// Start from this checkpoint's weights (same tag set and features, e.g. to train an
+    /// earlier run further) instead of a seeded initialisation. Its character and bigram
+    /// vocabularies are kept, so it can train on other or more data: what they lack reads as
+    /// <unk>, as when serving.
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Also write every epoch's weights as a checkpoint folder `DIR/epoch-N` (as --out is
@@ -1021,7 +1023,12 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 }
                 None => None,
             };
-            let vocab = Vocab::new(ids, "<unk>")?;
+            // --init keeps its checkpoint's vocabularies, so a checkpoint trains further on other
+            // or more data (characters it lacks read as <unk>, as when serving).
+            let vocab = match &init {
+                Some((dir, m)) => m.vocab().cloned().with_context(|| format!("--init {}: a tagger without a character vocabulary", dir.display()))?,
+                None => Vocab::new(ids, "<unk>")?,
+            };
             let mut cfg = TaggerConfig::embeddings(vocab.id_bound(), args.char_dim, args.hidden, tag_list.len());
             // Bigrams: every adjacent pair of the training set (with <s> / </s> at the ends) seen
             // --bigram-min-count times, sorted, after <unk> (id 0).
@@ -1038,7 +1045,10 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                         let next = ids.len() as u32;
                         ids.insert(bigram, next);
                     }
-                    let bigrams = Vocab::new(ids, "<unk>")?;
+                    let bigrams = match init.as_ref().and_then(|(_, m)| m.bigrams()) {
+                        Some(kept) => kept.clone(),
+                        None => Vocab::new(ids, "<unk>")?,
+                    };
                     cfg.bigram_vocab_size = Some(bigrams.id_bound());
                     cfg.bigram_dim = Some(dim);
                     eprintln!("train-tagger: {} character bigrams (seen {}+ times)", bigrams.len() - 1, args.bigram_min_count);
