@@ -29,8 +29,8 @@
 # CHAR_BERT: the pretrained Chinese BERT folder (default model-store/zh-bert, fetched by
 # scripts/fetch-zh-bert.sh when missing); CHAR_BERT=none trains without it. m3e-small is for
 # research use only (its README; so is MSRA's data): see the checkpoint's NOTICE. Without it
-# (CHAR_BERT=none), the schedule EPOCHS="2 1 2 2 2" made the checkpoint committed before 2026-12-04 (test F1
-# 90.87 after the average; "2 1 2 0" 90.32, AVERAGE=0 "2 1 2 2 0" 90.70).
+# (CHAR_BERT=none), the schedule EPOCHS="2 1 2 2 2" made the checkpoint committed before
+# 2026-12-04 (test F1 90.87 after the average; "2 1 2 0" 90.32, AVERAGE=0 "2 1 2 2 0" 90.70).
 # WORD_VECTORS: the word2vec file of the lexicon (default model-store/data/synonyms/words.vector,
 # fetched by scripts/fetch-word-vectors.sh when missing); WORD_VECTORS=none trains without the
 # lexicon (benches/RESULTS.md).

@@ -805,7 +805,7 @@ fn warm_start(varmap: &VarMap, dir: &Path, from: &BiLstmCrf, tags: &[String], fz
         bail!("--init {}: its tag set differs from this data's ({} vs {} tags)", dir.display(), from.tags().len(), tags.len());
     }
     if from.vocab() != fz.vocab.as_ref() || from.bigrams() != fz.bigrams.as_ref() {
-        bail!("--init {}: its vocabulary (or bigram vocabulary) differs from this training set's", dir.display());
+        bail!("--init {}: its character vocabulary or bigrams differ from this run's (--bigram-dim above 0 needs a checkpoint with bigrams, 0 one without)", dir.display());
     }
     if from.lexicon() != fz.lexicon.as_ref() {
         bail!("--init {}: its lexicon differs from this run's (--lexicon)", dir.display());
@@ -995,46 +995,56 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
             (Featurizer { input, encoder: Some(enc), reads, vocab: None, bigrams: None, vectors: None, lexicon: None, lac: None, soft_lexicon: None, char_bert: None }, cfg)
         }
         Input::Chars => {
-            let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
-            for s in &train_set {
-                for c in &s.tokens {
-                    *chars.entry(c.as_str()).or_default() += 1;
-                }
-            }
-            let mut ids: HashMap<String, u32> = HashMap::new();
-            ids.insert("<unk>".into(), 0);
-            for (c, _) in chars.iter().filter(|(_, &n)| n >= 2) {
-                let next = ids.len() as u32;
-                ids.insert(c.to_string(), next);
-            }
             let vectors = match &args.char_vectors {
                 Some(path) => {
                     let v = Vectors::load(path).with_context(|| format!("--char-vectors {}", path.display()))?;
                     if v.dim != args.char_dim {
                         bail!("--char-vectors {}: its vectors are {} wide; set --char-dim {}", path.display(), v.dim, v.dim);
                     }
-                    // The characters it covers that training did not keep, sorted, after them.
-                    let extra: BTreeSet<&String> = v.map.keys().filter(|c| !ids.contains_key(c.as_str()) && c.chars().count() == 1).collect();
-                    for c in extra {
-                        let next = ids.len() as u32;
-                        ids.insert(c.clone(), next);
-                    }
                     Some(v)
                 }
                 None => None,
             };
             // --init keeps its checkpoint's vocabularies, so a checkpoint trains further on other
-            // or more data (characters it lacks read as <unk>, as when serving).
+            // or more data (characters it lacks read as <unk>, as when serving); otherwise they
+            // come from the training set.
+            let kept = init.as_ref().map(|(_, m)| m);
             let vocab = match &init {
                 Some((dir, m)) => m.vocab().cloned().with_context(|| format!("--init {}: a tagger without a character vocabulary", dir.display()))?,
-                None => Vocab::new(ids, "<unk>")?,
+                None => {
+                    let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
+                    for s in &train_set {
+                        for c in &s.tokens {
+                            *chars.entry(c.as_str()).or_default() += 1;
+                        }
+                    }
+                    let mut ids: HashMap<String, u32> = HashMap::new();
+                    ids.insert("<unk>".into(), 0);
+                    for (c, _) in chars.iter().filter(|(_, &n)| n >= 2) {
+                        let next = ids.len() as u32;
+                        ids.insert(c.to_string(), next);
+                    }
+                    // The characters the vectors cover that training did not keep, sorted, after them.
+                    if let Some(v) = &vectors {
+                        let extra: BTreeSet<&String> = v.map.keys().filter(|c| !ids.contains_key(c.as_str()) && c.chars().count() == 1).collect();
+                        for c in extra {
+                            let next = ids.len() as u32;
+                            ids.insert(c.clone(), next);
+                        }
+                    }
+                    Vocab::new(ids, "<unk>")?
+                }
             };
             let mut cfg = TaggerConfig::embeddings(vocab.id_bound(), args.char_dim, args.hidden, tag_list.len());
             // Bigrams: every adjacent pair of the training set (with <s> / </s> at the ends) seen
-            // --bigram-min-count times, sorted, after <unk> (id 0).
-            let bigrams = match args.bigram_dim {
-                0 => None,
-                dim => {
+            // --bigram-min-count times, sorted, after <unk> (id 0); or --init's.
+            let bigrams = match (args.bigram_dim, kept.and_then(|m| m.bigrams())) {
+                (0, _) => None,
+                (_, Some(bigrams)) => {
+                    eprintln!("train-tagger: {} character bigrams (--init's)", bigrams.len() - 1);
+                    Some(bigrams.clone())
+                }
+                (_, None) => {
                     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
                     for key in train_set.iter().flat_map(|s| bigram_keys(&s.tokens)) {
                         *counts.entry(key).or_default() += 1;
@@ -1045,16 +1055,15 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                         let next = ids.len() as u32;
                         ids.insert(bigram, next);
                     }
-                    let bigrams = match init.as_ref().and_then(|(_, m)| m.bigrams()) {
-                        Some(kept) => kept.clone(),
-                        None => Vocab::new(ids, "<unk>")?,
-                    };
-                    cfg.bigram_vocab_size = Some(bigrams.id_bound());
-                    cfg.bigram_dim = Some(dim);
+                    let bigrams = Vocab::new(ids, "<unk>")?;
                     eprintln!("train-tagger: {} character bigrams (seen {}+ times)", bigrams.len() - 1, args.bigram_min_count);
                     Some(bigrams)
                 }
             };
+            if let Some(b) = &bigrams {
+                cfg.bigram_vocab_size = Some(b.id_bound());
+                cfg.bigram_dim = Some(args.bigram_dim);
+            }
             let lexicon = match &args.lexicon {
                 None => None,
                 Some(path) => {
