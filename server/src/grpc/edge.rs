@@ -53,21 +53,28 @@ where
         if let Some(d) = deadline {
             req.extensions_mut().insert(Deadline(d));
         }
+        let rpc = rpc_label(req.uri().path());
         let fut = self.inner.call(req);
         Box::pin(async move {
             let mut resp = match deadline {
                 None => fut.await?,
-                // The same margin as the handlers' (tonic's timer, set a moment earlier for the
-                // same timeout, fires at the deadline itself; it polls us first, and this timer
-                // polls the call first, so an answer the call has ready always wins).
-                Some(d) => match tokio::time::timeout_at(d.checked_sub(super::DEADLINE_MARGIN).unwrap_or(received).into(), fut).await {
+                // A moment after the handlers' own timer (so their answer, which names where the
+                // time went, usually wins) and before tonic's, which fires at the deadline itself
+                // and polls us first. This timer polls the call first, so an answer the call has
+                // ready always wins. The two timers may sit on different workers' timer wheels,
+                // so under load this one can still fire first: then the call is counted here,
+                // once, since the handler that would have counted it is dropped unfinished.
+                Some(d) => match tokio::time::timeout_at(d.checked_sub(EDGE_MARGIN).unwrap_or(received).into(), fut).await {
                     Ok(resp) => resp?,
                     Err(_) => {
-                        return Ok(tonic::Status::deadline_exceeded(
+                        let status = tonic::Status::deadline_exceeded(
                             "the deadline passed before the call could be answered (its message was still arriving or \
                              being read, or the work was not done); allow the call more time or send less per call",
-                        )
-                        .into_http());
+                        );
+                        if let Some(rpc) = rpc {
+                            super::observe_labelled(rpc, received, &Err::<(), _>(status.clone()));
+                        }
+                        return Ok(status.into_http());
                     }
                 },
             };
@@ -75,6 +82,20 @@ where
             Ok(resp)
         })
     }
+}
+
+/// Answer a call the handler has not answered this much before its deadline; less than the
+/// handlers' [`super::DEADLINE_MARGIN`], so theirs fires first.
+const EDGE_MARGIN: Duration = Duration::from_millis(1);
+
+/// The `rpc` label the handlers count a call under: the method name, or `Models.<method>` for
+/// the model-management service; None outside this server's own services (health, reflection).
+fn rpc_label(path: &str) -> Option<String> {
+    let (service, method) = path.strip_prefix("/concierge.v1.")?.split_once('/')?;
+    if method.is_empty() || method.contains('/') {
+        return None;
+    }
+    Some(if service == "Models" { format!("Models.{method}") } else { method.to_string() })
 }
 
 fn rewrite_oversize(headers: &mut http::HeaderMap) {
@@ -126,6 +147,14 @@ mod tests {
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
         assert_eq!(parse_grpc_timeout("5x"), None);
         assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+
+    #[test]
+    fn rpc_labels_match_the_handlers() {
+        assert_eq!(rpc_label("/concierge.v1.Embeddings/EmbedText").as_deref(), Some("EmbedText"));
+        assert_eq!(rpc_label("/concierge.v1.Models/Load").as_deref(), Some("Models.Load"));
+        assert_eq!(rpc_label("/grpc.health.v1.Health/Check"), None);
+        assert_eq!(rpc_label("/concierge.v1.Embeddings/"), None);
     }
 
     #[test]

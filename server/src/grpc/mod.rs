@@ -111,13 +111,19 @@ pub(crate) fn respond<T>(rpc: &'static str, start: Instant, result: Result<T, Se
 
 /// Counts a finished request by rpc and status code, and records its latency.
 pub(crate) fn observe<T>(rpc: &'static str, start: Instant, result: &Result<T, Status>) {
+    observe_labelled(rpc, start, result)
+}
+
+/// [`observe`] for a label known only at run time (the edge layer's, from the request path).
+pub(crate) fn observe_labelled<T>(rpc: impl Into<metrics::SharedString>, start: Instant, result: &Result<T, Status>) {
+    let rpc: metrics::SharedString = rpc.into();
     let code = match result {
         Ok(_) => "OK".to_string(),
         Err(s) => format!("{:?}", s.code()),
     };
-    metrics::counter!("concierge_requests_total", "rpc" => rpc, "code" => code).increment(1);
-    metrics::histogram!("concierge_request_duration_seconds", "rpc" => rpc).record(start.elapsed().as_secs_f64());
+    metrics::counter!("concierge_requests_total", "rpc" => rpc.clone(), "code" => code).increment(1);
+    metrics::histogram!("concierge_request_duration_seconds", "rpc" => rpc.clone()).record(start.elapsed().as_secs_f64());
     if let Err(s) = result {
-        tracing::debug!(rpc, code = ?s.code(), message = s.message(), "request failed");
+        tracing::debug!(rpc = rpc.as_ref(), code = ?s.code(), message = s.message(), "request failed");
     }
 }
