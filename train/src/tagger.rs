@@ -57,6 +57,11 @@ pub struct TrainTagger {
     /// Development sentences for model selection; default: --dev-fraction of --train, held out.
     #[arg(long)]
     pub dev: Option<PathBuf>,
+    /// More training sentences (same format), added after the dev split is held out from
+    /// --train and after --limit: augmented copies, say, which must not reach the dev split.
+    /// Repeatable.
+    #[arg(long)]
+    pub extra_train: Vec<PathBuf>,
     /// The share of --train held out as the dev set when there is no --dev. `0`: no dev set;
     /// every training sentence is trained on for exactly --epochs (or until --max-minutes),
     /// and the last epoch's weights are the checkpoint (an epoch count chosen on an earlier
@@ -926,6 +931,11 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(n) = args.limit {
         train_set.truncate(n);
     }
+    for p in &args.extra_train {
+        let extra = read(args.format, p).with_context(|| format!("reading --extra-train {}", p.display()))?;
+        eprintln!("--extra-train {}: {} more training sentences", p.display(), extra.len());
+        train_set.extend(extra);
+    }
     if train_set.is_empty() || (dev_set.is_empty() && !no_dev) {
         bail!("need training and dev sentences; got {} and {}", train_set.len(), dev_set.len());
     }
@@ -1385,6 +1395,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         "format": format!("{:?}", args.format).to_lowercase(),
         "input": format!("{input:?}").to_lowercase(),
         "train": args.train.display().to_string(),
+        "extra_train": args.extra_train.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
         "train_sentences": train_ex.len(),
         "dev_sentences": dev_ex.len(),
         "dev_fraction": args.dev.is_none().then_some(args.dev_fraction),

@@ -248,6 +248,23 @@ fn msra_over_characters_learns() {
     again(&out, 200).unwrap();
     let continued = concierge_models::BiLstmCrf::load(&more, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap();
     assert_eq!(continued.vocab(), m.vocab(), "--init keeps its checkpoint's vocabulary");
+    // --extra-train adds its sentences to the training set only: the dev split held out from
+    // --train is the same as without it.
+    let base = record(&more);
+    let extra = out.with_extension("extra.txt");
+    std::fs::write(&extra, first_sentences(&data, 30)).unwrap();
+    train(&args(&[
+        "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", more.display()),
+        "--limit=200".into(), "--epochs=1".into(), "--hidden=32".into(), "--char-dim=32".into(), "--batch=32".into(),
+        "--lr=1e-2".into(), "--dev-fraction=0.004".into(), format!("--init={}", out.display()),
+        format!("--extra-train={}", extra.display()),
+    ]))
+    .unwrap();
+    let with_extra = record(&more);
+    assert_eq!(with_extra["dev_sentences"], base["dev_sentences"], "the dev split does not change");
+    assert_eq!(with_extra["train_sentences"].as_u64().unwrap(), base["train_sentences"].as_u64().unwrap() + 30);
+    assert_eq!(with_extra["extra_train"], serde_json::json!([extra.display().to_string()]));
+    std::fs::remove_file(&extra).unwrap();
     // Another tag set is refused, saying so.
     let atis = repo("model-store/data/atis/train_dev");
     if atis.is_file() {
