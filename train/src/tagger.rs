@@ -58,8 +58,8 @@ pub struct TrainTagger {
     #[arg(long)]
     pub dev: Option<PathBuf>,
     /// More training sentences (same format), added after the dev split is held out from
-    /// --train and after --limit: augmented copies, say, which must not reach the dev split.
-    /// Repeatable.
+    /// --train and after --limit: augmented copies, say, which must not reach the dev split. Trained on, not
+    /// counted: the vocabularies and lexicon weights come from --train alone. Repeatable.
     #[arg(long)]
     pub extra_train: Vec<PathBuf>,
     /// The share of --train held out as the dev set when there is no --dev. `0`: no dev set;
@@ -931,6 +931,9 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
     if let Some(n) = args.limit {
         train_set.truncate(n);
     }
+    // The vocabularies and lexicon weights are counted on --train's sentences alone (copies
+    // would inflate the counts of everything in the sentences they copy).
+    let counted = train_set.len();
     for p in &args.extra_train {
         let extra = read(args.format, p).with_context(|| format!("reading --extra-train {}", p.display()))?;
         eprintln!("--extra-train {}: {} more training sentences", p.display(), extra.len());
@@ -1023,7 +1026,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 Some((dir, m)) => m.vocab().cloned().with_context(|| format!("--init {}: a tagger without a character vocabulary", dir.display()))?,
                 None => {
                     let mut chars: BTreeMap<&str, usize> = BTreeMap::new();
-                    for s in &train_set {
+                    for s in &train_set[..counted] {
                         for c in &s.tokens {
                             *chars.entry(c.as_str()).or_default() += 1;
                         }
@@ -1056,7 +1059,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                 }
                 (_, None) => {
                     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
-                    for key in train_set.iter().flat_map(|s| bigram_keys(&s.tokens)) {
+                    for key in train_set[..counted].iter().flat_map(|s| bigram_keys(&s.tokens)) {
                         *counts.entry(key).or_default() += 1;
                     }
                     let mut ids: HashMap<String, u32> = HashMap::new();
@@ -1110,7 +1113,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
                             }
                             s.to(&device, DType::F32)?
                         }
-                        None => build_soft_lexicon(path, &train_set, args.soft_lexicon_per_set, &device)
+                        None => build_soft_lexicon(path, &train_set[..counted], args.soft_lexicon_per_set, &device)
                             .with_context(|| format!("--word-vectors {}", path.display()))?,
                     };
                     cfg.soft_lexicon = Some(soft.config().clone());

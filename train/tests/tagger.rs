@@ -264,6 +264,21 @@ fn msra_over_characters_learns() {
     assert_eq!(with_extra["dev_sentences"], base["dev_sentences"], "the dev split does not change");
     assert_eq!(with_extra["train_sentences"].as_u64().unwrap(), base["train_sentences"].as_u64().unwrap() + 30);
     assert_eq!(with_extra["extra_train"], serde_json::json!([extra.display().to_string()]));
+    // ... and the vocabularies are --train's alone: a fresh run with the extra sentences has the
+    // same characters as one without them.
+    let fresh = |with: bool| {
+        let mut a = vec![
+            "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", more.display()),
+            "--limit=100".into(), "--epochs=1".into(), "--hidden=8".into(), "--char-dim=8".into(), "--batch=32".into(),
+            "--dev-fraction=0.004".into(),
+        ];
+        if with {
+            a.push(format!("--extra-train={}", extra.display()));
+        }
+        train(&args(&a)).unwrap();
+        concierge_models::BiLstmCrf::load(&more, &candle_core::Device::Cpu, candle_core::DType::F32).unwrap().vocab().cloned()
+    };
+    assert_eq!(fresh(true), fresh(false), "--extra-train's sentences are not counted into the vocabulary");
     std::fs::remove_file(&extra).unwrap();
     // Another tag set is refused, saying so.
     let atis = repo("model-store/data/atis/train_dev");
