@@ -58,8 +58,9 @@ pub struct TrainTagger {
     #[arg(long)]
     pub dev: Option<PathBuf>,
     /// More training sentences (same format), added after the dev split is held out from
-    /// --train and after --limit: augmented copies, say, which must not reach the dev split. Trained on, not
-    /// counted: the vocabularies and lexicon weights come from --train alone. Repeatable.
+    /// --train and after --limit: augmented copies, say, which must not reach the dev split.
+    /// Trained on, not counted: the vocabularies and lexicon weights come from --train alone.
+    /// Repeatable.
     #[arg(long)]
     pub extra_train: Vec<PathBuf>,
     /// The share of --train held out as the dev set when there is no --dev. `0`: no dev set;

@@ -72,7 +72,7 @@ where
                              being read, or the work was not done); allow the call more time or send less per call",
                         );
                         if let Some(rpc) = rpc {
-                            super::observe_labelled(rpc, received, &Err::<(), _>(status.clone()));
+                            super::observe(rpc, received, &Err::<(), _>(status.clone()));
                         }
                         return Ok(status.into_http());
                     }

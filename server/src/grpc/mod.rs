@@ -109,13 +109,9 @@ pub(crate) fn respond<T>(rpc: &'static str, start: Instant, result: Result<T, Se
     result
 }
 
-/// Counts a finished request by rpc and status code, and records its latency.
-pub(crate) fn observe<T>(rpc: &'static str, start: Instant, result: &Result<T, Status>) {
-    observe_labelled(rpc, start, result)
-}
-
-/// [`observe`] for a label known only at run time (the edge layer's, from the request path).
-pub(crate) fn observe_labelled<T>(rpc: impl Into<metrics::SharedString>, start: Instant, result: &Result<T, Status>) {
+/// Counts a finished request by rpc and status code, and records its latency. `rpc` is a
+/// handler's name, or the edge layer's label from the request path.
+pub(crate) fn observe<T>(rpc: impl Into<metrics::SharedString>, start: Instant, result: &Result<T, Status>) {
     let rpc: metrics::SharedString = rpc.into();
     let code = match result {
         Ok(_) => "OK".to_string(),
