@@ -5,7 +5,7 @@
 # `concierge ensemble-tagger` into one checkpoint that tags by the mean of the members' path
 # scores, weights in f16. 15 epochs: the single tagger's best dev epoch was 14 of 15. About
 # 45 minutes on a quiet 2-core machine (5 x ~9). Seeded: the same data and binary give the
-# same weights.
+# same weights on one machine (on another, runs can differ).
 #
 #   scripts/train-atis-ensemble.sh [ATIS_TRAIN] [ATIS_TEST] [OUT]
 #

@@ -10,7 +10,7 @@
 # each on 2 cores), checkpoints/intents-en-clinc150-mpnet and
 # checkpoints/intents-en-banking77-mpnet, each: intent_config.json (labels, handoff threshold,
 # training log and scores), model.safetensors (the fine-tuned top layers in f16 — two for
-# CLINC150 and MPNet's Banking77, three for MiniLM's Banking77 — and the head in f32), encoder_config.json. Seeded: the same data and binary give the same weights.
+# CLINC150 and MPNet's Banking77, three for MiniLM's Banking77 — and the head in f32), encoder_config.json. Seeded: the same data and binary give the same weights on one machine (on another, runs can differ).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BANKING77=${1:-../shared/data/banking77/train.csv}

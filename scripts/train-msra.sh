@@ -18,7 +18,9 @@
 # 5's first epoch, test 92.00; stages 3 and 4 alone averaged scored dev 94.65 against stage 4's
 # 94.60, but test F1 91.65 against 91.92: benches/RESULTS.md.)
 # About 2 h 30 on a quiet 2-core machine (about 20 min an epoch; 35 min on a busy one).
-# Seeded: the same data and binary give the same weights.
+# Seeded: the same data and binary give the same weights on one machine. On another machine
+# the same run came out different: stage 1 scored test F1 89.61 on one and 89.07 on another
+# (benches/RESULTS.md).
 #
 #   scripts/train-msra.sh [MSRA_TRAIN] [MSRA_TEST] [OUT] [-- EXTRA train-tagger ARGS]
 #
