@@ -553,6 +553,87 @@ fn crf_equals_brute_force_enumeration() {
     }
 }
 
+/// Constrained decoding (`Crf::constrain`) against enumeration of the paths the scheme allows,
+/// a path being allowed when it is the canonical tagging of its own chunks (`spans` then
+/// `tags_of` gives it back: an independent reading of BIO, BIOES and BMES). On random CRFs over
+/// tag sets of each scheme, padded batches of lengths 1-4: Viterbi (kernel and tensor ops) finds
+/// the best allowed path with its unpenalised score, the marginals are the allowed paths' mass
+/// (forbidden tags get none), and the likelihood is still over every path.
+#[test]
+fn constrained_crf_equals_brute_force_over_allowed_paths() {
+    use concierge_models::sequence::{scheme_of, spans, tags_of};
+    let sets: [&[&str]; 3] = [
+        &["O", "B-A", "I-A", "B-B", "I-B"],
+        &["O", "B-A", "I-A", "E-A", "S-A"],
+        &["B-A", "M-A", "E-A", "S-A", "O"],
+    ];
+    for dev in devices() {
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        for case in 0..30 {
+            let names: Vec<String> = sets[case % 3].iter().map(|t| t.to_string()).collect();
+            let scheme = scheme_of(&names).unwrap();
+            let t = names.len();
+            let free = random_crf(&mut rng, t, &dev);
+            let mut crf = free.clone();
+            assert!(!crf.is_constrained());
+            crf.constrain(&names).unwrap();
+            assert!(crf.is_constrained());
+            let b = 1 + rng.below(3);
+            let lengths: Vec<usize> = (0..b).map(|_| 1 + rng.below(4)).collect();
+            let l = *lengths.iter().max().unwrap() + case % 2;
+            let em_flat = rng.floats(b * l * t, 3.0);
+            let em = Tensor::from_vec(em_flat.clone(), (b, l, t), &dev).unwrap();
+            let decoded = crf.decode(&em, &lengths).unwrap();
+            let by_ops = crf.decode_tensor_ops(&em, &lengths).unwrap();
+            let marg = crf.marginals(&em, &lengths).unwrap().to_vec3::<f32>().unwrap();
+            let log_z = crf.log_partition(&em, &lengths).unwrap().to_vec1::<f32>().unwrap();
+            let free_z = free.log_partition(&em, &lengths).unwrap().to_vec1::<f32>().unwrap();
+            assert_eq!(log_z, free_z, "case {case}: the likelihood must stay over every path");
+            for s in 0..b {
+                let n = lengths[s];
+                let seq: Vec<Vec<f32>> = (0..n).map(|i| em_flat[(s * l + i) * t..(s * l + i + 1) * t].to_vec()).collect();
+                let allowed: Vec<Vec<u32>> = all_paths(t, n)
+                    .into_iter()
+                    .filter(|p| {
+                        let tags: Vec<&str> = p.iter().map(|&k| names[k as usize].as_str()).collect();
+                        tags_of(&spans(&tags).unwrap(), n, scheme).unwrap() == tags
+                    })
+                    .collect();
+                let scores: Vec<f64> = allowed.iter().map(|p| score(&crf, &seq, p)).collect();
+                let (best, best_score) =
+                    scores.iter().enumerate().fold((0, f64::NEG_INFINITY), |a, (i, &v)| if v > a.1 { (i, v) } else { a });
+                assert_eq!(decoded[s].tags, allowed[best], "case {case} seq {s} ({names:?})");
+                assert_eq!(by_ops[s].tags, allowed[best], "case {case} seq {s}: tensor ops");
+                assert!((decoded[s].score as f64 - best_score).abs() < 1e-4, "case {case} seq {s}: score");
+                let max = best_score;
+                let z = max + scores.iter().map(|v| (v - max).exp()).sum::<f64>().ln();
+                for i in 0..n {
+                    for (j, &got) in marg[s][i].iter().enumerate() {
+                        let want: f64 =
+                            allowed.iter().zip(&scores).filter(|(p, _)| p[i] == j as u32).map(|(_, v)| (v - z).exp()).sum();
+                        assert!((got as f64 - want).abs() < 1e-5, "case {case} seq {s} marginal ({i}, {j}): {got} vs {want}");
+                    }
+                }
+            }
+        }
+    }
+    // The rules, spelled out on BMES: M- and E- only after B- or M- of their label, nothing
+    // starts inside a chunk, and no chunk is left open.
+    let bmes: Vec<String> = ["O", "B-PER", "M-PER", "E-PER", "S-PER", "B-LOC"].iter().map(|t| t.to_string()).collect();
+    let (steps, start, end) = concierge_models::tagger::crf::allowed_steps(&bmes).unwrap();
+    let ok = |a: usize, b: usize| steps[a * bmes.len() + b];
+    assert!(ok(1, 2) && ok(1, 3) && ok(2, 2) && ok(2, 3) && ok(3, 0) && ok(3, 5) && ok(4, 4) && ok(0, 1));
+    assert!(!ok(0, 2) && !ok(0, 3) && !ok(5, 2) && !ok(1, 0) && !ok(1, 1) && !ok(2, 4) && !ok(3, 2));
+    assert_eq!(start, [true, true, false, false, true, true]);
+    assert_eq!(end, [true, false, false, true, true, false]);
+    let err = Crf::new(Tensor::zeros((2, 2), DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap())
+        .unwrap()
+        .constrain(&["O".to_string(), "X-A".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("constrained decoding needs BIO, BIOES or BMES tags"), "{err}");
+}
+
 /// `Crf::decode` (the kernels crate's Viterbi on the CPU) against the tensor-op version it
 /// replaced, on random CRFs of 1, 5 and 130 tags and padded batches: the same paths, scores
 /// within 1e-4 relative (the two add the same numbers in the same order, so in practice equal).

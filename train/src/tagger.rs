@@ -208,6 +208,11 @@ pub struct TrainTagger {
     /// applies: a run stopped early ends before its rates reach zero.
     #[arg(long)]
     pub linear_decay: bool,
+    /// Decode (dev scores, test scores, serving) over every tag path, as pytorch-crf does. By
+    /// default the checkpoint decodes only the paths its scheme allows (`constrained` in its
+    /// config: no `I-` without its `B-`, no BMES chunk left open); training is the same either way.
+    #[arg(long)]
+    pub unconstrained: bool,
     /// Stop after this many epochs without a better dev F1.
     #[arg(long, default_value_t = 5)]
     pub patience: usize,
@@ -1158,6 +1163,7 @@ pub fn train(args: &TrainTagger) -> anyhow::Result<()> {
         }
     };
     cfg.num_layers = args.layers;
+    cfg.constrained = !args.unconstrained;
     cfg.extra.insert("scheme".into(), serde_json::json!(if bmes { "bmes" } else { "bio" }));
     // Joint intent: the training set's intents, sorted (several joined by `;` stay one label).
     let intent_list: Vec<String> = if args.joint_intent {

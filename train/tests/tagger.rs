@@ -38,17 +38,20 @@ fn atis_over_encoder_states_learns_and_repeats_with_a_seed() {
         return;
     }
     let tmp = std::env::temp_dir().join(format!("concierge-train-atis-{}", std::process::id()));
-    let run = |name: &str| {
+    let run = |name: &str, extra: &[&str]| {
         let out = tmp.join(name);
-        train(&args(&[
+        let mut a: Vec<String> = vec![
             "--format=atis".into(), format!("--train={}", data.display()), format!("--encoder-dir={}", encoder.display()),
             format!("--out={}", out.display()), "--limit=300".into(), "--epochs=3".into(), "--hidden=48".into(),
             "--batch=16".into(), "--lr=5e-3".into(), "--seed=5".into(),
-        ]))
-        .unwrap();
+        ];
+        a.extend(extra.iter().map(|x| x.to_string()));
+        train(&args(&a)).unwrap();
         out
     };
-    let a = run("a");
+    let a = run("a", &[]);
+    let constrained = |dir: &Path| concierge_models::TaggerConfig::from_file(&dir.join("config.json")).unwrap().constrained;
+    assert!(constrained(&a), "train-tagger writes constrained decoding by default");
     let (loss, f1) = losses(&a);
     assert!(loss[loss.len() - 1] < loss[0] * 0.6, "the loss did not fall: {loss:?}");
     assert!(f1.iter().cloned().fold(0.0, f64::max) > 0.5, "dev F1 stayed low: {f1:?}");
@@ -75,8 +78,12 @@ fn atis_over_encoder_states_learns_and_repeats_with_a_seed() {
         assert_eq!((f.len(), f[0], f[1]), (3, token.as_str(), gold.as_str()), "{line}");
     }
     // Same seed, same run.
-    let b = run("b");
+    let b = run("b", &[]);
     assert_eq!(losses(&a), losses(&b), "two runs with one seed differ");
+    // --unconstrained decodes every path; training is the same run.
+    let c = run("c", &["--unconstrained"]);
+    assert!(!constrained(&c));
+    assert_eq!(losses(&a).0, losses(&c).0, "constrained decoding changed training");
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 

@@ -44,6 +44,39 @@ pub struct Crf {
     start: Tensor,
     end: Tensor,
     num_tags: usize,
+    /// Set by [`Self::constrain`]: [`FORBIDDEN`] where the tag scheme rules a step out, else 0,
+    /// added to the three score tensors when decoding.
+    forbidden: Option<[Tensor; 3]>,
+}
+
+/// The score a constrained decoder adds to a start, step or end its tag scheme rules out:
+/// far below any learned score, yet finite, so exp-space sums underflow to zero without NaN.
+pub const FORBIDDEN: f32 = -10_000.0;
+
+/// Which starts, steps and ends the scheme of `tags` allows (BIO, BIOES or BMES, from the tag
+/// names): `(transitions [i * T + j], start [j], end [i])`. A chunk's inside (`I-`/`M-`) or
+/// `E-` tag only follows `B-` or an inside tag of the same label, and never starts a sequence;
+/// in BIOES and BMES, whose chunks close themselves, a `B-` or inside tag must be followed by
+/// its chunk's continuation and cannot end a sequence.
+pub fn allowed_steps(tags: &[String]) -> Result<(Vec<bool>, Vec<bool>, Vec<bool>)> {
+    use crate::sequence::{parse_tag, scheme_of, Prefix, Scheme};
+    let bad = |e: crate::sequence::SequenceError| {
+        ModelError::Unsupported(format!("constrained decoding needs BIO, BIOES or BMES tags: {e}"))
+    };
+    let parsed = tags.iter().map(|t| parse_tag(t)).collect::<std::result::Result<Vec<_>, _>>().map_err(bad)?;
+    let closing = scheme_of(tags).map_err(bad)? != Scheme::Bio;
+    let open = |p: Prefix| closing && matches!(p, Prefix::B | Prefix::I);
+    let continues = |p: Prefix| matches!(p, Prefix::I | Prefix::E);
+    let n = tags.len();
+    let mut steps = vec![true; n * n];
+    for (i, &(pi, li)) in parsed.iter().enumerate() {
+        for (j, &(pj, lj)) in parsed.iter().enumerate() {
+            steps[i * n + j] = if continues(pj) { matches!(pi, Prefix::B | Prefix::I) && li == lj } else { !open(pi) };
+        }
+    }
+    let start = parsed.iter().map(|&(p, _)| !continues(p)).collect();
+    let end = parsed.iter().map(|&(p, _)| !open(p)).collect();
+    Ok((steps, start, end))
 }
 
 impl Crf {
@@ -65,6 +98,42 @@ impl Crf {
             start: start_transitions.to_dtype(DType::F32)?,
             end: end_transitions.to_dtype(DType::F32)?,
             num_tags,
+            forbidden: None,
+        })
+    }
+
+    /// From now on decoding (Viterbi, marginals) only considers the tag paths the scheme of
+    /// `tags` (the tag names in id order) allows: [`allowed_steps`], each ruled-out start, step
+    /// and end scoring [`FORBIDDEN`] more. The likelihood that training maximises
+    /// ([`Self::nll`], [`Self::log_partition`]) stays over every path, as pytorch-crf's.
+    pub fn constrain(&mut self, tags: &[String]) -> Result<()> {
+        if tags.len() != self.num_tags {
+            return Err(ModelError::Unsupported(format!("{} tag names for a crf of {} tags", tags.len(), self.num_tags)));
+        }
+        let (steps, start, end) = allowed_steps(tags)?;
+        let dev = self.start.device();
+        let score = |ok: Vec<bool>| ok.into_iter().map(|a| if a { 0f32 } else { FORBIDDEN }).collect::<Vec<_>>();
+        let n = self.num_tags;
+        self.forbidden = Some([
+            Tensor::from_vec(score(steps), (n, n), dev)?,
+            Tensor::from_vec(score(start), n, dev)?,
+            Tensor::from_vec(score(end), n, dev)?,
+        ]);
+        Ok(())
+    }
+
+    /// Whether [`Self::constrain`] applies.
+    pub fn is_constrained(&self) -> bool {
+        self.forbidden.is_some()
+    }
+
+    /// The transition, start and end scores decoding uses: the parameters, plus the
+    /// constraints' penalties when set.
+    fn decoding_scores(&self) -> Result<[Tensor; 3]> {
+        let own = [&self.transitions, &self.start, &self.end];
+        Ok(match &self.forbidden {
+            None => own.map(|t| t.clone()),
+            Some(f) => [(own[0] + &f[0])?, (own[1] + &f[1])?, (own[2] + &f[2])?],
         })
     }
 
@@ -117,15 +186,16 @@ impl Crf {
     /// The forward algorithm's `alpha_t` for every position (`[B, L, T]`: the log-sum of the
     /// scores of all partial paths ending in each tag at t; carried unchanged through padding)
     /// and the log partition `[B]`.
-    fn forward_alphas(&self, em: &Tensor, mask: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn forward_alphas(&self, em: &Tensor, mask: &Tensor, scores: &[Tensor; 3]) -> Result<(Tensor, Tensor)> {
+        let [transitions, start, end] = scores;
         let l = em.dim(1)?;
         // logsumexp_i(alpha_i + trans_ij) as a matrix product in exp space, shifted for
         // stability: exp(alpha - max_b(alpha)) @ exp(trans - max(trans)). O(B T^2) multiply-adds
         // in one GEMM instead of a [B, T, T] tensor per step (and its backward), which made
         // training with a hundred-odd tags crawl.
-        let t_max = self.transitions.max_keepdim(0)?.max_keepdim(1)?;
-        let exp_trans = self.transitions.broadcast_sub(&t_max)?.exp()?;
-        let mut alpha = em.i((.., 0, ..))?.broadcast_add(&self.start)?;
+        let t_max = transitions.max_keepdim(0)?.max_keepdim(1)?;
+        let exp_trans = transitions.broadcast_sub(&t_max)?.exp()?;
+        let mut alpha = em.i((.., 0, ..))?.broadcast_add(start)?;
         let mut alphas = vec![alpha.clone()];
         for t in 1..l {
             let a_max = alpha.max_keepdim(1)?.detach();
@@ -140,7 +210,7 @@ impl Crf {
             alpha = blend(&mask.i((.., t))?, &next, &alpha)?;
             alphas.push(alpha.clone());
         }
-        let log_z = alpha.broadcast_add(&self.end)?.log_sum_exp(1)?;
+        let log_z = alpha.broadcast_add(end)?.log_sum_exp(1)?;
         Ok((Tensor::stack(&alphas, 1)?, log_z))
     }
 
@@ -148,7 +218,8 @@ impl Crf {
     /// sequence's length (pytorch-crf's `_compute_normalizer`). Differentiable.
     pub fn log_partition(&self, emissions: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (em, mask) = self.prepare(emissions, lengths)?;
-        Ok(self.forward_alphas(&em, &mask)?.1)
+        let own = [self.transitions.clone(), self.start.clone(), self.end.clone()];
+        Ok(self.forward_alphas(&em, &mask, &own)?.1)
     }
 
     /// The score of the given tag path per sequence, `[B]`, f32 (pytorch-crf's `_compute_score`).
@@ -219,12 +290,13 @@ impl Crf {
             return self.decode_tensor_ops(emissions, lengths);
         }
         self.check(emissions, lengths)?;
+        let [transitions, start, end] = self.decoding_scores()?;
         let (paths, scores) = concierge_kernels::viterbi::viterbi_decode(
             &emissions.detach(),
             lengths,
-            &self.transitions.detach(),
-            &self.start.detach(),
-            &self.end.detach(),
+            &transitions.detach(),
+            &start.detach(),
+            &end.detach(),
         )?;
         Ok(paths.into_iter().zip(scores).map(|(tags, score)| TagPath { tags, score }).collect())
     }
@@ -235,8 +307,9 @@ impl Crf {
     pub fn decode_tensor_ops(&self, emissions: &Tensor, lengths: &[usize]) -> Result<Vec<TagPath>> {
         let (em, mask) = self.prepare(&emissions.detach(), lengths)?;
         let (b, l, _) = em.dims3()?;
-        let trans = self.transitions.detach().unsqueeze(0)?;
-        let mut score = em.i((.., 0, ..))?.broadcast_add(&self.start.detach())?;
+        let [transitions, start, end] = self.decoding_scores()?;
+        let trans = transitions.detach().unsqueeze(0)?;
+        let mut score = em.i((.., 0, ..))?.broadcast_add(&start.detach())?;
         let mut history = Vec::with_capacity(l.saturating_sub(1));
         for t in 1..l {
             let next = score.unsqueeze(2)?.broadcast_add(&trans)?.broadcast_add(&em.i((.., t, ..))?.unsqueeze(1)?)?;
@@ -246,7 +319,7 @@ impl Crf {
             score = blend(&mask.i((.., t))?, &best, &score)?;
             history.push(best_from.squeeze(1)?);
         }
-        let score = score.broadcast_add(&self.end.detach())?;
+        let score = score.broadcast_add(&end.detach())?;
         let last_tag = score.argmax_keepdim(1)?;
         let best_score = score.gather(&last_tag, 1)?.squeeze(1)?.to_vec1::<f32>()?;
         let last_tag = last_tag.squeeze(1)?.to_vec1::<u32>()?;
@@ -269,15 +342,17 @@ impl Crf {
     pub fn marginals(&self, emissions: &Tensor, lengths: &[usize]) -> Result<Tensor> {
         let (em, mask) = self.prepare(emissions, lengths)?;
         let (b, l, _) = em.dims3()?;
-        let (alphas, log_z) = self.forward_alphas(&em, &mask)?;
+        let scores = self.decoding_scores()?;
+        let (alphas, log_z) = self.forward_alphas(&em, &mask, &scores)?;
+        let [transitions, _, end] = &scores;
         // beta_t[i]: log-sum of the scores of all path continuations after tag i at t, the end
         // transition included; at a sequence's last position (and past it) just end[i].
         // logsumexp_j(trans_ij + ahead_j) as the forward pass does it: one exp-space product per
         // step with the transposed transitions, shifted for stability, instead of a [B, T, T]
         // log-sum-exp (which cost ten times the rest of the tagger at 159 tags).
-        let t_max = self.transitions.max_keepdim(0)?.max_keepdim(1)?;
-        let exp_trans_t = self.transitions.broadcast_sub(&t_max)?.exp()?.t()?.contiguous()?;
-        let end = self.end.unsqueeze(0)?.broadcast_as((b, self.num_tags))?.contiguous()?;
+        let t_max = transitions.max_keepdim(0)?.max_keepdim(1)?;
+        let exp_trans_t = transitions.broadcast_sub(&t_max)?.exp()?.t()?.contiguous()?;
+        let end = end.unsqueeze(0)?.broadcast_as((b, self.num_tags))?.contiguous()?;
         let mut beta = end.clone();
         let mut betas = vec![beta.clone()];
         for t in (0..l.saturating_sub(1)).rev() {

@@ -135,6 +135,12 @@ pub struct TaggerConfig {
     /// path). None: one tagger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensemble: Option<usize>,
+    /// Decode only the tag paths the tag names' scheme allows (BIO, BIOES, BMES: no inside tag
+    /// without its chunk's start, and in BIOES/BMES no chunk left open): [`Crf::constrain`].
+    /// Viterbi and the marginals (confidences) use it; training's likelihood does not. False
+    /// (and absent, as in PyTorch exports): every path, as trained.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub constrained: bool,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -258,6 +264,7 @@ impl TaggerConfig {
             unk_token: None,
             num_intents: None,
             ensemble: None,
+            constrained: false,
             extra: BTreeMap::new(),
         }
     }
@@ -603,13 +610,16 @@ impl BiLstmCrf {
             }
         };
         let cvb = vb.pp("crf");
-        let crf = Crf::load(&cvb, cfg.num_tags)?;
+        let mut crf = Crf::load(&cvb, cfg.num_tags)?;
         for (name, t) in [
             ("transitions", crf.transitions()),
             ("start_transitions", crf.start_transitions()),
             ("end_transitions", crf.end_transitions()),
         ] {
             params.record(&cvb, name, t.clone())?;
+        }
+        if cfg.constrained {
+            crf.constrain(&tags)?;
         }
         Ok(Self {
             cfg: cfg.clone(),
@@ -646,7 +656,10 @@ impl BiLstmCrf {
             let all = members.iter().map(|m| get(&m.crf)).collect::<Vec<_>>();
             Ok((Tensor::stack(&all, 0)?.sum(0)? / n as f64)?)
         };
-        let crf = Crf::new(mean(Crf::transitions)?, mean(Crf::start_transitions)?, mean(Crf::end_transitions)?)?;
+        let mut crf = Crf::new(mean(Crf::transitions)?, mean(Crf::start_transitions)?, mean(Crf::end_transitions)?)?;
+        if cfg.constrained {
+            crf.constrain(&tags)?;
+        }
         let mut first = members.remove(0);
         for m in &members {
             first.params.named.extend(m.params.named.iter().cloned());
