@@ -210,7 +210,8 @@ pub struct TrainTagger {
     pub linear_decay: bool,
     /// Decode (dev scores, test scores, serving) over every tag path, as pytorch-crf does. By
     /// default the checkpoint decodes only the paths its scheme allows (`constrained` in its
-    /// config: no `I-` without its `B-`, no BMES chunk left open); training is the same either way.
+    /// config: no `I-` without its `B-`, no BMES chunk left open). The weights train the same
+    /// either way; the dev scores that pick the kept epoch use the chosen decoding.
     #[arg(long)]
     pub unconstrained: bool,
     /// Stop after this many epochs without a better dev F1.
