@@ -272,15 +272,17 @@ pub struct EvalTagger {
 #[derive(Debug, Clone, Args)]
 pub struct EnsembleTagger {
     /// A member checkpoint (give two or more): taggers from train-tagger with the same settings
-    /// and data but their own --seed. Encoder input, the same encoder, layers, sizes and tags.
+    /// and data but their own --seed or --run-seed: the same encoder and layers (encoder input)
+    /// or the same vocabularies and frozen char BERT and word vectors (character input), sizes
+    /// and tags; no fine-tuned encoder layers.
     #[arg(long = "member", required = true)]
     pub members: Vec<PathBuf>,
     /// Where the ensemble checkpoint goes (one folder: config.json with `ensemble`, tags.json,
     /// model.safetensors with each member under `members.{k}.`).
     #[arg(long)]
     pub out: PathBuf,
-    /// Store the members' LSTM and emission weights in f16 (half the size; computed in f32 as
-    /// before; the CRFs stay f32). The test split is scored on the checkpoint as saved.
+    /// Store the members' weights in f16 (half the size; computed in f32 as before; the CRFs
+    /// stay f32). The test split is scored on the checkpoint as saved.
     #[arg(long)]
     pub f16: bool,
     /// Score the saved ensemble on this file (e.g. the official test split) and record it.
@@ -293,8 +295,18 @@ pub struct EnsembleTagger {
     pub encoder_dir: PathBuf,
 }
 
+/// Files beside the weights that an embeddings-input tagger reads. An ensemble's members must
+/// have the same ones, byte for byte (trained on the same data with the same settings), and the
+/// ensemble keeps one copy.
+const ENSEMBLE_SHARED_FILES: [&str; 6] =
+    ["vocab.json", "bigrams.json", "lexicon.txt", "lac_vocab.json", "soft_lexicon.txt", "char_bert_vocab.json"];
+/// Frozen tensors of embeddings-input members (the char BERT, the soft lexicon's word vectors):
+/// equal in every member, stored once at the top of the ensemble.
+const ENSEMBLE_SHARED_TENSORS: [&str; 2] = ["char_bert.", "soft_lexicon."];
+
 /// Assembles an ensemble checkpoint from separately trained members (see
-/// `TaggerConfig::ensemble`): it tags by the mean of their path scores.
+/// `TaggerConfig::ensemble`): it tags by the mean of their path scores. The members' tensors are
+/// copied in their stored dtypes under `members.{k}.`, but for the shared frozen ones.
 pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
     let device = Device::Cpu;
     if args.members.len() < 2 {
@@ -312,15 +324,22 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
         c
     };
     let first = &members[0];
+    let first_dir = &args.members[0];
+    let embeddings = first.config().input == InputKind::Embeddings;
     for (m, dir) in members.iter().zip(&args.members) {
         let why = if m.num_members() > 1 {
             Some("is already an ensemble".to_string())
-        } else if m.config().input != InputKind::Encoder || m.branch().is_some() {
-            Some("is not an encoder-input tagger with frozen encoder states (ensembles are for those)".to_string())
+        } else if m.branch().is_some() {
+            Some("has fine-tuned encoder layers (branch_from): each member would need its own encoder pass".to_string())
         } else if shape(m) != shape(first) {
-            Some(format!("has another config than {} (sizes, encoder layers or encoder differ)", args.members[0].display()))
+            Some(format!("has another config than {} (sizes, inputs, encoder layers or encoder differ)", first_dir.display()))
         } else if m.tags() != first.tags() || m.intents() != first.intents() {
-            Some(format!("has another tag or intent set than {}", args.members[0].display()))
+            Some(format!("has another tag or intent set than {}", first_dir.display()))
+        } else if embeddings {
+            ENSEMBLE_SHARED_FILES
+                .iter()
+                .find(|f| std::fs::read(dir.join(f)).ok() != std::fs::read(first_dir.join(f)).ok())
+                .map(|f| format!("has another {f} than {}: members must be trained on the same data with the same settings", first_dir.display()))
         } else {
             None
         };
@@ -328,23 +347,53 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
             bail!("--member {} {why}", dir.display());
         }
     }
-    let mut tensors = HashMap::new();
-    for (k, m) in members.iter().enumerate() {
-        for (name, t) in m.named_tensors() {
-            tensors.insert(format!("members.{k}.{name}"), t.clone());
+    let mut tensors: HashMap<String, Tensor> = HashMap::new();
+    for (k, dir) in args.members.iter().enumerate() {
+        let path = dir.join("model.safetensors");
+        let stored = candle_core::safetensors::load(&path, &device).with_context(|| format!("reading {}", path.display()))?;
+        for (name, t) in stored {
+            if !(embeddings && ENSEMBLE_SHARED_TENSORS.iter().any(|p| name.starts_with(p))) {
+                tensors.insert(format!("members.{k}.{name}"), t);
+                continue;
+            }
+            match tensors.get(&name) {
+                None if k == 0 => {
+                    tensors.insert(name, t);
+                }
+                Some(kept) if same_tensor(kept, &t)? => {}
+                _ => bail!(
+                    "--member {}: its {name} differs from {}'s; an ensemble shares the frozen char BERT and word vectors, so train its members with them frozen",
+                    dir.display(),
+                    first_dir.display()
+                ),
+            }
         }
     }
     let mut cfg = first.config().clone();
     cfg.ensemble = Some(members.len());
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, &device);
-    let mut model = BiLstmCrf::new(vb, &cfg, first.tags().to_vec())?;
+    let out = &args.out;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = |name: &str, value: serde_json::Value| -> anyhow::Result<()> {
+        let path = out.join(name);
+        std::fs::write(&path, serde_json::to_string_pretty(&value)? + "\n").with_context(|| format!("writing {}", path.display()))
+    };
+    json("config.json", serde_json::to_value(&cfg)?)?;
+    json("tags.json", serde_json::to_value(first.tags())?)?;
     if cfg.num_intents.is_some() {
-        model = model.with_intents(first.intents().to_vec())?;
+        json("intents.json", serde_json::to_value(first.intents())?)?;
     }
-    model.save(&args.out).with_context(|| format!("writing the ensemble to {}", args.out.display()))?;
+    for f in ENSEMBLE_SHARED_FILES.iter().chain(&["NOTICE"]) {
+        if first_dir.join(f).is_file() {
+            std::fs::copy(first_dir.join(f), out.join(f)).with_context(|| format!("copying {f} to {}", out.display()))?;
+        }
+    }
+    let weights = out.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).with_context(|| format!("writing {}", weights.display()))?;
     if args.f16 {
-        tensors_to_f16(&args.out, |name| !name.contains(".crf."))?;
+        tensors_to_f16(out, |name| name.starts_with("members.") && !name.contains(".crf."))?;
     }
+    let model = BiLstmCrf::load(out, &device, DType::F32).with_context(|| format!("loading the ensemble written to {}", out.display()))?;
+    anyhow::ensure!(model.num_members() == members.len(), "{} loads as {} members", out.display(), model.num_members());
     let runs: Vec<serde_json::Value> = args
         .members
         .iter()
@@ -890,6 +939,15 @@ fn embeddings_to_f16(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Rewrites the checkpoint in `dir` with the tensors `pick` names in f16.
+/// Whether two stored tensors are the same: dtype, shape and every value.
+fn same_tensor(a: &Tensor, b: &Tensor) -> anyhow::Result<bool> {
+    if a.dtype() != b.dtype() || a.dims() != b.dims() {
+        return Ok(false);
+    }
+    let values = |t: &Tensor| t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>();
+    Ok(values(a)? == values(b)?)
+}
+
 fn tensors_to_f16(dir: &Path, pick: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     let path = dir.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;

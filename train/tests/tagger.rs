@@ -766,6 +766,143 @@ fn msra_epochs_average_along_one_run_the_dev_split_choosing() {
     std::fs::remove_file(out.with_extension("test.txt")).unwrap();
 }
 
+/// `ensemble-tagger` on character taggers: two MSRA runs with every per-character feature
+/// (bigrams, a word-vector soft lexicon, LAC fine-tuned, a tiny frozen char BERT), the same data
+/// and dev split but their own --run-seed, assemble into one checkpoint. The frozen char BERT
+/// and word vectors are stored once, each member keeps its own tables and LAC network, the
+/// ensemble's emissions are the mean of the members' on the same ids, it round-trips through
+/// save/load, and eval-tagger scores it as ensemble-tagger recorded. Members with another
+/// vocabulary or a BERT that moved are refused, naming the member and what differs.
+#[test]
+fn msra_character_taggers_assemble_into_an_ensemble() {
+    use candle_core::{DType, Device, Tensor};
+    use concierge_models::BiLstmCrf;
+    let tmp = std::env::temp_dir().join(format!("concierge-train-msra-ens-{}", std::process::id()));
+    let Some((data, small_test)) = msra_small(&tmp) else { return };
+    std::fs::create_dir_all(&tmp).unwrap();
+    let bert_dir = tmp.join("bert");
+    tiny_zh_bert(&bert_dir);
+    let vectors = tmp.join("words.vector");
+    let words = ["中国", "新华社", "北京", "我们"];
+    let text: String = words
+        .iter()
+        .enumerate()
+        .map(|(k, w)| format!("{w} {}\n", (0..4).map(|i| ((k * 4 + i) as f32 * 0.25 - 2.0).to_string()).collect::<Vec<_>>().join(" ")))
+        .collect();
+    std::fs::write(&vectors, format!("{} 4\n{text}", words.len())).unwrap();
+    let lac_dir = repo("models/tests/fixtures/tagger-lac-tiny/lac");
+    let run = |name: &str, extra: &[&str]| {
+        let out = tmp.join(name);
+        let mut a: Vec<String> = vec![
+            "--format=msra".into(), format!("--train={}", data.display()), format!("--out={}", out.display()),
+            "--epochs=2".into(), "--hidden=16".into(), "--char-dim=16".into(), "--bigram-dim=4".into(),
+            format!("--lac={}", lac_dir.display()), "--lac-layers=2".into(), "--lac-train".into(), "--lac-lr=1e-2".into(),
+            format!("--word-vectors={}", vectors.display()), "--soft-lexicon-per-set=2".into(),
+            format!("--char-bert={}", bert_dir.display()), "--batch=32".into(), "--lr=1e-2".into(), "--dev-fraction=0.01".into(),
+            "--seed=3".into(), "--embeddings-f16".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        if !extra.iter().any(|e| e.starts_with("--limit")) {
+            a.push("--limit=400".into());
+        }
+        train(&args(&a)).unwrap();
+        out
+    };
+    let (a, b) = (run("a", &["--run-seed=5"]), run("b", &["--run-seed=6"]));
+    let ens = tmp.join("ens");
+    let assemble = |members: Vec<PathBuf>| {
+        ensemble(&EnsembleTagger {
+            members,
+            out: ens.clone(),
+            f16: false,
+            test: Some(small_test.clone()),
+            format: Some(Format::Msra),
+            encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
+        })
+    };
+    assemble(vec![a.clone(), b.clone()]).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ens.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["ensemble"].as_u64(), cfg["input"].as_str()), (Some(2), Some("embeddings")), "{cfg}");
+    for f in ["vocab.json", "bigrams.json", "lac_vocab.json", "soft_lexicon.txt", "char_bert_vocab.json"] {
+        assert_eq!(std::fs::read(ens.join(f)).unwrap(), std::fs::read(a.join(f)).unwrap(), "{f}");
+    }
+    let dev = Device::Cpu;
+    let stored = candle_core::safetensors::load(ens.join("model.safetensors"), &dev).unwrap();
+    let member = candle_core::safetensors::load(a.join("model.safetensors"), &dev).unwrap();
+    // Shared frozen parts once, at the top, as the member stored them; the rest per member.
+    assert!(stored.keys().all(|k| k.starts_with("members.") || k.starts_with("char_bert.") || k == "soft_lexicon.embedding"));
+    assert!(!stored.keys().any(|k| k.contains(".char_bert.") || k.contains(".soft_lexicon.")));
+    let bert_name = "char_bert.encoder.layer.1.output.dense.weight";
+    assert_eq!(stored[bert_name].dtype(), member[bert_name].dtype());
+    let per_member = member.keys().filter(|k| !k.starts_with("char_bert.") && !k.starts_with("soft_lexicon.")).count();
+    assert_eq!(stored.len(), member.len() + per_member, "one copy of the shared tensors, two of the rest");
+    let diff = |x: &Tensor, y: &Tensor| {
+        let d = (x.to_dtype(DType::F32).unwrap() - y.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    let lac = "lac.gru_2.w_0";
+    assert!(diff(&stored[&format!("members.0.{lac}")], &stored[&format!("members.1.{lac}")]) > 1e-4, "each member's own fine-tuned LAC");
+
+    let (ma, mb) = (BiLstmCrf::load(&a, &dev, DType::F32).unwrap(), BiLstmCrf::load(&b, &dev, DType::F32).unwrap());
+    let model = BiLstmCrf::load(&ens, &dev, DType::F32).unwrap();
+    assert_eq!(model.num_members(), 2);
+    let texts = ["新华社北京十二月五日电", "我们在上海", "中国人民"];
+    let (ids, lens) = model.char_ids(&texts, &dev).unwrap();
+    assert_eq!(ids.to_vec3::<u32>().unwrap(), ma.char_ids(&texts, &dev).unwrap().0.to_vec3::<u32>().unwrap());
+    let mean = ((ma.forward_emissions(&ids, &lens).unwrap() + mb.forward_emissions(&ids, &lens).unwrap()).unwrap() / 2.0).unwrap();
+    let got = model.forward_emissions(&ids, &lens).unwrap();
+    assert!(diff(&got, &mean) < 1e-4, "the ensemble's emissions are the mean of its members'");
+    assert!(diff(&ma.forward_emissions(&ids, &lens).unwrap(), &mb.forward_emissions(&ids, &lens).unwrap()) > 1e-3, "the members differ");
+    // save/load keeps each member's LAC under its own name.
+    let again = tmp.join("again");
+    model.save(&again).unwrap();
+    let reloaded = BiLstmCrf::load(&again, &dev, DType::F32).unwrap();
+    assert!(diff(&reloaded.forward_emissions(&ids, &lens).unwrap(), &got) < 1e-6);
+    let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ens.join("training.json")).unwrap()).unwrap();
+    let e = eval(&EvalTagger {
+        model: ens.clone(),
+        format: Format::Msra,
+        test: small_test.clone(),
+        encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
+        predictions: None,
+    })
+    .unwrap();
+    assert_eq!(e.f1(), rec["test"]["f1"].as_f64().unwrap());
+
+    // Other training sentences: another vocabulary size, so another config.
+    let c = run("c", &["--run-seed=7", "--limit=200"]);
+    let err = format!("{:#}", assemble(vec![a.clone(), c.clone()]).unwrap_err());
+    assert!(err.contains(&c.display().to_string()) && err.contains("another config"), "{err}");
+    let copy_of_b = |name: &str| {
+        let d = tmp.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        for f in std::fs::read_dir(&b).unwrap() {
+            let f = f.unwrap().path();
+            std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+        }
+        d
+    };
+    // The same size, but two characters' ids swapped: refused, naming the member and the file.
+    let c2 = copy_of_b("c2");
+    let mut vocab: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(c2.join("vocab.json")).unwrap()).unwrap();
+    let (x, y) = (vocab["中"].clone(), vocab["国"].clone());
+    vocab.insert("中".into(), y);
+    vocab.insert("国".into(), x);
+    std::fs::write(c2.join("vocab.json"), serde_json::to_string(&vocab).unwrap()).unwrap();
+    let err = format!("{:#}", assemble(vec![a.clone(), c2.clone()]).unwrap_err());
+    assert!(err.contains(&c2.display().to_string()) && err.contains("another vocab.json"), "{err}");
+    // A member whose BERT was fine-tuned: the shared BERT would not be its own.
+    let mut tuned_bert = member.clone();
+    tuned_bert.insert(bert_name.into(), (member[bert_name].to_dtype(DType::F32).unwrap() + 0.5).unwrap().to_dtype(member[bert_name].dtype()).unwrap());
+    let d = copy_of_b("d");
+    candle_core::safetensors::save(&tuned_bert, d.join("model.safetensors")).unwrap();
+    let err = format!("{:#}", assemble(vec![a.clone(), d.clone()]).unwrap_err());
+    assert!(err.contains(&d.display().to_string()) && err.contains(bert_name) && err.contains("frozen"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    std::fs::remove_file(&small_test).unwrap();
+}
+
 /// A tiny random Chinese BERT folder as `--char-bert` reads one: `config.json`, a WordPiece
 /// `tokenizer.json` (with multi-character and `##` tokens, which a character tagger drops) and
 /// `model.safetensors` under `bert.` names. Returns the full vocabulary, token -> id.

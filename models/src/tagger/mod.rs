@@ -126,13 +126,16 @@ pub struct TaggerConfig {
     /// intent layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_intents: Option<usize>,
-    /// An ensemble of this many taggers of this config (encoder input, no fine-tuned layers),
-    /// trained apart (different seeds) and assembled by `concierge ensemble-tagger`. Member `k`'s
+    /// An ensemble of this many taggers of this config (no fine-tuned encoder layers), trained
+    /// apart (different seeds) and assembled by `concierge ensemble-tagger`. Member `k`'s
     /// tensors are `members.{k}.*` (a PyTorch `nn.ModuleList` named `members`), each with its
     /// own CRF. The ensemble scores a path by the mean of the members' scores: its emissions are
     /// the mean of theirs and its CRF the mean of their transitions, which is the normalised
     /// geometric mean of their path distributions (the log-partition does not depend on the
-    /// path). None: one tagger.
+    /// path). Embeddings input: each member has its own tables and LAC network
+    /// (`members.{k}.lac.*`); the vocabularies and the frozen parts (`char_bert.*`,
+    /// `soft_lexicon.embedding`) are shared, stored once, and their features computed once a
+    /// batch. None: one tagger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensemble: Option<usize>,
     /// Decode only the tag paths the tag names' scheme allows (BIO, BIOES, BMES: no inside tag
@@ -326,8 +329,8 @@ impl TaggerConfig {
             return bad("num_intents must be positive (or absent: no intent layers)");
         }
         if let Some(n) = self.ensemble {
-            if !(2..=64).contains(&n) || self.input != InputKind::Encoder || self.branch_from.is_some() {
-                return bad("ensemble (2 to 64 members) is only for encoder input without fine-tuned layers (branch_from)");
+            if !(2..=64).contains(&n) || self.branch_from.is_some() {
+                return bad("ensemble (2 to 64 members) is only for taggers without fine-tuned encoder layers (branch_from)");
             }
         }
         if self.branch_from.is_some() && self.input != InputKind::Encoder {
@@ -755,15 +758,27 @@ impl BiLstmCrf {
                 if let Some(lac_cfg) = &cfg.lac {
                     let path = file("lac_vocab.json", "LAC's character -> id object (the lac entry of config.json)")?;
                     let vocab = Vocab::from_file(&path, lac::LAC_UNK)?;
-                    let lac = Lac::load(&vb.pp("lac"), lac_cfg, vocab).map_err(|e| match e {
-                        ModelError::Candle(c) => ModelError::BadFile {
-                            path: weights.clone(),
-                            reason: format!("its LAC network (lac.*, the lac entry of {}): {c}", config.display()),
-                        },
-                        ModelError::Unsupported(reason) => ModelError::BadFile { path: path.clone(), reason },
-                        other => other,
-                    })?;
-                    model = model.with_lac(lac)?;
+                    // An ensemble's members each have their own (fine-tuned) LAC network.
+                    let load_lac = |prefix: String| {
+                        Lac::load(&vb.pp(&prefix), lac_cfg, vocab.clone()).map_err(|e| match e {
+                            ModelError::Candle(c) => ModelError::BadFile {
+                                path: weights.clone(),
+                                reason: format!("its LAC network ({prefix}.*, the lac entry of {}): {c}", config.display()),
+                            },
+                            ModelError::Unsupported(reason) => ModelError::BadFile { path: path.clone(), reason },
+                            other => other,
+                        })
+                    };
+                    if model.members.is_empty() {
+                        model = model.with_lac(load_lac("lac".into())?)?;
+                    } else {
+                        model = model.with_lac(load_lac("members.0.lac".into())?)?;
+                        let mut members = std::mem::take(&mut model.members);
+                        for (k, m) in members.iter_mut().enumerate() {
+                            m.lac = Some(load_lac(format!("members.{}.lac", k + 1))?);
+                        }
+                        model.members = members;
+                    }
                 }
                 if let Some(soft_cfg) = &cfg.soft_lexicon {
                     let path = file("soft_lexicon.txt", "the word list of the soft lexicon (the soft_lexicon entry of config.json), `word<TAB>weight` lines")?;
@@ -840,8 +855,17 @@ impl BiLstmCrf {
             write_json(&dir.join("intents.json"), &self.intents)?;
         }
         let mut ts: HashMap<String, Tensor> = self.params.named.iter().cloned().collect();
-        for (name, t) in self.lac.iter().flat_map(|l| l.tensors()) {
-            ts.insert(format!("lac.{name}"), t.clone());
+        if self.members.is_empty() {
+            for (name, t) in self.lac.iter().flat_map(|l| l.tensors()) {
+                ts.insert(format!("lac.{name}"), t.clone());
+            }
+        } else {
+            // An ensemble: each member's LAC under its own prefix (this one is member 0).
+            for (k, m) in std::iter::once(self).chain(&self.members).enumerate() {
+                for (name, t) in m.lac.iter().flat_map(|l| l.tensors()) {
+                    ts.insert(format!("members.{k}.lac.{name}"), t.clone());
+                }
+            }
         }
         for (name, t) in self.char_bert.iter().flat_map(|c| c.tensors()) {
             ts.insert(format!("char_bert.{name}"), t.clone());
@@ -1064,8 +1088,10 @@ impl BiLstmCrf {
     /// Emission scores and (intent-aware tagger) intent logits, with dropout when `train`
     /// (between LSTM layers and before the emission and intent layers).
     pub fn forward(&self, input: &Tensor, lengths: &[usize], train: bool) -> Result<TaggerOutput> {
-        let x = match (&self.embedding, self.cfg.input) {
-            (Some(emb), InputKind::Embeddings) => {
+        // Embeddings input: the frozen, shared features (soft lexicon, char BERT) once; each
+        // member then adds its own (tables, LAC). Encoder input: the same features for all.
+        let (x, shared) = match (&self.embedding, self.cfg.input) {
+            (Some(_), InputKind::Embeddings) => {
                 let cols = self.cfg.id_columns();
                 let rank = if cols > 1 { 3 } else { 2 };
                 if input.rank() != rank || input.dtype().is_float() || (rank == 3 && input.dim(2)? != cols) {
@@ -1080,47 +1106,8 @@ impl BiLstmCrf {
                         input.dims()
                     )));
                 }
-                if rank == 2 {
-                    emb.forward(input)?
-                } else {
-                    let at = |k: usize| input.narrow(2, k, 1).and_then(|t| t.squeeze(2));
-                    let mut parts = vec![emb.forward(&at(0)?)?];
-                    let mut next = 1;
-                    if let Some(bemb) = &self.bigram_embedding {
-                        parts.push(bemb.forward(&at(1)?)?);
-                        parts.push(bemb.forward(&at(2)?)?);
-                        next = 3;
-                    }
-                    if let Some(lemb) = &self.lexicon_embedding {
-                        let (b, l, _) = input.dims3()?;
-                        let c = self.cfg.lexicon_classes().len();
-                        let ids = input.narrow(2, next, c)?.contiguous()?;
-                        parts.push(lemb.forward(&ids)?.reshape((b, l, c * lemb.hidden_size()))?);
-                        next += c;
-                    }
-                    if self.cfg.lac.is_some() {
-                        let lac = self.lac.as_ref().ok_or_else(|| {
-                            ModelError::InvalidInput("this tagger reads LAC features, but no LAC network is attached (with_lac)".into())
-                        })?;
-                        parts.push(lac.features(&at(next)?.contiguous()?, lengths, parts[0].dtype())?);
-                        next += 1;
-                    }
-                    if let Some(soft_cfg) = &self.cfg.soft_lexicon {
-                        let soft = self.soft_lexicon.as_ref().ok_or_else(|| {
-                            ModelError::InvalidInput("this tagger reads soft lexicon features, but none is attached (with_soft_lexicon)".into())
-                        })?;
-                        let ids = input.narrow(2, next, soft_cfg.id_columns())?.contiguous()?;
-                        parts.push(soft.features(&ids, parts[0].dtype())?);
-                        next += soft_cfg.id_columns();
-                    }
-                    if self.cfg.char_bert.is_some() {
-                        let cb = self.char_bert.as_ref().ok_or_else(|| {
-                            ModelError::InvalidInput("this tagger reads char BERT features, but none is attached (with_char_bert)".into())
-                        })?;
-                        parts.push(cb.features(&at(next)?.contiguous()?, lengths, parts[0].dtype())?);
-                    }
-                    Tensor::cat(&parts, 2)?
-                }
+                let shared = self.shared_id_features(input, lengths)?;
+                (self.own_id_features(input, lengths, &shared)?, Some(shared))
             }
             _ => {
                 if input.rank() != 3 || input.dim(2)? != self.cfg.input_dim || !input.dtype().is_float() {
@@ -1131,7 +1118,7 @@ impl BiLstmCrf {
                         input.dims()
                     )));
                 }
-                input.to_dtype(self.emission.weight().dtype())?
+                (input.to_dtype(self.emission.weight().dtype())?, None)
             }
         };
         if self.members.is_empty() {
@@ -1145,7 +1132,10 @@ impl BiLstmCrf {
         // The mean of the members' emission scores (and intent logits).
         let mut out = self.forward_features(&x, lengths, false)?;
         for m in &self.members {
-            let o = m.forward_features(&x, lengths, false)?;
+            let o = match &shared {
+                Some(shared) => m.forward_features(&m.own_id_features(input, lengths, shared)?, lengths, false)?,
+                None => m.forward_features(&x, lengths, false)?,
+            };
             out.emissions = (out.emissions + o.emissions)?;
             out.intent_logits = match (out.intent_logits, o.intent_logits) {
                 (Some(a), Some(b)) => Some((a + b)?),
@@ -1154,6 +1144,68 @@ impl BiLstmCrf {
         }
         let k = self.num_members() as f64;
         Ok(TaggerOutput { emissions: (out.emissions / k)?, intent_logits: out.intent_logits.map(|l| l / k).transpose()? })
+    }
+
+    /// Embeddings input, ids as `forward` checked them: the features from frozen parts every
+    /// ensemble member shares (soft lexicon, then char BERT), in the tagger's feature order.
+    fn shared_id_features(&self, input: &Tensor, lengths: &[usize]) -> Result<Vec<Tensor>> {
+        let mut parts = Vec::new();
+        if input.rank() != 3 {
+            return Ok(parts);
+        }
+        let dtype = self.embedding.as_ref().map_or(DType::F32, |e| e.embeddings().dtype());
+        let mut next = 1
+            + if self.bigram_embedding.is_some() { 2 } else { 0 }
+            + self.cfg.lexicon_classes().len()
+            + usize::from(self.cfg.lac.is_some());
+        if let Some(soft_cfg) = &self.cfg.soft_lexicon {
+            let soft = self.soft_lexicon.as_ref().ok_or_else(|| {
+                ModelError::InvalidInput("this tagger reads soft lexicon features, but none is attached (with_soft_lexicon)".into())
+            })?;
+            let ids = input.narrow(2, next, soft_cfg.id_columns())?.contiguous()?;
+            parts.push(soft.features(&ids, dtype)?);
+            next += soft_cfg.id_columns();
+        }
+        if self.cfg.char_bert.is_some() {
+            let cb = self.char_bert.as_ref().ok_or_else(|| {
+                ModelError::InvalidInput("this tagger reads char BERT features, but none is attached (with_char_bert)".into())
+            })?;
+            let ids = input.narrow(2, next, 1)?.squeeze(2)?.contiguous()?;
+            parts.push(cb.features(&ids, lengths, dtype)?);
+        }
+        Ok(parts)
+    }
+
+    /// Embeddings input: this tagger's (member's) own features from its tables and LAC network,
+    /// followed by the `shared` ones ([`Self::shared_id_features`]): the BiLSTM's input.
+    fn own_id_features(&self, input: &Tensor, lengths: &[usize], shared: &[Tensor]) -> Result<Tensor> {
+        let emb = self.embedding.as_ref().ok_or_else(|| ModelError::InvalidInput("this tagger has no embedding table".into()))?;
+        if input.rank() == 2 {
+            return Ok(emb.forward(input)?);
+        }
+        let at = |k: usize| input.narrow(2, k, 1).and_then(|t| t.squeeze(2));
+        let mut parts = vec![emb.forward(&at(0)?)?];
+        let mut next = 1;
+        if let Some(bemb) = &self.bigram_embedding {
+            parts.push(bemb.forward(&at(1)?)?);
+            parts.push(bemb.forward(&at(2)?)?);
+            next = 3;
+        }
+        if let Some(lemb) = &self.lexicon_embedding {
+            let (b, l, _) = input.dims3()?;
+            let c = self.cfg.lexicon_classes().len();
+            let ids = input.narrow(2, next, c)?.contiguous()?;
+            parts.push(lemb.forward(&ids)?.reshape((b, l, c * lemb.hidden_size()))?);
+            next += c;
+        }
+        if self.cfg.lac.is_some() {
+            let lac = self.lac.as_ref().ok_or_else(|| {
+                ModelError::InvalidInput("this tagger reads LAC features, but no LAC network is attached (with_lac)".into())
+            })?;
+            parts.push(lac.features(&at(next)?.contiguous()?, lengths, parts[0].dtype())?);
+        }
+        parts.extend(shared.iter().cloned());
+        Ok(Tensor::cat(&parts, 2)?)
     }
 
     /// One member's emission scores (and intent logits) from the BiLSTM's input `x`.
