@@ -288,6 +288,12 @@ pub struct EnsembleTagger {
     /// Score the saved ensemble on this file (e.g. the official test split) and record it.
     #[arg(long, requires = "format")]
     pub test: Option<PathBuf>,
+    /// The training file the members were trained on: the ensemble is also scored on the dev
+    /// split they held out, held out again by the --dev-fraction and --seed their training.json
+    /// records (the same in every member, or it refuses: one member's dev sentences would be
+    /// another's training sentences).
+    #[arg(long, requires = "format")]
+    pub train: Option<PathBuf>,
     #[arg(long, value_enum)]
     pub format: Option<Format>,
     /// Text encoder folder (for --test).
@@ -347,6 +353,27 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
             bail!("--member {} {why}", dir.display());
         }
     }
+    // With --train: the dev split every member held out (as dev_fraction and seed).
+    let dev_split = match &args.train {
+        None => None,
+        Some(_) => {
+            let split = |d: &PathBuf| read_record(d).map(|r| (r["dev_fraction"].as_f64(), r["seed"].as_u64()));
+            let splits: Vec<_> = args.members.iter().map(split).collect();
+            let Some((Some(fraction), Some(seed))) = splits[0] else {
+                bail!("--train: {}'s training.json records no dev split (dev_fraction and seed)", first_dir.display());
+            };
+            if let Some(k) = splits.iter().position(|s| *s != splits[0]) {
+                bail!(
+                    "--train: {} held out another dev split than {} ({:?} against {:?}, as dev_fraction and seed): no dev split is clean for both",
+                    args.members[k].display(),
+                    first_dir.display(),
+                    splits[k],
+                    splits[0]
+                );
+            }
+            Some((fraction, seed))
+        }
+    };
     let mut tensors: HashMap<String, Tensor> = HashMap::new();
     for (k, dir) in args.members.iter().enumerate() {
         let path = dir.join("model.safetensors");
@@ -404,6 +431,14 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
         .collect();
     let mut summary = serde_json::json!({"ensemble": members.len(), "f16": args.f16, "members": runs});
     eprintln!("ensemble-tagger: {} members in {}", members.len(), args.out.display());
+    if let (Some(train), Some(format), Some((fraction, seed))) = (&args.train, args.format, dev_split) {
+        let sentences = read(format, train).with_context(|| format!("reading {}", train.display()))?;
+        let (_, dev) = hold_out(sentences, fraction, seed);
+        let (e, _) = score(&args.out, &dev, &args.encoder_dir, "dev", true)?;
+        eprintln!("ensemble-tagger: dev F1 {:.2} on the {} sentences the members held out of {}", 100.0 * e.f1(), dev.len(), train.display());
+        summary["dev"] = serde_json::json!({"train": train.display().to_string(), "dev_fraction": fraction, "seed": seed,
+            "sentences": dev.len(), "f1": e.f1(), "precision": e.precision(), "recall": e.recall()});
+    }
     if let (Some(test), Some(format)) = (&args.test, args.format) {
         let eval_args = EvalTagger { model: args.out.clone(), format, test: test.clone(), encoder_dir: args.encoder_dir.clone(), predictions: None };
         let e = eval(&eval_args)?;

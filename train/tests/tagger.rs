@@ -611,6 +611,7 @@ fn atis_runs_without_a_dev_set_assemble_into_an_ensemble() {
             out: ens.clone(),
             f16: true,
             test: Some(test.clone()),
+            train: None,
             format: Some(Format::Atis),
             encoder_dir: encoder.clone(),
         })
@@ -816,6 +817,7 @@ fn msra_character_taggers_assemble_into_an_ensemble() {
             out: ens.clone(),
             f16: false,
             test: Some(small_test.clone()),
+            train: Some(data.clone()),
             format: Some(Format::Msra),
             encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
         })
@@ -868,6 +870,11 @@ fn msra_character_taggers_assemble_into_an_ensemble() {
     })
     .unwrap();
     assert_eq!(e.f1(), rec["test"]["f1"].as_f64().unwrap());
+    // The dev split the members held out (--dev-fraction 0.01 of the whole file, seed 3).
+    let member_rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(a.join("training.json")).unwrap()).unwrap();
+    assert_eq!(rec["dev"]["sentences"], member_rec["dev_sentences"], "{rec}");
+    assert_eq!((rec["dev"]["seed"].as_u64(), rec["dev"]["dev_fraction"].as_f64()), (Some(3), Some(0.01)));
+    assert!(rec["dev"]["f1"].is_f64());
 
     // Other training sentences: another vocabulary size, so another config.
     let c = run("c", &["--run-seed=7", "--limit=200"]);
@@ -899,6 +906,13 @@ fn msra_character_taggers_assemble_into_an_ensemble() {
     candle_core::safetensors::save(&tuned_bert, d.join("model.safetensors")).unwrap();
     let err = format!("{:#}", assemble(vec![a.clone(), d.clone()]).unwrap_err());
     assert!(err.contains(&d.display().to_string()) && err.contains(bert_name) && err.contains("frozen"), "{err}");
+    // A member that held out another dev split (its record says seed 4): no clean dev score.
+    let e = copy_of_b("e");
+    let mut record: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(e.join("training.json")).unwrap()).unwrap();
+    record["seed"] = 4.into();
+    std::fs::write(e.join("training.json"), record.to_string()).unwrap();
+    let err = format!("{:#}", assemble(vec![a.clone(), e.clone()]).unwrap_err());
+    assert!(err.contains(&e.display().to_string()) && err.contains("another dev split"), "{err}");
     std::fs::remove_dir_all(&tmp).unwrap();
     std::fs::remove_file(&small_test).unwrap();
 }
