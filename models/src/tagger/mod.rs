@@ -1154,10 +1154,9 @@ impl BiLstmCrf {
             return Ok(parts);
         }
         let dtype = self.embedding.as_ref().map_or(DType::F32, |e| e.embeddings().dtype());
-        let mut next = 1
-            + if self.bigram_embedding.is_some() { 2 } else { 0 }
-            + self.cfg.lexicon_classes().len()
-            + usize::from(self.cfg.lac.is_some());
+        // The shared features' ids are the last columns.
+        let shared_cols = self.cfg.soft_lexicon.as_ref().map_or(0, SoftLexiconConfig::id_columns) + usize::from(self.cfg.char_bert.is_some());
+        let mut next = self.cfg.id_columns() - shared_cols;
         if let Some(soft_cfg) = &self.cfg.soft_lexicon {
             let soft = self.soft_lexicon.as_ref().ok_or_else(|| {
                 ModelError::InvalidInput("this tagger reads soft lexicon features, but none is attached (with_soft_lexicon)".into())
