@@ -163,9 +163,10 @@ pub fn encoder_taps(tagger: &BiLstmCrf, num_layers: usize) -> Vec<usize> {
     }
 }
 
-/// The tagger's token features `[T, input_dim]` (f32) from the taps [`encoder_taps`] asked
-/// for, in that order, running its fine-tuned layers if it has them; None when it reads the
-/// last layer's states as they are.
+/// The tagger's token features `[T, features_width]` (f32) from the taps [`encoder_taps`]
+/// asked for, in that order, running its fine-tuned layers if it has them (an ensemble's
+/// members each their own, side by side); None when it reads the last layer's states as they
+/// are.
 pub fn features_from_taps(tagger: &BiLstmCrf, num_layers: usize, mut taps: Vec<Tensor>, lens: &[usize]) -> Result<Option<Tensor>> {
     let cfg = tagger.config();
     let Some(k) = cfg.branch_from else {
@@ -174,20 +175,27 @@ pub fn features_from_taps(tagger: &BiLstmCrf, num_layers: usize, mut taps: Vec<T
             false => concat_taps(&taps).map(Some),
         };
     };
-    let branch = tagger
-        .branch()
-        .ok_or_else(|| ModelError::Unsupported("the tagger's config has branch_from but its fine-tuned layers are not loaded".into()))?;
     let from = taps.pop().ok_or_else(|| ModelError::Unsupported("no states at the tagger's branch_from layer".into()))?;
     let layers = cfg.reads_layers(num_layers);
     let above: Vec<usize> = layers.iter().filter(|&&l| l > k).map(|&l| l - k).collect();
-    let (_, upper) = branch.layers().forward_taps(&from, lens, &above)?;
-    let (mut fixed, mut upper) = (taps.into_iter(), upper.into_iter());
-    let parts = layers
-        .iter()
-        .map(|&l| if l <= k { fixed.next() } else { upper.next() })
-        .collect::<Option<Vec<_>>>()
-        .ok_or_else(|| ModelError::Unsupported("the taps do not match the tagger's layers".into()))?;
-    concat_taps(&parts).map(Some)
+    let mut members = Vec::with_capacity(tagger.num_members());
+    for member in tagger.each_member() {
+        let branch = member
+            .branch()
+            .ok_or_else(|| ModelError::Unsupported("the tagger's config has branch_from but its fine-tuned layers are not loaded".into()))?;
+        let (_, upper) = branch.layers().forward_taps(&from, lens, &above)?;
+        let (mut fixed, mut upper) = (taps.iter().cloned(), upper.into_iter());
+        let parts = layers
+            .iter()
+            .map(|&l| if l <= k { fixed.next() } else { upper.next() })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| ModelError::Unsupported("the taps do not match the tagger's layers".into()))?;
+        members.push(concat_taps(&parts)?);
+    }
+    Ok(Some(match members.len() {
+        1 => members.remove(0),
+        _ => Tensor::cat(&members, 1)?,
+    }))
 }
 
 /// A tagger's features from the taps of its layers (see [`tagger_states`]): `[T, H * n]` f32.
@@ -270,7 +278,7 @@ pub fn extract_from_states(
     let feats = (0..inputs.len())
         .map(|i| word_features(&states_of(i)?, &words[i]))
         .collect::<Result<Vec<_>>>()?;
-    let dim = tagger.config().input_dim;
+    let dim = tagger.features_width();
     let device = feats.first().map(|f| f.device().clone()).unwrap_or(Device::Cpu);
     let lengths: Vec<usize> = words.iter().map(Words::len).collect();
     let mut out = vec![Vec::new(); inputs.len()];

@@ -272,9 +272,10 @@ pub struct EvalTagger {
 #[derive(Debug, Clone, Args)]
 pub struct EnsembleTagger {
     /// A member checkpoint (give two or more): taggers from train-tagger with the same settings
-    /// and data but their own --seed or --run-seed: the same encoder and layers (encoder input)
-    /// or the same vocabularies and frozen char BERT and word vectors (character input), sizes
-    /// and tags; no fine-tuned encoder layers.
+    /// and data but their own --seed or --run-seed: the same encoder and layers (encoder input;
+    /// with --train-layers each member keeps its own fine-tuned layers, so each runs them: N
+    /// members cost N passes of those layers) or the same vocabularies and frozen char BERT and
+    /// word vectors (character input), sizes and tags.
     #[arg(long = "member", required = true)]
     pub members: Vec<PathBuf>,
     /// Where the ensemble checkpoint goes (one folder: config.json with `ensemble`, tags.json,
@@ -306,6 +307,9 @@ pub struct EnsembleTagger {
 /// ensemble keeps one copy.
 const ENSEMBLE_SHARED_FILES: [&str; 6] =
     ["vocab.json", "bigrams.json", "lexicon.txt", "lac_vocab.json", "soft_lexicon.txt", "char_bert_vocab.json"];
+/// The encoder config beside a tagger with fine-tuned encoder layers (`branch_from`): the same
+/// in every member of an ensemble of such taggers (each keeps its own layers), copied once.
+const BRANCH_CONFIG: &str = "encoder_config.json";
 /// Frozen tensors of embeddings-input members (the char BERT, the soft lexicon's word vectors):
 /// equal in every member, stored once at the top of the ensemble.
 const ENSEMBLE_SHARED_TENSORS: [&str; 2] = ["char_bert.", "soft_lexicon."];
@@ -335,19 +339,16 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
     for (m, dir) in members.iter().zip(&args.members) {
         let why = if m.num_members() > 1 {
             Some("is already an ensemble".to_string())
-        } else if m.branch().is_some() {
-            Some("has fine-tuned encoder layers (branch_from): each member would need its own encoder pass".to_string())
         } else if shape(m) != shape(first) {
             Some(format!("has another config than {} (sizes, inputs, encoder layers or encoder differ)", first_dir.display()))
         } else if m.tags() != first.tags() || m.intents() != first.intents() {
             Some(format!("has another tag or intent set than {}", first_dir.display()))
-        } else if embeddings {
-            ENSEMBLE_SHARED_FILES
+        } else {
+            let shared: &[&str] = if embeddings { &ENSEMBLE_SHARED_FILES } else { &[BRANCH_CONFIG] };
+            shared
                 .iter()
                 .find(|f| std::fs::read(dir.join(f)).ok() != std::fs::read(first_dir.join(f)).ok())
                 .map(|f| format!("has another {f} than {}: members must be trained on the same data with the same settings", first_dir.display()))
-        } else {
-            None
         };
         if let Some(why) = why {
             bail!("--member {} {why}", dir.display());
@@ -409,7 +410,7 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
     if cfg.num_intents.is_some() {
         json("intents.json", serde_json::to_value(first.intents())?)?;
     }
-    for f in ENSEMBLE_SHARED_FILES.iter().chain(&["NOTICE"]) {
+    for f in ENSEMBLE_SHARED_FILES.iter().chain(&[BRANCH_CONFIG, "NOTICE"]) {
         if first_dir.join(f).is_file() {
             std::fs::copy(first_dir.join(f), out.join(f)).with_context(|| format!("copying {f} to {}", out.display()))?;
         }
@@ -417,7 +418,8 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
     let weights = out.join("model.safetensors");
     candle_core::safetensors::save(&tensors, &weights).with_context(|| format!("writing {}", weights.display()))?;
     if args.f16 {
-        tensors_to_f16(out, |name| name.starts_with("members.") && !name.contains(".crf."))?;
+        // The CRFs and an MPNet branch's relative bias stay f32.
+        tensors_to_f16(out, |name| name.starts_with("members.") && !name.contains(".crf.") && !name.contains("relative_attention_bias"))?;
     }
     let model = BiLstmCrf::load(out, &device, DType::F32).with_context(|| format!("loading the ensemble written to {}", out.display()))?;
     anyhow::ensure!(model.num_members() == members.len(), "{} loads as {} members", out.display(), model.num_members());
@@ -743,7 +745,7 @@ fn predict(
     branch: Option<&TrainBranch>,
 ) -> anyhow::Result<Predictions> {
     let mut eval = Evaluation::new();
-    let dim = model.config().input_dim;
+    let dim = model.features_width();
     // Length-sorted batches waste little on padding.
     let mut order: Vec<usize> = (0..examples.len()).filter(|&i| examples[i].len() > 0).collect();
     order.sort_by_key(|&i| examples[i].len());
@@ -973,7 +975,6 @@ fn embeddings_to_f16(dir: &Path) -> anyhow::Result<()> {
     })
 }
 
-/// Rewrites the checkpoint in `dir` with the tensors `pick` names in f16.
 /// Whether two stored tensors are the same: dtype, shape and every value.
 fn same_tensor(a: &Tensor, b: &Tensor) -> anyhow::Result<bool> {
     if a.dtype() != b.dtype() || a.dims() != b.dims() {
@@ -983,6 +984,7 @@ fn same_tensor(a: &Tensor, b: &Tensor) -> anyhow::Result<bool> {
     Ok(values(a)? == values(b)?)
 }
 
+/// Rewrites the checkpoint in `dir` with the tensors `pick` names in f16.
 fn tensors_to_f16(dir: &Path, pick: impl Fn(&str) -> bool) -> anyhow::Result<()> {
     let path = dir.join("model.safetensors");
     let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu)?;

@@ -646,6 +646,111 @@ fn atis_runs_without_a_dev_set_assemble_into_an_ensemble() {
     std::fs::remove_dir_all(&tmp).unwrap();
 }
 
+/// `ensemble-tagger` on taggers with a fine-tuned encoder layer (`--train-layers`): each
+/// member keeps its own layer under `members.{k}.encoder.layer.*` and runs it on the shared
+/// pass's states, so the ensemble's emissions are the mean of what each member gives through
+/// its own layer; one `encoder_config.json` is kept, eval-tagger scores the ensemble as
+/// recorded, and members of another branch point or another encoder config are refused.
+#[test]
+fn atis_fine_tuned_taggers_assemble_into_an_ensemble() {
+    use candle_core::{DType, Device, Tensor};
+    use concierge_models::entities::{pad_batch, tagger_states, word_features, words_of};
+    use concierge_models::tagger::BiLstmCrf;
+    use concierge_models::{ModelSource, TextEncoder};
+    let data = repo("model-store/data/atis/train_dev");
+    let test = repo("model-store/data/atis/test");
+    let encoder = repo("model-store/all-MiniLM-L6-v2");
+    if !data.is_file() || !encoder.is_dir() {
+        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
+        return;
+    }
+    let tmp = std::env::temp_dir().join(format!("concierge-train-ens-ft-{}", std::process::id()));
+    let run = |name: &str, seed: u64, train_layers: usize| {
+        let out = tmp.join(name);
+        train(&args(&[
+            "--format=atis".into(), format!("--train={}", data.display()), format!("--encoder-dir={}", encoder.display()),
+            format!("--out={}", out.display()), "--limit=150".into(), "--epochs=2".into(), "--hidden=32".into(),
+            "--batch=16".into(), "--lr=5e-3".into(), format!("--seed={seed}"), "--dev-fraction=0".into(),
+            "--encoder-layers=5,6".into(), format!("--train-layers={train_layers}"), "--encoder-lr=1e-4".into(),
+        ]))
+        .unwrap();
+        out
+    };
+    let (a, b) = (run("a", 5, 1), run("b", 6, 1));
+    let ens = tmp.join("ens");
+    let assemble = |members: Vec<PathBuf>| {
+        ensemble(&EnsembleTagger {
+            members,
+            out: ens.clone(),
+            f16: false,
+            test: Some(test.clone()),
+            train: None,
+            format: Some(Format::Atis),
+            encoder_dir: encoder.clone(),
+        })
+    };
+    assemble(vec![a.clone(), b.clone()]).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ens.join("config.json")).unwrap()).unwrap();
+    assert_eq!((cfg["ensemble"].as_u64(), cfg["branch_from"].as_u64()), (Some(2), Some(5)), "{cfg}");
+    assert_eq!(std::fs::read(ens.join("encoder_config.json")).unwrap(), std::fs::read(a.join("encoder_config.json")).unwrap());
+    let dev = Device::Cpu;
+    let stored = candle_core::safetensors::load(ens.join("model.safetensors"), &dev).unwrap();
+    assert!(stored.keys().all(|k| k.starts_with("members.")), "every tensor is a member's");
+    let layer = "encoder.layer.5.attention.self.query.weight";
+    let diff = |x: &Tensor, y: &Tensor| {
+        let d = (x.to_dtype(DType::F32).unwrap() - y.to_dtype(DType::F32).unwrap()).unwrap();
+        d.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert!(diff(&stored[&format!("members.0.{layer}")], &stored[&format!("members.1.{layer}")]) > 1e-5, "each member's own layer");
+
+    // The ensemble's emissions through the shared feature path against each member's own.
+    let enc = TextEncoder::load(&ModelSource::Dir(encoder.clone()), &dev, DType::F32, None).unwrap();
+    let texts = ["show me flights from boston to denver on friday", "what is the cheapest fare to dallas", "list airports in arizona"];
+    let toks: Vec<_> = texts.iter().map(|t| enc.tokenize(0, t, true).unwrap()).collect();
+    let refs: Vec<_> = toks.iter().collect();
+    let lens: Vec<usize> = toks.iter().map(|t| words_of(t).len()).collect();
+    let emissions = |m: &BiLstmCrf| {
+        let states = tagger_states(&enc, &refs, m).unwrap();
+        let feats: Vec<Tensor> = (0..refs.len()).map(|i| word_features(&states.of(i).unwrap(), &words_of(&toks[i])).unwrap()).collect();
+        assert_eq!(feats[0].dim(1).unwrap(), m.features_width());
+        m.forward_emissions(&pad_batch(&feats, m.features_width(), &dev).unwrap(), &lens).unwrap()
+    };
+    let (ma, mb) = (BiLstmCrf::load(&a, &dev, DType::F32).unwrap(), BiLstmCrf::load(&b, &dev, DType::F32).unwrap());
+    let model = BiLstmCrf::load(&ens, &dev, DType::F32).unwrap();
+    assert_eq!((model.num_members(), model.features_width()), (2, 2 * ma.features_width()));
+    let (ea, eb) = (emissions(&ma), emissions(&mb));
+    assert!(diff(&ea, &eb) > 1e-3, "the members differ");
+    let mean = ((ea + eb).unwrap() / 2.0).unwrap();
+    assert!(diff(&emissions(&model), &mean) < 1e-4, "the ensemble's emissions are the mean of its members'");
+    // Features of one member's width are refused, saying the width it takes.
+    let one = Tensor::zeros((1, 3, ma.features_width()), DType::F32, &dev).unwrap();
+    let err = model.forward_emissions(&one, &[3]).unwrap_err().to_string();
+    assert!(err.contains(&format!("[batch, length, {}]", 2 * ma.features_width())), "{err}");
+    let rec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ens.join("training.json")).unwrap()).unwrap();
+    let fe = eval(&EvalTagger { model: ens.clone(), format: Format::Atis, test: test.clone(), encoder_dir: encoder.clone(), predictions: None })
+        .unwrap()
+        .f1();
+    // 150 sentences, 2 epochs: well above an untrained tagger's 0, far from a real one.
+    assert!(fe > 0.15 && (rec["test"]["f1"].as_f64().unwrap() - fe).abs() < 1e-9, "ensemble {fe}, recorded {}", rec["test"]["f1"]);
+
+    // Another branch point (two fine-tuned layers) is another config; another encoder config is refused by name.
+    let c = run("c", 7, 2);
+    let err = format!("{:#}", assemble(vec![a.clone(), c.clone()]).unwrap_err());
+    assert!(err.contains(&c.display().to_string()) && err.contains("another config"), "{err}");
+    let d = tmp.join("d");
+    std::fs::create_dir_all(&d).unwrap();
+    for f in std::fs::read_dir(&b).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, d.join(f.file_name().unwrap())).unwrap();
+    }
+    let mut moved = std::fs::read_to_string(d.join("encoder_config.json")).unwrap();
+    moved.push(' ');
+    std::fs::write(d.join("encoder_config.json"), moved).unwrap();
+    let err = format!("{:#}", assemble(vec![a.clone(), d.clone()]).unwrap_err());
+    assert!(err.contains("another encoder_config.json"), "{err}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 #[derive(Parser)]
 struct WrapAverage {
     #[command(flatten)]

@@ -126,10 +126,13 @@ pub struct TaggerConfig {
     /// intent layers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_intents: Option<usize>,
-    /// An ensemble of this many taggers of this config (no fine-tuned encoder layers), trained
-    /// apart (different seeds) and assembled by `concierge ensemble-tagger`. Member `k`'s
-    /// tensors are `members.{k}.*` (a PyTorch `nn.ModuleList` named `members`), each with its
-    /// own CRF. The ensemble scores a path by the mean of the members' scores: its emissions are
+    /// An ensemble of this many taggers of this config, trained apart (different seeds) and
+    /// assembled by `concierge ensemble-tagger`. Member `k`'s tensors are `members.{k}.*` (a
+    /// PyTorch `nn.ModuleList` named `members`), each with its own CRF. With `branch_from`, each
+    /// member has its own fine-tuned encoder layers (`members.{k}.encoder.layer.N.*`, one
+    /// `encoder_config.json`): the shared encoder pass is tapped once and every member runs its
+    /// own layers from there, so the features are the members' side by side
+    /// ([`BiLstmCrf::features_width`]). The ensemble scores a path by the mean of the members' scores: its emissions are
     /// the mean of theirs and its CRF the mean of their transitions, which is the normalised
     /// geometric mean of their path distributions (the log-partition does not depend on the
     /// path). Embeddings input: each member has its own tables and LAC network
@@ -329,8 +332,8 @@ impl TaggerConfig {
             return bad("num_intents must be positive (or absent: no intent layers)");
         }
         if let Some(n) = self.ensemble {
-            if !(2..=64).contains(&n) || self.branch_from.is_some() {
-                return bad("ensemble (2 to 64 members) is only for taggers without fine-tuned encoder layers (branch_from)");
+            if !(2..=64).contains(&n) {
+                return bad("ensemble must have 2 to 64 members");
             }
         }
         if self.branch_from.is_some() && self.input != InputKind::Encoder {
@@ -683,6 +686,21 @@ impl BiLstmCrf {
         1 + self.members.len()
     }
 
+    /// The ensemble's members, this one (member 0) first; a single tagger alone.
+    pub fn each_member(&self) -> impl Iterator<Item = &BiLstmCrf> {
+        std::iter::once(self).chain(&self.members)
+    }
+
+    /// Width of the encoder features [`Self::forward`] takes: `input_dim`, times the members
+    /// for an ensemble with fine-tuned encoder layers (each member's features from its own
+    /// layers, side by side in member order).
+    pub fn features_width(&self) -> usize {
+        match (self.cfg.branch_from, self.members.len()) {
+            (Some(_), n) if n > 0 => self.cfg.input_dim * (n + 1),
+            _ => self.cfg.input_dim,
+        }
+    }
+
     /// Loads a checkpoint folder: `config.json`, `model.safetensors`, `tags.json`, and
     /// `vocab.json` for embeddings input. Errors name the file at fault.
     pub fn load(dir: &Path, device: &Device, dtype: DType) -> Result<Self> {
@@ -740,14 +758,25 @@ impl BiLstmCrf {
                 let reason = format!("branch_from {from}, but {} has {} layers", path.display(), bert.num_hidden_layers);
                 return Err(ModelError::BadFile { path: config.clone(), reason });
             }
-            let layers = BertLayers::load(vb.clone(), &bert, from..bert.num_hidden_layers).map_err(|e| match e {
-                ModelError::Candle(c) => ModelError::BadFile {
-                    path: weights.clone(),
-                    reason: format!("its fine-tuned encoder layers {from}..{} (branch_from): {c}", bert.num_hidden_layers),
-                },
-                other => other,
-            })?;
-            model.branch = Some(Branch(std::sync::Arc::new(layers)));
+            let layers = |vb: VarBuilder, prefix: &str| {
+                BertLayers::load(vb, &bert, from..bert.num_hidden_layers).map_err(|e| match e {
+                    ModelError::Candle(c) => ModelError::BadFile {
+                        path: weights.clone(),
+                        reason: format!("its fine-tuned encoder layers {from}..{} ({prefix}encoder.layer.*, branch_from): {c}", bert.num_hidden_layers),
+                    },
+                    other => other,
+                })
+            };
+            if model.members.is_empty() {
+                model.branch = Some(Branch(std::sync::Arc::new(layers(vb.clone(), "")?)));
+            } else {
+                // An ensemble: each member's own layers under its prefix (this one is member 0).
+                model.branch = Some(Branch(std::sync::Arc::new(layers(vb.pp("members.0"), "members.0.")?)));
+                for (k, m) in model.members.iter_mut().enumerate() {
+                    let prefix = format!("members.{}", k + 1);
+                    m.branch = Some(Branch(std::sync::Arc::new(layers(vb.pp(&prefix), &format!("{prefix}."))?)));
+                }
+            }
         }
         let model = match cfg.input {
             InputKind::Encoder => model,
@@ -1110,15 +1139,22 @@ impl BiLstmCrf {
                 (self.own_id_features(input, lengths, &shared)?, Some(shared))
             }
             _ => {
-                if input.rank() != 3 || input.dim(2)? != self.cfg.input_dim || !input.dtype().is_float() {
+                let width = self.features_width();
+                if input.rank() != 3 || input.dim(2)? != width || !input.dtype().is_float() {
                     return Err(ModelError::InvalidInput(format!(
-                        "this tagger takes features [batch, length, {}]; got {:?} {:?}",
-                        self.cfg.input_dim,
+                        "this tagger takes features [batch, length, {width}]; got {:?} {:?}",
                         input.dtype(),
                         input.dims()
                     )));
                 }
                 (input.to_dtype(self.emission.weight().dtype())?, None)
+            }
+        };
+        // An ensemble with fine-tuned encoder layers: member k's features are the k-th slice.
+        let own = |k: usize, x: &Tensor| -> Result<Tensor> {
+            match self.features_width() == self.cfg.input_dim {
+                true => Ok(x.clone()),
+                false => Ok(x.narrow(2, k * self.cfg.input_dim, self.cfg.input_dim)?),
             }
         };
         if self.members.is_empty() {
@@ -1130,11 +1166,11 @@ impl BiLstmCrf {
             ));
         }
         // The mean of the members' emission scores (and intent logits).
-        let mut out = self.forward_features(&x, lengths, false)?;
-        for m in &self.members {
+        let mut out = self.forward_features(&own(0, &x)?, lengths, false)?;
+        for (k, m) in self.members.iter().enumerate() {
             let o = match &shared {
                 Some(shared) => m.forward_features(&m.own_id_features(input, lengths, shared)?, lengths, false)?,
-                None => m.forward_features(&x, lengths, false)?,
+                None => m.forward_features(&own(k + 1, &x)?, lengths, false)?,
             };
             out.emissions = (out.emissions + o.emissions)?;
             out.intent_logits = match (out.intent_logits, o.intent_logits) {
