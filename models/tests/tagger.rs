@@ -1045,7 +1045,7 @@ fn an_ensemble_tags_by_the_mean_of_its_members_path_scores() {
         bad.ensemble = Some(n);
         let varmap = VarMap::new();
         let err = BiLstmCrf::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &bad, tag_set(t)).unwrap_err().to_string();
-        assert!(err.contains("ensemble (2 to 64 members)"), "{err}");
+        assert!(err.contains("ensemble must have 2 to 64 members"), "{err}");
     }
     std::fs::remove_dir_all(&out).unwrap();
 }

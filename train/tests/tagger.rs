@@ -567,6 +567,19 @@ fn msra_with_lac_features_learns_frozen_or_fine_tuned() {
     std::fs::remove_file(&small_test).unwrap();
 }
 
+/// `ensemble-tagger` of ATIS taggers into `out`, scoring `test` and recording it.
+fn atis_ensemble(members: Vec<PathBuf>, out: &Path, f16: bool, test: &Path, encoder: &Path) -> anyhow::Result<()> {
+    ensemble(&EnsembleTagger {
+        members,
+        out: out.into(),
+        f16,
+        test: Some(test.into()),
+        train: None,
+        format: Some(Format::Atis),
+        encoder_dir: encoder.into(),
+    })
+}
+
 /// `--dev-fraction 0` trains on every sentence for exactly --epochs and keeps the last epoch;
 /// `ensemble-tagger` assembles two such runs (own seeds) into one checkpoint that eval-tagger
 /// scores as it recorded, f16 weights and all; a member of another shape is refused by name.
@@ -605,17 +618,7 @@ fn atis_runs_without_a_dev_set_assemble_into_an_ensemble() {
     assert!((v["test"]["f1"].as_f64().unwrap() - fa).abs() < 1e-9, "the run recorded {} and eval-tagger gives {fa}", v["test"]["f1"]);
 
     let ens = tmp.join("ens");
-    let assemble = |members: Vec<PathBuf>| {
-        ensemble(&EnsembleTagger {
-            members,
-            out: ens.clone(),
-            f16: true,
-            test: Some(test.clone()),
-            train: None,
-            format: Some(Format::Atis),
-            encoder_dir: encoder.clone(),
-        })
-    };
+    let assemble = |members: Vec<PathBuf>| atis_ensemble(members, &ens, true, &test, &encoder);
     assemble(vec![a.clone(), b.clone()]).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ens.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["ensemble"], 2);
@@ -678,17 +681,7 @@ fn atis_fine_tuned_taggers_assemble_into_an_ensemble() {
     };
     let (a, b) = (run("a", 5, 1), run("b", 6, 1));
     let ens = tmp.join("ens");
-    let assemble = |members: Vec<PathBuf>| {
-        ensemble(&EnsembleTagger {
-            members,
-            out: ens.clone(),
-            f16: false,
-            test: Some(test.clone()),
-            train: None,
-            format: Some(Format::Atis),
-            encoder_dir: encoder.clone(),
-        })
-    };
+    let assemble = |members: Vec<PathBuf>| atis_ensemble(members, &ens, false, &test, &encoder);
     assemble(vec![a.clone(), b.clone()]).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ens.join("config.json")).unwrap()).unwrap();
     assert_eq!((cfg["ensemble"].as_u64(), cfg["branch_from"].as_u64()), (Some(2), Some(5)), "{cfg}");
