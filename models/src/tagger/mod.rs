@@ -132,10 +132,10 @@ pub struct TaggerConfig {
     /// member has its own fine-tuned encoder layers (`members.{k}.encoder.layer.N.*`, one
     /// `encoder_config.json`): the shared encoder pass is tapped once and every member runs its
     /// own layers from there, so the features are the members' side by side
-    /// ([`BiLstmCrf::features_width`]). The ensemble scores a path by the mean of the members' scores: its emissions are
-    /// the mean of theirs and its CRF the mean of their transitions, which is the normalised
-    /// geometric mean of their path distributions (the log-partition does not depend on the
-    /// path). Embeddings input: each member has its own tables and LAC network
+    /// ([`BiLstmCrf::features_width`]). The ensemble scores a path by the mean of the members'
+    /// scores: its emissions are the mean of theirs and its CRF the mean of their transitions,
+    /// which is the normalised geometric mean of their path distributions (the log-partition
+    /// does not depend on the path). Embeddings input: each member has its own tables and LAC network
     /// (`members.{k}.lac.*`); the vocabularies and the frozen parts (`char_bert.*`,
     /// `soft_lexicon.embedding`) are shared, stored once, and their features computed once a
     /// batch. None: one tagger.
