@@ -11,6 +11,18 @@ fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
 }
 
+/// The ATIS training file and the default encoder, or `None` after saying SKIPPED where the
+/// set-up (`scripts/fetch-default-model.sh`) has not fetched them.
+fn atis_data() -> Option<(PathBuf, PathBuf)> {
+    let data = repo("model-store/data/atis/train_dev");
+    let encoder = repo("model-store/all-MiniLM-L6-v2");
+    if !data.is_file() || !encoder.is_dir() {
+        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
+        return None;
+    }
+    Some((data, encoder))
+}
+
 #[derive(Parser)]
 struct Wrap {
     #[command(flatten)]
@@ -31,12 +43,7 @@ fn losses(out: &Path) -> (Vec<f64>, Vec<f64>) {
 
 #[test]
 fn atis_over_encoder_states_learns_and_repeats_with_a_seed() {
-    let data = repo("model-store/data/atis/train_dev");
-    let encoder = repo("model-store/all-MiniLM-L6-v2");
-    if !data.is_file() || !encoder.is_dir() {
-        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
-        return;
-    }
+    let Some((data, encoder)) = atis_data() else { return };
     let tmp = std::env::temp_dir().join(format!("concierge-train-atis-{}", std::process::id()));
     let run = |name: &str, extra: &[&str]| {
         let out = tmp.join(name);
@@ -92,12 +99,7 @@ fn atis_over_encoder_states_learns_and_repeats_with_a_seed() {
 /// did (f16 rounding may move a tag: within 1 point of F1).
 #[test]
 fn atis_with_a_fine_tuned_encoder_layer_learns_and_serves_as_trained() {
-    let data = repo("model-store/data/atis/train_dev");
-    let encoder = repo("model-store/all-MiniLM-L6-v2");
-    if !data.is_file() || !encoder.is_dir() {
-        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
-        return;
-    }
+    let Some((data, encoder)) = atis_data() else { return };
     let out = std::env::temp_dir().join(format!("concierge-train-atis-ft-{}", std::process::id()));
     train(&args(&[
         "--format=atis".into(), format!("--train={}", data.display()), format!("--encoder-dir={}", encoder.display()),
@@ -135,12 +137,7 @@ fn atis_with_a_fine_tuned_encoder_layer_learns_and_serves_as_trained() {
 /// too, and the checkpoint (its layer, its intents) serves as it was trained.
 #[test]
 fn atis_with_joint_intents_and_a_fine_tuned_layer_serves_as_trained() {
-    let data = repo("model-store/data/atis/train_dev");
-    let encoder = repo("model-store/all-MiniLM-L6-v2");
-    if !data.is_file() || !encoder.is_dir() {
-        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
-        return;
-    }
+    let Some((data, encoder)) = atis_data() else { return };
     let out = std::env::temp_dir().join(format!("concierge-train-atis-joint-ft-{}", std::process::id()));
     let test = repo("model-store/data/atis/test");
     train(&args(&[
@@ -175,13 +172,8 @@ fn atis_with_joint_intents_and_a_fine_tuned_layer_serves_as_trained() {
 /// run did, and reports the tagger's own intent accuracy. Data without intents is refused.
 #[test]
 fn atis_with_joint_intents_learns_both() {
-    let data = repo("model-store/data/atis/train_dev");
-    let encoder = repo("model-store/all-MiniLM-L6-v2");
     let msra = repo("model-store/data/msra/msra_train.txt");
-    if !data.is_file() || !encoder.is_dir() {
-        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
-        return;
-    }
+    let Some((data, encoder)) = atis_data() else { return };
     let out = std::env::temp_dir().join(format!("concierge-train-atis-joint-{}", std::process::id()));
     let test = repo("model-store/data/atis/test");
     train(&args(&[
@@ -585,13 +577,8 @@ fn atis_ensemble(members: Vec<PathBuf>, out: &Path, f16: bool, test: &Path, enco
 /// scores as it recorded, f16 weights and all; a member of another shape is refused by name.
 #[test]
 fn atis_runs_without_a_dev_set_assemble_into_an_ensemble() {
-    let data = repo("model-store/data/atis/train_dev");
     let test = repo("model-store/data/atis/test");
-    let encoder = repo("model-store/all-MiniLM-L6-v2");
-    if !data.is_file() || !encoder.is_dir() {
-        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
-        return;
-    }
+    let Some((data, encoder)) = atis_data() else { return };
     let tmp = std::env::temp_dir().join(format!("concierge-train-ens-{}", std::process::id()));
     let run = |name: &str, seed: u64, hidden: usize| {
         let out = tmp.join(name);
@@ -660,13 +647,8 @@ fn atis_fine_tuned_taggers_assemble_into_an_ensemble() {
     use concierge_models::entities::{pad_batch, tagger_states, word_features, words_of};
     use concierge_models::tagger::BiLstmCrf;
     use concierge_models::{ModelSource, TextEncoder};
-    let data = repo("model-store/data/atis/train_dev");
     let test = repo("model-store/data/atis/test");
-    let encoder = repo("model-store/all-MiniLM-L6-v2");
-    if !data.is_file() || !encoder.is_dir() {
-        eprintln!("SKIPPED: {} or {} missing; run scripts/fetch-default-model.sh", data.display(), encoder.display());
-        return;
-    }
+    let Some((data, encoder)) = atis_data() else { return };
     let tmp = std::env::temp_dir().join(format!("concierge-train-ens-ft-{}", std::process::id()));
     let run = |name: &str, seed: u64, train_layers: usize| {
         let out = tmp.join(name);
