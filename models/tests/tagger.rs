@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use concierge_models::tagger::{Crf, InputKind, Reduction, TagPath};
+use concierge_models::tagger::{Crf, EnsembleVote, InputKind, Reduction, TagPath};
 use concierge_models::{BiLstmCrf, ModelError, TaggerConfig};
 
 const TOL: f32 = 1e-5;
@@ -1047,6 +1047,87 @@ fn an_ensemble_tags_by_the_mean_of_its_members_path_scores() {
         let err = BiLstmCrf::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &bad, tag_set(t)).unwrap_err().to_string();
         assert!(err.contains("ensemble must have 2 to 64 members"), "{err}");
     }
+    std::fs::remove_dir_all(&out).unwrap();
+}
+
+/// An ensemble voting by marginals (`ensemble_vote: marginals`, constrained BIO tags): its
+/// emissions are the log of the mean of its members' marginals (each member's own constrained
+/// CRF), and its Viterbi path is the allowed path with the highest sum of those logs, found by
+/// enumerating every path. The vote round-trips through config.json, and a single tagger with
+/// a vote is refused.
+#[test]
+fn an_ensemble_voting_by_marginals_decodes_its_members_mean_marginals() {
+    let dev = Device::Cpu;
+    let d = 5usize;
+    let tags: Vec<String> = ["O", "B-X", "I-X", "B-Y", "I-Y"].iter().map(|t| t.to_string()).collect();
+    let t = tags.len();
+    let mut cfg = TaggerConfig::encoder(d, 4, t);
+    cfg.constrained = true;
+    let members: Vec<BiLstmCrf> = (0..3)
+        .map(|_| {
+            let varmap = VarMap::new();
+            let m = BiLstmCrf::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg, tags.clone()).unwrap();
+            let out = tmp_dir("vote-member");
+            m.save(&out).unwrap();
+            let mut ts = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
+            for name in ["crf.transitions", "crf.start_transitions", "crf.end_transitions", "hidden2tag.bias"] {
+                if let Some(x) = ts.get(name).cloned() {
+                    ts.insert(name.into(), x.randn_like(0.0, 1.0).unwrap());
+                }
+            }
+            candle_core::safetensors::save(&ts, out.join("model.safetensors")).unwrap();
+            let m = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
+            std::fs::remove_dir_all(&out).unwrap();
+            m
+        })
+        .collect();
+    let mut tensors = HashMap::new();
+    for (k, m) in members.iter().enumerate() {
+        for (name, x) in m.named_tensors() {
+            tensors.insert(format!("members.{k}.{name}"), x.clone());
+        }
+    }
+    let mut ecfg = cfg.clone();
+    ecfg.ensemble = Some(3);
+    ecfg.ensemble_vote = EnsembleVote::Marginals;
+    let built = BiLstmCrf::new(VarBuilder::from_tensors(tensors, DType::F32, &dev), &ecfg, tags.clone()).unwrap();
+    let out = tmp_dir("vote-ensemble");
+    built.save(&out).unwrap();
+    let written = std::fs::read_to_string(out.join("config.json")).unwrap();
+    assert!(written.contains("\"ensemble_vote\": \"marginals\""), "{written}");
+    let ens = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
+    assert_eq!(ens.config(), &ecfg);
+
+    let mut rng = Rng(0x0b0e_5eed);
+    let lengths = vec![4usize, 2, 3];
+    let x = Tensor::from_vec(rng.floats(3 * 4 * d, 1.5), (3, 4, d), &dev).unwrap();
+    let margs: Vec<Tensor> = members.iter().map(|m| m.marginals(&x, &lengths).unwrap()).collect();
+    let mean = (Tensor::stack(&margs, 0).unwrap().sum(0).unwrap() / 3.0).unwrap();
+    let log_mean = mean.maximum(1e-30).unwrap().log().unwrap();
+    check_close("ensemble emissions (log mean marginals)", &ens.forward_emissions(&x, &lengths).unwrap(), &log_mean);
+    // The members' marginals disagree: the vote is not any one member's.
+    let spread = (&margs[0] - &margs[1]).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(spread > 0.05, "members too alike to test a vote: {spread}");
+
+    let allowed = |p: &[u32]| {
+        let inside = |i: u32| tags[i as usize].starts_with("I-");
+        !inside(p[0]) && p.windows(2).all(|w| !inside(w[1]) || tags[w[0] as usize].get(2..) == tags[w[1] as usize].get(2..))
+    };
+    let paths = ens.decode(&x, &lengths).unwrap();
+    for (b, &len) in lengths.iter().enumerate() {
+        let lm = log_mean.get(b).unwrap().to_vec2::<f32>().unwrap();
+        let total = |p: &[u32]| p.iter().enumerate().map(|(i, &j)| lm[i][j as usize] as f64).sum::<f64>();
+        let best = all_paths(t, len).into_iter().filter(|p| allowed(p)).max_by(|a, b| total(a).total_cmp(&total(b))).unwrap();
+        assert_eq!(paths[b].tags, best, "sequence {b}");
+        assert!((paths[b].score as f64 - total(&best)).abs() < 1e-3, "{} vs {}", paths[b].score, total(&best));
+    }
+
+    // A vote needs an ensemble.
+    let mut bad = cfg.clone();
+    bad.ensemble_vote = EnsembleVote::Marginals;
+    let varmap = VarMap::new();
+    let err = BiLstmCrf::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &bad, tags).unwrap_err().to_string();
+    assert!(err.contains("ensemble_vote is for an ensemble"), "{err}");
     std::fs::remove_dir_all(&out).unwrap();
 }
 

@@ -20,7 +20,7 @@ use concierge_models::entities::{
 };
 use concierge_models::sequence::conlleval::Evaluation;
 use concierge_models::sequence::data::{read_atis, read_msra, Sentence};
-use concierge_models::tagger::{bigram_keys, lexicon, BiLstmCrf, IdColumns, InputKind, Lexicon, Reduction, SoftLexicon, TaggerConfig, Vocab};
+use concierge_models::tagger::{bigram_keys, lexicon, BiLstmCrf, EnsembleVote, IdColumns, InputKind, Lexicon, Reduction, SoftLexicon, TaggerConfig, Vocab};
 use concierge_models::{ModelSource, TextEncoder, TokenStates};
 
 use crate::layers::{encoder_weight, pad_rows, Dropout, RelativeBias, TrainLayer};
@@ -286,6 +286,11 @@ pub struct EnsembleTagger {
     /// stay f32). The test split is scored on the checkpoint as saved.
     #[arg(long)]
     pub f16: bool,
+    /// How the members vote: `scores`, the mean of their path scores (emissions and CRFs
+    /// averaged, one Viterbi), or `marginals`, the mean of their per-token CRF marginals decoded
+    /// by Viterbi over their logs under the tag scheme's constraints (config `ensemble_vote`).
+    #[arg(long, value_enum, default_value_t = Vote::Scores)]
+    pub vote: Vote,
     /// Score the saved ensemble on this file (e.g. the official test split) and record it.
     #[arg(long, requires = "format")]
     pub test: Option<PathBuf>,
@@ -300,6 +305,13 @@ pub struct EnsembleTagger {
     /// Text encoder folder (for --test).
     #[arg(long, default_value = "model-store/all-MiniLM-L6-v2")]
     pub encoder_dir: PathBuf,
+}
+
+/// `ensemble-tagger --vote`: [`EnsembleVote`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Vote {
+    Scores,
+    Marginals,
 }
 
 /// Files beside the weights that an embeddings-input tagger reads. An ensemble's members must
@@ -399,6 +411,10 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
     }
     let mut cfg = first.config().clone();
     cfg.ensemble = Some(members.len());
+    cfg.ensemble_vote = match args.vote {
+        Vote::Scores => EnsembleVote::Scores,
+        Vote::Marginals => EnsembleVote::Marginals,
+    };
     let out = &args.out;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let json = |name: &str, value: serde_json::Value| -> anyhow::Result<()> {
@@ -431,7 +447,7 @@ pub fn ensemble(args: &EnsembleTagger) -> anyhow::Result<()> {
             serde_json::json!({"member": d.display().to_string(), "training": training})
         })
         .collect();
-    let mut summary = serde_json::json!({"ensemble": members.len(), "f16": args.f16, "members": runs});
+    let mut summary = serde_json::json!({"ensemble": members.len(), "f16": args.f16, "vote": format!("{:?}", cfg.ensemble_vote).to_lowercase(), "members": runs});
     eprintln!("ensemble-tagger: {} members in {}", members.len(), args.out.display());
     if let (Some(train), Some(format), Some((fraction, seed))) = (&args.train, args.format, dev_split) {
         let sentences = read(format, train).with_context(|| format!("reading {}", train.display()))?;

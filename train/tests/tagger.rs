@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Parser;
-use concierge_train::tagger::{average, ensemble, eval, train, AverageTagger, EnsembleTagger, EvalTagger, Format, TrainTagger};
+use concierge_train::tagger::{average, ensemble, eval, train, AverageTagger, EnsembleTagger, EvalTagger, Format, TrainTagger, Vote};
 
 fn repo(rel: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
@@ -565,6 +565,7 @@ fn atis_ensemble(members: Vec<PathBuf>, out: &Path, f16: bool, test: &Path, enco
         members,
         out: out.into(),
         f16,
+        vote: Vote::Scores,
         test: Some(test.into()),
         train: None,
         format: Some(Format::Atis),
@@ -852,11 +853,13 @@ fn msra_epochs_average_along_one_run_the_dev_split_choosing() {
 /// and dev split but their own --run-seed, assemble into one checkpoint. The frozen char BERT
 /// and word vectors are stored once, each member keeps its own tables and LAC network, the
 /// ensemble's emissions are the mean of the members' on the same ids, it round-trips through
-/// save/load, and eval-tagger scores it as ensemble-tagger recorded. Members with another
+/// save/load, and eval-tagger scores it as ensemble-tagger recorded; voting by marginals, its
+/// emissions are the log of the members' mean marginals. Members with another
 /// vocabulary or a BERT that moved are refused, naming the member and what differs.
 #[test]
 fn msra_character_taggers_assemble_into_an_ensemble() {
     use candle_core::{DType, Device, Tensor};
+    use concierge_models::tagger::EnsembleVote;
     use concierge_models::BiLstmCrf;
     let tmp = std::env::temp_dir().join(format!("concierge-train-msra-ens-{}", std::process::id()));
     let Some((data, small_test)) = msra_small(&tmp) else { return };
@@ -896,6 +899,7 @@ fn msra_character_taggers_assemble_into_an_ensemble() {
             members,
             out: ens.clone(),
             f16: false,
+            vote: Vote::Scores,
             test: Some(small_test.clone()),
             train: Some(data.clone()),
             format: Some(Format::Msra),
@@ -955,6 +959,28 @@ fn msra_character_taggers_assemble_into_an_ensemble() {
     assert_eq!(rec["dev"]["sentences"], member_rec["dev_sentences"], "{rec}");
     assert_eq!((rec["dev"]["seed"].as_u64(), rec["dev"]["dev_fraction"].as_f64()), (Some(3), Some(0.01)));
     assert!(rec["dev"]["f1"].is_f64());
+    // Voting by marginals (--vote marginals): the log of the members' mean marginals (each
+    // member's own CRF), through the same shared features.
+    let voted = tmp.join("voted");
+    ensemble(&EnsembleTagger {
+        members: vec![a.clone(), b.clone()],
+        out: voted.clone(),
+        f16: false,
+        vote: Vote::Marginals,
+        test: None,
+        train: None,
+        format: Some(Format::Msra),
+        encoder_dir: repo("model-store/all-MiniLM-L6-v2"),
+    })
+    .unwrap();
+    let vmodel = BiLstmCrf::load(&voted, &dev, DType::F32).unwrap();
+    assert_eq!(vmodel.config().ensemble_vote, EnsembleVote::Marginals);
+    let mean_marg = ((ma.marginals(&ids, &lens).unwrap() + mb.marginals(&ids, &lens).unwrap()).unwrap() / 2.0).unwrap();
+    let want = mean_marg.maximum(1e-30).unwrap().log().unwrap();
+    assert!(diff(&vmodel.forward_emissions(&ids, &lens).unwrap(), &want) < 1e-4, "a marginals vote's emissions are the log mean marginals");
+    let vrec: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(voted.join("training.json")).unwrap()).unwrap();
+    assert_eq!(vrec["vote"], "marginals");
+    assert_eq!(rec["vote"], "scores");
 
     // Other training sentences: another vocabulary size, so another config.
     let c = run("c", &["--run-seed=7", "--limit=200"]);

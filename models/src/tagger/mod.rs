@@ -42,6 +42,27 @@ pub enum InputKind {
     Embeddings,
 }
 
+/// How an ensemble ([`TaggerConfig::ensemble`]) combines its members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EnsembleVote {
+    /// The mean of the members' path scores: their emissions and CRFs averaged, one Viterbi
+    /// (the normalised geometric mean of their path distributions).
+    #[default]
+    Scores,
+    /// Posterior voting: the mean of the members' per-token CRF marginals (each member's own
+    /// CRF, constrained as the config says), decoded by Viterbi over their logs with no
+    /// learned transitions (only the tag scheme's constraints): the path whose tags the members
+    /// together find likeliest, token by token.
+    Marginals,
+}
+
+impl EnsembleVote {
+    fn is_scores(&self) -> bool {
+        *self == Self::Scores
+    }
+}
+
 /// A tagger's `config.json`. Fields it does not name are kept and written back by `save`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TaggerConfig {
@@ -141,6 +162,9 @@ pub struct TaggerConfig {
     /// batch. None: one tagger.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ensemble: Option<usize>,
+    /// How an ensemble combines its members ([`EnsembleVote`]); absent: `scores`.
+    #[serde(default, skip_serializing_if = "EnsembleVote::is_scores")]
+    pub ensemble_vote: EnsembleVote,
     /// Decode only the tag paths the tag names' scheme allows (BIO, BIOES, BMES: no inside tag
     /// without its chunk's start, and in BIOES/BMES no chunk left open): [`Crf::constrain`].
     /// Viterbi and the marginals (confidences) use it; training's likelihood does not. False
@@ -270,6 +294,7 @@ impl TaggerConfig {
             unk_token: None,
             num_intents: None,
             ensemble: None,
+            ensemble_vote: EnsembleVote::Scores,
             constrained: false,
             extra: BTreeMap::new(),
         }
@@ -335,6 +360,9 @@ impl TaggerConfig {
             if !(2..=64).contains(&n) {
                 return bad("ensemble must have 2 to 64 members");
             }
+        }
+        if self.ensemble.is_none() && !self.ensemble_vote.is_scores() {
+            return bad("ensemble_vote is for an ensemble (set ensemble to its number of members)");
         }
         if self.branch_from.is_some() && self.input != InputKind::Encoder {
             return bad("branch_from (fine-tuned encoder layers) is only for encoder input");
@@ -541,8 +569,10 @@ pub struct BiLstmCrf {
     crf: Crf,
     params: Params,
     /// An ensemble's other members ([`TaggerConfig::ensemble`]); this one is member 0, and its
-    /// `crf` is the members' mean.
+    /// `crf` is the members' mean (voting by scores) or the constraints alone (by marginals).
     members: Vec<BiLstmCrf>,
+    /// Member 0's own CRF in an ensemble voting by marginals (`crf` is then the decoder's).
+    own_crf: Option<Crf>,
 }
 
 impl BiLstmCrf {
@@ -648,13 +678,14 @@ impl BiLstmCrf {
             crf,
             params,
             members: Vec::new(),
+            own_crf: None,
         })
     }
 
     /// `n` members under `members.{k}`, each of `cfg` without `ensemble`; the CRF used is the
     /// mean of theirs.
     fn new_ensemble(vb: VarBuilder, cfg: &TaggerConfig, tags: Vec<String>, n: usize) -> Result<Self> {
-        let one = TaggerConfig { ensemble: None, ..cfg.clone() };
+        let one = TaggerConfig { ensemble: None, ensemble_vote: EnsembleVote::Scores, ..cfg.clone() };
         let mut members = (0..n)
             .map(|k| Self::new(vb.pp(format!("members.{k}")), &one, tags.clone()))
             .collect::<Result<Vec<_>>>()?;
@@ -662,11 +693,21 @@ impl BiLstmCrf {
             let all = members.iter().map(|m| get(&m.crf)).collect::<Vec<_>>();
             Ok((Tensor::stack(&all, 0)?.sum(0)? / n as f64)?)
         };
-        let mut crf = Crf::new(mean(Crf::transitions)?, mean(Crf::start_transitions)?, mean(Crf::end_transitions)?)?;
+        let mut crf = match cfg.ensemble_vote {
+            EnsembleVote::Scores => Crf::new(mean(Crf::transitions)?, mean(Crf::start_transitions)?, mean(Crf::end_transitions)?)?,
+            EnsembleVote::Marginals => {
+                let like = members[0].crf.transitions();
+                let t = cfg.num_tags;
+                Crf::new(like.zeros_like()?, Tensor::zeros(t, DType::F32, like.device())?, Tensor::zeros(t, DType::F32, like.device())?)?
+            }
+        };
         if cfg.constrained {
             crf.constrain(&tags)?;
         }
         let mut first = members.remove(0);
+        if cfg.ensemble_vote == EnsembleVote::Marginals {
+            first.own_crf = Some(first.crf.clone());
+        }
         for m in &members {
             first.params.named.extend(m.params.named.iter().cloned());
         }
@@ -1165,21 +1206,35 @@ impl BiLstmCrf {
                 "an ensemble is for inference: train its members apart and assemble them (concierge ensemble-tagger)".into(),
             ));
         }
-        // The mean of the members' emission scores (and intent logits).
+        // The mean of the members' emission scores (or, voting by marginals, of their CRFs'
+        // marginals) and of their intent logits.
+        let vote = |crf: &Crf, emissions: Tensor| -> Result<Tensor> {
+            match self.cfg.ensemble_vote {
+                EnsembleVote::Scores => Ok(emissions),
+                EnsembleVote::Marginals => crf.marginals(&emissions, lengths),
+            }
+        };
         let mut out = self.forward_features(&own(0, &x)?, lengths, false)?;
+        let dtype = out.emissions.dtype();
+        out.emissions = vote(self.own_crf.as_ref().unwrap_or(&self.crf), out.emissions)?;
         for (k, m) in self.members.iter().enumerate() {
             let o = match &shared {
                 Some(shared) => m.forward_features(&m.own_id_features(input, lengths, shared)?, lengths, false)?,
                 None => m.forward_features(&own(k + 1, &x)?, lengths, false)?,
             };
-            out.emissions = (out.emissions + o.emissions)?;
+            out.emissions = (out.emissions + vote(&m.crf, o.emissions)?)?;
             out.intent_logits = match (out.intent_logits, o.intent_logits) {
                 (Some(a), Some(b)) => Some((a + b)?),
                 _ => None,
             };
         }
         let k = self.num_members() as f64;
-        Ok(TaggerOutput { emissions: (out.emissions / k)?, intent_logits: out.intent_logits.map(|l| l / k).transpose()? })
+        let mut emissions = (out.emissions / k)?;
+        if self.cfg.ensemble_vote == EnsembleVote::Marginals {
+            // Log mean marginals; a tag no member allows (or padding) gets log(1e-30), not -inf.
+            emissions = emissions.maximum(1e-30)?.log()?.to_dtype(dtype)?;
+        }
+        Ok(TaggerOutput { emissions, intent_logits: out.intent_logits.map(|l| l / k).transpose()? })
     }
 
     /// Embeddings input, ids as `forward` checked them: the features from frozen parts every
