@@ -953,6 +953,35 @@ fn the_committed_chinese_tagger_finds_people_places_and_organisations() {
     assert!(has(2, "邓/B-PER 小/M-PER 平/E-PER") && has(2, "四/B-LOC 川/E-LOC"), "{}", tagged[2]);
 }
 
+const CRF_NAMES: [&str; 3] = ["crf.transitions", "crf.start_transitions", "crf.end_transitions"];
+
+/// `m` saved and loaded again with its tensors `names` (those it has) redrawn from N(0, 1).
+fn reloaded_with_random(m: &BiLstmCrf, names: &[&str]) -> BiLstmCrf {
+    let dev = Device::Cpu;
+    let out = tmp_dir("member");
+    m.save(&out).unwrap();
+    let mut ts = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
+    for &name in names {
+        let x = ts.get(name).unwrap_or_else(|| panic!("no {name} in the saved member")).clone();
+        ts.insert(name.into(), x.randn_like(0.0, 1.0).unwrap());
+    }
+    candle_core::safetensors::save(&ts, out.join("model.safetensors")).unwrap();
+    let m = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
+    std::fs::remove_dir_all(&out).unwrap();
+    m
+}
+
+/// The members' tensors as an ensemble checkpoint names them, `members.{k}.*`.
+fn as_members(members: &[BiLstmCrf]) -> HashMap<String, Tensor> {
+    let mut tensors = HashMap::new();
+    for (k, m) in members.iter().enumerate() {
+        for (name, x) in m.named_tensors() {
+            tensors.insert(format!("members.{k}.{name}"), x.clone());
+        }
+    }
+    tensors
+}
+
 /// An ensemble (`TaggerConfig::ensemble`) of three random members saved apart and assembled
 /// under `members.{k}.`: its emissions are the mean of theirs, its CRF the mean of theirs, and
 /// its Viterbi path is the one whose mean member score (each member's own CRF and emissions) is
@@ -971,25 +1000,10 @@ fn an_ensemble_tags_by_the_mean_of_its_members_path_scores() {
             let vb = VarBuilder::from_varmap(&varmap, DType::F32, &dev);
             let m = BiLstmCrf::new(vb, &cfg, tag_set(t)).unwrap().with_intents(intents.clone()).unwrap();
             // Random CRFs (pytorch-crf's init is small): members disagree about transitions too.
-            let out = tmp_dir("member");
-            m.save(&out).unwrap();
-            let mut ts = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
-            for name in ["crf.transitions", "crf.start_transitions", "crf.end_transitions"] {
-                let x = ts[name].clone();
-                ts.insert(name.into(), x.randn_like(0.0, 1.0).unwrap());
-            }
-            candle_core::safetensors::save(&ts, out.join("model.safetensors")).unwrap();
-            let m = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
-            std::fs::remove_dir_all(&out).unwrap();
-            m
+            reloaded_with_random(&m, &CRF_NAMES)
         })
         .collect();
-    let mut tensors = HashMap::new();
-    for (k, m) in members.iter().enumerate() {
-        for (name, x) in m.named_tensors() {
-            tensors.insert(format!("members.{k}.{name}"), x.clone());
-        }
-    }
+    let tensors = as_members(&members);
     let mut ecfg = cfg.clone();
     ecfg.ensemble = Some(3);
     let built = BiLstmCrf::new(VarBuilder::from_tensors(tensors.clone(), DType::F32, &dev), &ecfg, tag_set(t))
@@ -1067,26 +1081,10 @@ fn an_ensemble_voting_by_marginals_decodes_its_members_mean_marginals() {
         .map(|_| {
             let varmap = VarMap::new();
             let m = BiLstmCrf::new(VarBuilder::from_varmap(&varmap, DType::F32, &dev), &cfg, tags.clone()).unwrap();
-            let out = tmp_dir("vote-member");
-            m.save(&out).unwrap();
-            let mut ts = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
-            for name in ["crf.transitions", "crf.start_transitions", "crf.end_transitions", "hidden2tag.bias"] {
-                if let Some(x) = ts.get(name).cloned() {
-                    ts.insert(name.into(), x.randn_like(0.0, 1.0).unwrap());
-                }
-            }
-            candle_core::safetensors::save(&ts, out.join("model.safetensors")).unwrap();
-            let m = BiLstmCrf::load(&out, &dev, DType::F32).unwrap();
-            std::fs::remove_dir_all(&out).unwrap();
-            m
+            reloaded_with_random(&m, &[CRF_NAMES.as_slice(), &["hidden2tag.bias"]].concat())
         })
         .collect();
-    let mut tensors = HashMap::new();
-    for (k, m) in members.iter().enumerate() {
-        for (name, x) in m.named_tensors() {
-            tensors.insert(format!("members.{k}.{name}"), x.clone());
-        }
-    }
+    let tensors = as_members(&members);
     let mut ecfg = cfg.clone();
     ecfg.ensemble = Some(3);
     ecfg.ensemble_vote = EnsembleVote::Marginals;
