@@ -955,10 +955,12 @@ fn the_committed_chinese_tagger_finds_people_places_and_organisations() {
 
 const CRF_NAMES: [&str; 3] = ["crf.transitions", "crf.start_transitions", "crf.end_transitions"];
 
-/// `m` saved and loaded again with its tensors `names` (those it has) redrawn from N(0, 1).
+/// `m` saved and loaded again with its tensors `names` (each must be there) redrawn from N(0, 1).
+/// Each call has its own folder: tests running at once in this process call it too.
 fn reloaded_with_random(m: &BiLstmCrf, names: &[&str]) -> BiLstmCrf {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let dev = Device::Cpu;
-    let out = tmp_dir("member");
+    let out = tmp_dir(&format!("member-{}", CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)));
     m.save(&out).unwrap();
     let mut ts = candle_core::safetensors::load(out.join("model.safetensors"), &dev).unwrap();
     for &name in names {
