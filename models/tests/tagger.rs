@@ -936,7 +936,21 @@ fn a_minimal_config_takes_the_defaults() {
 /// in MSRA as their whole spans.
 #[test]
 fn the_committed_chinese_tagger_finds_people_places_and_organisations() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../checkpoints/entities-zh-msra");
+    tags_people_places_and_organisations("entities-zh-msra");
+}
+
+/// The committed Chinese ensemble (`checkpoints/entities-zh-msra-ensemble`: six character
+/// taggers, scripts/train-msra-ensemble.sh) loads as one tagger and tags the same sentences as
+/// their whole spans.
+#[test]
+fn the_committed_chinese_ensemble_finds_people_places_and_organisations() {
+    tags_people_places_and_organisations("entities-zh-msra-ensemble");
+}
+
+/// The committed checkpoint `name` tags the person, places and organisations of three
+/// sentences that are not in MSRA as their whole spans.
+fn tags_people_places_and_organisations(name: &str) {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../checkpoints").join(name);
     let model = BiLstmCrf::load(&dir, &Device::Cpu, DType::F32).unwrap();
     let texts = ["我明天要去上海出差。", "她毕业于北京大学，现在在联合国工作。", "邓小平是四川人。"];
     let (ids, lens) = model.char_ids(&texts, &Device::Cpu).unwrap();
