@@ -11,7 +11,7 @@ use concierge_models::ModelInfo;
 
 use crate::error::ServiceError;
 use crate::grpc::{answers, with_deadline};
-use crate::registry::{Tagger, Version};
+use crate::registry::{SlotName, Tagger, Version};
 use crate::state::AppState;
 use crate::text::Tasks;
 
@@ -52,9 +52,7 @@ pub async fn extract(
 ) -> Result<(Vec<Vec<Entity>>, ModelInfo), ServiceError> {
     let snapshot = state.registry.snapshot();
     let Some(tagger) = snapshot.slots.tagger.pick(bucket) else {
-        return Err(ServiceError::Unimplemented(
-            "no entity tagger is loaded (the server was started with --no-entity-model); it extracts no entities".into(),
-        ));
+        return Err(snapshot.missing(SlotName::Tagger));
     };
     if tagger.over_encoder() {
         let model = snapshot.text_model(bucket, Tasks::ENTITIES)?;

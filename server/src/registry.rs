@@ -201,6 +201,10 @@ pub struct Slots {
     pub tagger: SlotState<Tagger>,
     pub query: SlotState<TextEncoder>,
     pub document: SlotState<TextEncoder>,
+    /// The optional heads (tagger, intent) the server was started to load: while one of these
+    /// is still empty it is loading, so a call that needs it is told to retry (UNAVAILABLE)
+    /// rather than that the server runs without it (UNIMPLEMENTED).
+    pub expected: Vec<SlotName>,
 }
 
 /// A version of any slot, for what the admin API reports.
@@ -443,6 +447,20 @@ fn ptr<T>(v: Option<&Arc<Version<T>>>) -> usize {
 }
 
 impl Snapshot {
+    /// Why a call that needs the empty head `slot` (Tagger or Intent) gets no answer: it is
+    /// still loading (the server was started to load it), or the server runs without it.
+    pub fn missing(&self, slot: SlotName) -> ServiceError {
+        let (what, flag, without) = match slot {
+            SlotName::Intent => ("intent model", "--no-intent-model", "it classifies no intents"),
+            _ => ("entity tagger", "--no-entity-model", "it extracts no entities"),
+        };
+        if self.slots.expected.contains(&slot) {
+            ServiceError::Unavailable(format!("the {what} is still loading; retry shortly"))
+        } else {
+            ServiceError::Unimplemented(format!("no {what} is loaded (the server was started with {flag}); {without}"))
+        }
+    }
+
     /// The text model for `bucket` that can answer `needs`: its encoder version, and the head
     /// versions for that bucket that read that encoder. A bucket whose preferred encoder has no
     /// head for a task falls back to the other encoder version.
@@ -456,14 +474,10 @@ impl Snapshot {
             return Err(ServiceError::Unavailable("the text model is still loading; retry shortly".into()));
         }
         if needs.intent && self.slots.intent.active.is_none() {
-            return Err(ServiceError::Unimplemented(
-                "no intent model is loaded (the server was started with --no-intent-model); it classifies no intents".into(),
-            ));
+            return Err(self.missing(SlotName::Intent));
         }
         if needs.entities && self.slots.tagger.active.is_none() {
-            return Err(ServiceError::Unimplemented(
-                "no entity tagger is loaded (the server was started with --no-entity-model); it extracts no entities".into(),
-            ));
+            return Err(self.missing(SlotName::Tagger));
         }
         Err(ServiceError::Unavailable("no loaded head reads the states of a loaded text encoder; an operator must load one".into()))
     }
@@ -752,5 +766,21 @@ mod tests {
         RollBack.run(&mut s);
         assert_eq!((s.active.as_ref().unwrap().label.as_str(), s.candidate.as_ref().unwrap().label.as_str()), ("a", "b"));
         assert!(s.previous.is_none());
+    }
+
+    /// While a head the server was started to load is still empty, a call that needs it is told
+    /// to retry (it is loading), not that the server runs without it; a head it was started
+    /// without is UNIMPLEMENTED, with the flag that turned it off.
+    #[test]
+    fn a_head_still_loading_is_unavailable_and_a_disabled_one_unimplemented() {
+        let registry = Registry::new(candle_core::Device::Cpu);
+        registry.change(|slots| Ok(slots.expected = vec![SlotName::Tagger])).unwrap();
+        let snap = registry.snapshot();
+        let loading = snap.missing(SlotName::Tagger);
+        assert_eq!(loading.code(), tonic::Code::Unavailable, "{loading:?}");
+        assert!(loading.to_string().contains("entity tagger is still loading"), "{loading}");
+        let off = snap.missing(SlotName::Intent);
+        assert_eq!(off.code(), tonic::Code::Unimplemented, "{off:?}");
+        assert!(off.to_string().contains("--no-intent-model"), "{off}");
     }
 }

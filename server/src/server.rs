@@ -127,6 +127,15 @@ pub async fn start(config: Config) -> anyhow::Result<Running> {
         kb: ModelSlot::empty("the knowledge base"),
         config,
     });
+    // Before any call is served: which optional heads are on their way (see Slots::expected).
+    state.registry.change(|slots| {
+        let cfg = &state.config;
+        slots.expected = [(SlotName::Tagger, !cfg.no_entity_model), (SlotName::Intent, !cfg.no_intent_model)]
+            .into_iter()
+            .filter_map(|(slot, on)| on.then_some(slot))
+            .collect();
+        Ok(())
+    })?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;

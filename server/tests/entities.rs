@@ -95,6 +95,34 @@ async fn bad_input_gets_clear_statuses() {
     running.shutdown().await.unwrap();
 }
 
+/// Calls that arrive while the models are still loading (the server answers from its first
+/// moment) are told to retry: UNAVAILABLE, "still loading", never UNIMPLEMENTED as if the server
+/// had been started without a tagger. Then the same call answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_during_start_up_is_told_to_retry() {
+    let running = concierge_server::start(common::config(&[])).await.expect("server starts");
+    let mut client = EntitiesClient::connect(format!("http://{}", running.grpc_addr)).await.unwrap();
+    let t0 = std::time::Instant::now();
+    let mut retries = 0;
+    loop {
+        match client.extract(request(&["flights to boston"])).await {
+            Ok(resp) => {
+                assert_eq!(labels(&resp.into_inner().results[0]), [("toloc.city_name".to_string(), "boston".to_string())]);
+                break;
+            }
+            Err(err) => {
+                assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+                assert!(err.message().contains("still loading"), "{}", err.message());
+                retries += 1;
+            }
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "still no answer after {retries} retries");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    eprintln!("answered after {retries} retries");
+    running.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_character_tagger_runs_on_its_own_lane_with_exact_offsets() {
     // The models crate's tiny random character taggers (characters alone, with character
