@@ -14,6 +14,7 @@
 # member's test F1 and the ensemble's are printed and stored in OUT/training.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/training-malloc.sh # allocator settings: 10-20% faster training
 TRAIN=${1:-model-store/data/atis/train_dev}
 TEST=${2:-model-store/data/atis/test}
 OUT=${3:-checkpoints/entities-en-atis-ensemble}

@@ -51,6 +51,7 @@
 # OUT/training.json.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/training-malloc.sh # allocator settings: 10-20% faster training
 POSITIONAL=()
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do POSITIONAL+=("$1"); shift; done
 [ "${1:-}" = "--" ] && shift
